@@ -1,0 +1,216 @@
+"""The one schema every experiment config follows, and its validation.
+
+Experiment files in `experiments/` start from `default_config()` and override values; `validate`
+runs before any compute, so a typo or an impossible setting fails in a second with a message that
+names the key, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is missing, unknown or impossible; the message says which and why."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults (dictionary_learning's MatryoshkaBatchTopKTrainer defaults)."""
+  c = ml_collections.ConfigDict()
+
+  c.seed = 0
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.d = 1024                      # activation width (d_in)
+  c.sae.expansion_factor = 8          # F = expansion_factor * d unless dict_size is set
+  c.sae.dict_size = ml_collections.FieldReference(None, field_type=int)
+  c.sae.k = 32                        # mean active latents per token (BatchTopK budget B*k)
+  # Nested prefix groups: give fractions (sum 1, rounding remainder to the last group) or sizes.
+  c.sae.group_fractions = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+  c.sae.group_sizes = ml_collections.FieldReference(None, field_type=tuple)
+  c.sae.group_weights = ml_collections.FieldReference(None, field_type=tuple)  # None: 1/G each
+  c.sae.auxk_alpha = 1 / 32
+  c.sae.top_k_aux = ml_collections.FieldReference(None, field_type=int)  # None: d // 2
+  c.sae.dead_tokens_threshold = 10_000_000
+  c.sae.threshold_beta = 0.999
+  c.sae.threshold_start_step = 1000
+  c.sae.candidates_per_row = 4        # per-row top-(c*k) candidates for exact BatchTopK selection
+  c.sae.dtype = 'float32'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = ml_collections.FieldReference(None, field_type=float)  # None: 2e-4/sqrt(F/2^14)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.warmup_steps = 1000
+  c.optim.decay_start = ml_collections.FieldReference(None, field_type=int)
+  c.optim.grad_clip = 1.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'         # 'synthetic' | 'store'
+  c.data.batch_size = 2048
+  c.data.normalize = True             # scale inputs so that E||x||^2 = d
+  c.data.scale_estimate_batches = 16
+  c.data.store_path = ''
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.n_features = 4096
+  c.data.synthetic.mean_active = 16.0   # expected number of active true features per token
+  c.data.synthetic.zipf_exponent = 1.0  # feature frequency ~ rank^-exponent
+  c.data.synthetic.n_parents = 0        # hierarchical: children fire only with their parent
+  c.data.synthetic.children_per_parent = 4
+  c.data.synthetic.noise_std = 0.01
+  c.data.synthetic.seed = 1234
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 10_000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True
+  c.train.skip_nonfinite = False
+  c.train.progress_bar = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1: all remaining devices
+  c.mesh.model = 1
+
+  # Provenance written into exported weights (dictionary_learning / SAELens config files).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'synthetic'
+  c.model.layer = 15
+  c.model.hook_name = 'model.language_model.layers.15'
+  return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived values
+# --------------------------------------------------------------------------------------------------
+
+
+def dict_size(c: ml_collections.ConfigDict) -> int:
+  return int(c.sae.dict_size) if c.sae.dict_size is not None else int(c.sae.expansion_factor * c.sae.d)
+
+
+def group_sizes(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Explicit sizes, or dictionary_learning's rule: int(f*F) per group, remainder to the last."""
+  F = dict_size(c)
+  if c.sae.group_sizes is not None:
+    return tuple(int(s) for s in c.sae.group_sizes)
+  fr = list(c.sae.group_fractions)
+  sizes = [int(f * F) for f in fr[:-1]]
+  return tuple(sizes + [F - sum(sizes)])
+
+
+def group_weights(c: ml_collections.ConfigDict) -> tuple[float, ...]:
+  G = len(group_sizes(c))
+  if c.sae.group_weights is None:
+    return tuple([1.0 / G] * G)
+  return tuple(float(w) for w in c.sae.group_weights)
+
+
+def learning_rate(c: ml_collections.ConfigDict) -> float:
+  """2e-4 / sqrt(F / 2^14) (Bussmann et al.'s 1/sqrt(F) scaling law) unless set."""
+  if c.optim.lr is not None:
+    return float(c.optim.lr)
+  return 2e-4 / math.sqrt(dict_size(c) / 2**14)
+
+
+def top_k_aux(c: ml_collections.ConfigDict) -> int:
+  return int(c.sae.top_k_aux) if c.sae.top_k_aux is not None else c.sae.d // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _flat_keys(c: ml_collections.ConfigDict, prefix: str = '') -> dict[str, object]:
+  out = {}
+  for key, value in c.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat_keys(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def _close(keys: Sequence[str], key: str) -> str:
+  import difflib
+  near = difflib.get_close_matches(key, keys, n=3)
+  return f' Did you mean {", ".join(near)}?' if near else ''
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raise ConfigError naming the first wrong key; cheap, runs before anything is allocated."""
+  known = _flat_keys(default_config())
+  given = _flat_keys(c)
+  for key in given:
+    if key not in known:
+      raise ConfigError(f'unknown config key {key!r}.{_close(list(known), key)} '
+                        'Known keys are those of jaxsae.config.default_config().')
+
+  d, F, k = c.sae.d, dict_size(c), c.sae.k
+  if d <= 0 or F <= 0:
+    raise ConfigError(f'sae.d and the dictionary size must be positive, got d={d}, F={F}.')
+  if not 0 < k < F:
+    raise ConfigError(f'sae.k must satisfy 0 < k < F (dictionary size); got k={k}, F={F}. '
+                      'Lower sae.k or raise sae.expansion_factor / sae.dict_size.')
+  if c.sae.group_sizes is not None:
+    sizes = group_sizes(c)
+    if sum(sizes) != F or any(s <= 0 for s in sizes):
+      raise ConfigError(f'sae.group_sizes must be positive and sum to F={F}; got {sizes} '
+                        f'(sum {sum(sizes)}).')
+  else:
+    fr = tuple(c.sae.group_fractions)
+    if not fr or not math.isclose(sum(fr), 1.0, abs_tol=1e-6) or any(f <= 0 for f in fr):
+      raise ConfigError(f'sae.group_fractions must be positive and sum to 1; got {fr} '
+                        f'(sum {sum(fr):.6g}).')
+    if any(s <= 0 for s in group_sizes(c)):
+      raise ConfigError(f'sae.group_fractions {fr} give an empty group at F={F}: '
+                        f'sizes {group_sizes(c)}.')
+  weights = group_weights(c)
+  if len(weights) != len(group_sizes(c)):
+    raise ConfigError(f'sae.group_weights has {len(weights)} entries but there are '
+                      f'{len(group_sizes(c))} groups.')
+  if c.sae.candidates_per_row < 1:
+    raise ConfigError(f'sae.candidates_per_row must be >= 1, got {c.sae.candidates_per_row}.')
+  if not 0 < top_k_aux(c):
+    raise ConfigError(f'sae.top_k_aux must be positive, got {top_k_aux(c)}.')
+  if c.sae.dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"sae.dtype must be 'float32' or 'bfloat16', got {c.sae.dtype!r}.")
+
+  B, steps = c.data.batch_size, c.train.steps
+  if B <= 0:
+    raise ConfigError(f'data.batch_size must be positive, got {B}.')
+  if c.data.source not in ('synthetic', 'store'):
+    raise ConfigError(f"data.source must be 'synthetic' or 'store', got {c.data.source!r}.")
+  if c.data.source == 'store' and not c.data.store_path:
+    raise ConfigError('data.source is "store" but data.store_path is empty: set it to the '
+                      'activation store written by `python -m jaxsae.export_activations`.')
+  if steps <= 0:
+    raise ConfigError(f'train.steps must be positive, got {steps}.')
+  w, ds = c.optim.warmup_steps, c.optim.decay_start
+  if not 0 <= w < steps:
+    raise ConfigError(f'optim.warmup_steps must satisfy 0 <= warmup_steps < train.steps; '
+                      f'got {w} and {steps}.')
+  if ds is not None and not w < ds < steps:
+    raise ConfigError(f'optim.decay_start must satisfy warmup_steps < decay_start < train.steps; '
+                      f'got {ds} (warmup {w}, steps {steps}).')
+  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if c.train[key] <= 0:
+      raise ConfigError(f'train.{key} must be positive, got {c.train[key]}.')
+
+  if num_devices is not None:
+    data_axis = c.mesh.data if c.mesh.data != -1 else num_devices // max(c.mesh.model, 1)
+    if data_axis * c.mesh.model != num_devices:
+      raise ConfigError(f'mesh {c.mesh.data}x{c.mesh.model} (data x model) does not use the '
+                        f'{num_devices} available devices.')
+    if B % data_axis:
+      raise ConfigError(f'data.batch_size={B} is not divisible by the {data_axis} devices on the '
+                        'data axis of the mesh; pick a multiple.')
+    if F % c.mesh.model:
+      raise ConfigError(f'dictionary size F={F} is not divisible by mesh.model={c.mesh.model}.')

@@ -1,0 +1,33 @@
+"""python -m jaxsae.train --config=experiments/X.py --workdir=DIR [--config.a.b=v ...]
+
+Trains an SAE; resumes automatically from the newest checkpoint in DIR.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxsae import config as config_lib
+from jaxsae import trainer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  try:
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, trainer.NonFiniteError, trainer.Interrupted) as e:
+    print(f'error: {e}' if not isinstance(e, trainer.Interrupted) else str(e), file=sys.stderr)
+    sys.exit(143 if isinstance(e, trainer.Interrupted) else 2)
+  print('summary:', {k: v for k, v in summary.items()})
+
+
+if __name__ == '__main__':
+  app.run(main)

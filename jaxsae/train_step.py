@@ -1,0 +1,158 @@
+"""One training step of the Matryoshka BatchTopK SAE, and the state it carries between steps.
+
+The state is a plain dict of arrays (parameters, Adam state, inference threshold EMA, dead-latent
+counters, step, non-finite bookkeeping), so Orbax saves it as-is and `jax.jit` shards it by the
+rules in `jaxsae.sharding`. The update mirrors dictionary_learning's MatryoshkaBatchTopKTrainer:
+loss -> remove the decoder-parallel gradient -> clip 1.0 -> Adam -> renormalise decoder rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxsae import config as config_lib
+from jaxsae import model
+
+TrainState = dict[str, Any]
+_COUNTER_CAP = 2**30  # tokens-since-fired saturate here instead of overflowing int32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static hyper-parameters a compiled step closes over."""
+  k: int
+  group_sizes: tuple[int, ...]
+  group_weights: tuple[float, ...]
+  auxk_alpha: float
+  top_k_aux: int
+  dead_tokens_threshold: int
+  threshold_beta: float
+  threshold_start_step: int
+  candidates_per_row: int
+  skip_nonfinite: bool
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
+    return cls(k=c.sae.k, group_sizes=config_lib.group_sizes(c),
+               group_weights=config_lib.group_weights(c), auxk_alpha=c.sae.auxk_alpha,
+               top_k_aux=config_lib.top_k_aux(c), dead_tokens_threshold=c.sae.dead_tokens_threshold,
+               threshold_beta=c.sae.threshold_beta, threshold_start_step=c.sae.threshold_start_step,
+               candidates_per_row=c.sae.candidates_per_row, skip_nonfinite=c.train.skip_nonfinite)
+
+
+def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0, constant, optional linear decay to 0 from optim.decay_start."""
+  base, warmup, decay, total = (config_lib.learning_rate(c), c.optim.warmup_steps,
+                                c.optim.decay_start, c.train.steps)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    factor = jnp.where(count < warmup, count / max(warmup, 1), 1.0)
+    if decay is not None:
+      factor = jnp.where(count >= decay, (total - count) / (total - decay), factor)
+    return base * factor
+
+  return schedule
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(c.optim.grad_clip),
+                     optax.adam(lr_schedule(c), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps))
+
+
+def init_state(params: model.Params, optimizer: optax.GradientTransformation) -> TrainState:
+  F = params['W_enc'].shape[1]
+  return {
+      'params': params,
+      'opt_state': optimizer.init(params),
+      'threshold': jnp.array(-1.0, jnp.float32),
+      'tokens_since_fired': jnp.zeros((F,), jnp.int32),
+      'step': jnp.array(0, jnp.int32),
+      'nonfinite_count': jnp.array(0, jnp.int32),
+      'first_nonfinite_step': jnp.array(-1, jnp.int32),
+  }
+
+
+def remove_parallel_component(W_dec: jax.Array, grad: jax.Array) -> jax.Array:
+  """Project each decoder row's gradient off the row, so the step keeps rows near unit norm."""
+  unit = W_dec / (jnp.linalg.norm(W_dec, axis=1, keepdims=True) + 1e-6)
+  return grad - jnp.sum(grad * unit, axis=1, keepdims=True) * unit
+
+
+def loss_fn(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
+            sc: StepConfig) -> tuple[jax.Array, tuple[model.LossAux, jax.Array]]:
+  """dictionary_learning's loss: mean over prefixes of w_i * MSE_i, + auxk_alpha * AuxK.
+
+  Also returns the tokens-since-fired counters updated with this batch: like the reference, the
+  dead set that AuxK sees already counts this batch.
+  """
+  pre = model.pre_activations(params, x)
+  acts = model.batch_topk(pre, sc.k, sc.candidates_per_row)
+  x_hats = model.prefix_reconstructions(params, acts, sc.group_sizes)
+  sq_err = jnp.mean(jnp.sum((x[None] - x_hats) ** 2, axis=-1), axis=-1)  # [G]
+  l2 = jnp.mean(sq_err * jnp.asarray(sc.group_weights, sq_err.dtype))
+  fired = jax.lax.stop_gradient(jnp.any(acts > 0, axis=0))
+  tokens_since_fired = jnp.where(
+      fired, 0, jnp.minimum(tokens_since_fired + x.shape[0], _COUNTER_CAP))
+  dead = tokens_since_fired >= sc.dead_tokens_threshold
+  residual = jax.lax.stop_gradient(x - x_hats[-1])
+  aux = model.auxk_loss(params, pre, residual, dead, sc.top_k_aux)
+  return l2 + sc.auxk_alpha * aux, (model.LossAux(acts, sq_err, l2, aux), tokens_since_fired)
+
+
+def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
+               optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
+  params, step = state['params'], state['step']
+  (loss, (aux, tokens_since_fired)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, x, state['tokens_since_fired'], sc)
+  acts = jax.lax.stop_gradient(aux.acts)
+  grads['W_dec'] = remove_parallel_component(params['W_dec'], grads['W_dec'])
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+  new_params = optax.apply_updates(params, updates)
+  new_params['W_dec'] = model.unit_norm_rows(new_params['W_dec'])
+
+  # Inference threshold: EMA of the smallest kept activation, from threshold_start_step on.
+  smallest = jnp.min(jnp.where(acts > 0, acts, jnp.inf))
+  smallest = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
+  ema = jnp.where(state['threshold'] < 0, smallest,
+                  sc.threshold_beta * state['threshold'] + (1 - sc.threshold_beta) * smallest)
+  threshold = jnp.where(step > sc.threshold_start_step, ema, state['threshold'])
+
+  finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updated = {'params': new_params, 'opt_state': opt_state, 'threshold': threshold,
+             'tokens_since_fired': tokens_since_fired}
+  kept = {key: state[key] for key in updated}
+  # A non-finite batch never reaches the weights: the update is dropped and counted, and the
+  # training loop stops (or, with train.skip_nonfinite, carries on) when it next looks.
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  new_state.update(
+      step=step + 1,
+      nonfinite_count=state['nonfinite_count'] + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where((state['first_nonfinite_step'] < 0) & ~finite, step,
+                                     state['first_nonfinite_step']))
+
+  var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=-1))
+  metrics = {
+      'loss': loss, 'l2_loss': aux.l2_loss, 'auxk_loss': aux.auxk_loss,
+      'fvu': aux.recon_sq_err / var,                               # [G], one per prefix
+      'l0': jnp.mean(jnp.sum(aux.acts > 0, axis=-1).astype(jnp.float32)),
+      'dead_fraction': jnp.mean((tokens_since_fired >= sc.dead_tokens_threshold)
+                                .astype(jnp.float32)),
+      'threshold': threshold, 'lr': schedule(step), 'grad_norm': grad_norm,
+      'finite': finite,
+  }
+  return new_state, metrics
+
+
+def fvu_prefix_names(group_sizes: Sequence[int]) -> list[str]:
+  ends = [int(e) for e in jnp.cumsum(jnp.asarray(group_sizes)).tolist()]
+  return [f'fvu/prefix_{e}' for e in ends]

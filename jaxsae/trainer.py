@@ -1,0 +1,235 @@
+"""The training program, top to bottom: config -> mesh -> data -> model & optimizer -> restore or
+initialise -> compiled step -> loop with logging and checkpoints -> final evaluation and plots.
+
+`python -m jaxsae.train` is a thin wrapper around `train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxsae import checkpointing
+from jaxsae import config as config_lib
+from jaxsae import data
+from jaxsae import metrics as metrics_lib
+from jaxsae import model
+from jaxsae import sharding
+from jaxsae import train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """A batch (or the loss it produced) was NaN/Inf and train.skip_nonfinite is off."""
+
+
+class Interrupted(RuntimeError):
+  """SIGTERM or Ctrl-C: a checkpoint was saved and the run stopped cleanly."""
+
+
+def sae_shape(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a checkpoint must agree on to be resumed under this config."""
+  return {'d': c.sae.d, 'F': config_lib.dict_size(c), 'k': c.sae.k,
+          'group_sizes': list(config_lib.group_sizes(c))}
+
+
+class _StopFlag:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (resuming from `workdir` if it has checkpoints) and return the final summary."""
+  # ------------------------------------------------------------------------------------------------
+  # Config and mesh.
+  # ------------------------------------------------------------------------------------------------
+  config_lib.validate(c, num_devices=jax.device_count())
+  mesh = sharding.make_mesh(c)
+  os.makedirs(workdir, exist_ok=True)
+  d, F = c.sae.d, config_lib.dict_size(c)
+
+  # ------------------------------------------------------------------------------------------------
+  # Input pipeline.
+  # ------------------------------------------------------------------------------------------------
+  source = data.open_source(c)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ------------------------------------------------------------------------------------------------
+  # Model and optimizer, as shapes first: shardings are derived before anything is allocated.
+  # ------------------------------------------------------------------------------------------------
+  optimizer = train_step.make_optimizer(c)
+  schedule = train_step.lr_schedule(c)
+  sc = train_step.StepConfig.from_config(c)
+  init_key = jax.random.PRNGKey(c.seed)
+  abstract_state = jax.eval_shape(
+      lambda: train_step.init_state(model.init_params(init_key, d, F), optimizer))
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+
+  # ------------------------------------------------------------------------------------------------
+  # Restore the newest checkpoint, or initialise (b_dec = geometric median of the first batch).
+  # ------------------------------------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(workdir, c.train.checkpoint_every, c.train.keep_checkpoints,
+                                    c.train.async_checkpointing)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, state_shardings)
+  restored = ckpt.restore(target, sae_shape(c))
+  if restored is not None:
+    start, state, meta = restored
+    scale = meta['scale']
+    log.info('resumed from %s at step %d', ckpt.directory, start)
+  else:
+    start = 0
+    scale = data.activation_scale(source, c.data.scale_estimate_batches) if c.data.normalize else 1.0
+
+    @functools.partial(jax.jit, out_shardings=state_shardings)
+    def init(first_batch):
+      params = model.init_params(init_key, d, F)
+      params['b_dec'] = model.geometric_median(first_batch)
+      return train_step.init_state(params, optimizer)
+
+    state = init(source.batch(0) / scale)
+  meta = {'shape': sae_shape(c), 'scale': scale, 'data': {'source': c.data.source},
+          'config': c.to_json_best_effort()}
+
+  # ------------------------------------------------------------------------------------------------
+  # The compiled update step. The state's buffers are donated: updated in place.
+  # ------------------------------------------------------------------------------------------------
+  def step_on_raw(state, raw_batch):
+    return train_step.train_step(state, raw_batch / scale, sc=sc, optimizer=optimizer,
+                                 schedule=schedule)
+
+  step_fn = jax.jit(step_on_raw, in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, None), donate_argnums=0)
+
+  # ------------------------------------------------------------------------------------------------
+  # Training loop.
+  # ------------------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  prefix_names = train_step.fvu_prefix_names(sc.group_sizes)
+  progress = _progress(c, start)
+
+  def check_finite(state):
+    bad = int(state['nonfinite_count'])
+    if bad and not c.train.skip_nonfinite:
+      good = [s for s in ckpt.all_steps() if s <= int(state['first_nonfinite_step'])]
+      resume = (f'the last checkpoint before it is step {good[-1]} in {ckpt.directory}' if good
+                else 'no checkpoint precedes it')
+      raise NonFiniteError(
+          f'non-finite values (NaN/Inf) in the batch or loss at step '
+          f'{int(state["first_nonfinite_step"])} (data batch index {int(state["first_nonfinite_step"])}); '
+          f'{resume}. Fix the data and rerun to resume, or set '
+          '--config.train.skip_nonfinite=True to skip and count such batches.')
+    return bad
+
+  def save(step, state, force=False):
+    if force or step % c.train.checkpoint_every == 0:
+      check_finite(state)
+      ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True)
+
+  last_time, last_step = time.perf_counter(), start
+  with _StopFlag() as stop, mesh:
+    for step in range(start, c.train.steps):
+      x = jax.device_put(source.batch(step), batch_sharding)
+      state, m = step_fn(state, x)
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        scalars = {k: v for k, v in m.items() if k not in ('fvu', 'finite')}
+        scalars.update(zip(prefix_names, m['fvu']))
+        scalars['tokens_per_s'] = (done - last_step) * c.data.batch_size / (now - last_time)
+        scalars['nonfinite_batches'] = check_finite(state)
+        writer.write(done, scalars)
+        progress.set_postfix(loss=f'{scalars["loss"]:.4g}', l0=f'{scalars["l0"]:.1f}',
+                             fvu=f'{m["fvu"][-1]:.3g}')
+        last_time, last_step = now, done
+      progress.update(1)
+      save(done, state)
+      if stop.signal is not None:
+        save(done, state, force=True)
+        ckpt.wait()
+        raise Interrupted(f'stopped by signal {stop.signal} after step {done}; checkpoint saved '
+                          f'in {ckpt.directory}. Rerun the same command to resume.')
+    if ckpt.latest_step() != c.train.steps:
+      save(c.train.steps, state, force=True)
+  progress.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+
+  # ------------------------------------------------------------------------------------------------
+  # Final evaluation on held-out batches, plots and summary.
+  # ------------------------------------------------------------------------------------------------
+  summary = evaluate(state, source, scale, sc, first_batch=c.train.steps)
+  if hasattr(source, 'features'):
+    summary.update(_synthetic_recovery(state, source))
+  summary['plot'] = metrics_lib.save_plots(workdir, np.asarray(summary.pop('feature_density')))
+  summary['step'] = int(state['step'])
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def evaluate(state: dict, source: data.ActivationSource, scale: float, sc: train_step.StepConfig,
+             first_batch: int, n_batches: int = 8) -> dict[str, Any]:
+  """Inference-mode (learned threshold) FVU and L0, and per-feature firing density."""
+  params, threshold = state['params'], state['threshold']
+  use_threshold = float(threshold) >= 0  # before threshold_start_step there is none yet
+
+  @jax.jit
+  def stats(x):
+    x = x / scale
+    pre = model.pre_activations(params, x)
+    acts = model.jumprelu(pre, threshold) if use_threshold else model.batch_topk(pre, sc.k)
+    x_hat = model.decode(params, acts)
+    err = jnp.sum((x - x_hat) ** 2)
+    var = jnp.sum((x - x.mean(0)) ** 2)
+    return err, var, jnp.sum(acts > 0, axis=0)
+
+  err = var = 0.0
+  fires = 0
+  for i in range(first_batch, first_batch + n_batches):
+    e, v, f = stats(source.batch(i))
+    err, var, fires = err + e, var + v, fires + f
+  tokens = n_batches * source.batch_size
+  density = np.asarray(fires) / tokens
+  return {'eval_fvu': float(err / var), 'eval_l0': float(density.sum()),
+          'dead_fraction': float(np.mean(density == 0)), 'threshold': float(threshold),
+          'feature_density': density}
+
+
+def _synthetic_recovery(state: dict, source) -> dict[str, float]:
+  from jaxsae import synthetic
+  return synthetic.recovery(state['params']['W_dec'], source.features)
+
+
+def _progress(c: ml_collections.ConfigDict, start: int):
+  from tqdm import tqdm
+  return tqdm(total=c.train.steps, initial=start, disable=not c.train.progress_bar,
+              dynamic_ncols=True, desc='train')
