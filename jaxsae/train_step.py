@@ -79,6 +79,13 @@ def init_state(params: model.Params, optimizer: optax.GradientTransformation) ->
   }
 
 
+def abstract_state(c: ml_collections.ConfigDict) -> TrainState:
+  """Shapes and dtypes of the training state for config `c`, without allocating it."""
+  d, F = c.sae.d, config_lib.dict_size(c)
+  return jax.eval_shape(lambda: init_state(model.init_params(jax.random.PRNGKey(0), d, F),
+                                           make_optimizer(c)))
+
+
 def remove_parallel_component(W_dec: jax.Array, grad: jax.Array) -> jax.Array:
   """Project each decoder row's gradient off the row, so the step keeps rows near unit norm."""
   unit = W_dec / (jnp.linalg.norm(W_dec, axis=1, keepdims=True) + 1e-6)

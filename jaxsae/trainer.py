@@ -87,8 +87,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   schedule = train_step.lr_schedule(c)
   sc = train_step.StepConfig.from_config(c)
   init_key = jax.random.PRNGKey(c.seed)
-  abstract_state = jax.eval_shape(
-      lambda: train_step.init_state(model.init_params(init_key, d, F), optimizer))
+  abstract_state = train_step.abstract_state(c)
   state_shardings = sharding.state_shardings(mesh, abstract_state)
 
   # ------------------------------------------------------------------------------------------------

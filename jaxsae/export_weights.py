@@ -1,0 +1,31 @@
+"""python -m jaxsae.export_weights --workdir=DIR --out=DIR --format=dictionary_learning|saelens [--step=N]
+
+Writes a trained checkpoint's SAE as safetensors (activation scale folded in).
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxsae import weights
+from jaxsae.config import ConfigError
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory (with checkpoints/).')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+_FORMAT = flags.DEFINE_enum('format', 'dictionary_learning', list(weights.FORMATS), 'Layout.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def main(argv):
+  del argv
+  try:
+    path = weights.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)
