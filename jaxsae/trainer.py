@@ -152,7 +152,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True)
 
   last_time, last_step = time.perf_counter(), start
-  with _StopFlag() as stop, mesh:
+  with _StopFlag() as stop:
     for step in range(start, c.train.steps):
       x = jax.device_put(source.batch(step), batch_sharding)
       state, m = step_fn(state, x)
