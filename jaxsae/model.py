@@ -105,20 +105,23 @@ def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Arr
   Normalised by the residual's variance (OpenAI's formulation); zero when nothing is dead.
   """
   F = pre.shape[1]
-  n_dead = dead.sum()
   k_aux = min(top_k_aux, F)
 
-  def loss():
+  # Rematerialised: under autodiff a cond must otherwise hand its residuals (here [B, F] arrays)
+  # out of *both* branches, zero-filling them on every step where nothing is dead.
+  @jax.checkpoint
+  def loss(params, pre, residual):
     masked = jnp.where(dead[None], pre, -jnp.inf)
-    vals, idx = jax.lax.top_k(masked, k_aux)
-    # Fewer dead latents than k_aux: top_k also returned live ones (as -inf); drop them.
-    vals = jnp.where(jnp.arange(k_aux)[None] < n_dead, vals, 0.0)
-    recon = jnp.einsum('bk,bkd->bd', vals, params['W_dec'][idx])
+    # Each token's k_aux-th largest dead pre-activation (-inf if fewer are dead: keep all dead).
+    kth = jnp.min(jax.lax.top_k(masked, k_aux)[0], axis=1, keepdims=True)
+    aux_acts = jnp.where(dead[None] & (pre >= kth), pre, 0.0)
+    recon = aux_acts @ params['W_dec']
     l2 = jnp.mean(jnp.sum((residual - recon) ** 2, -1))
     denom = jnp.mean(jnp.sum((residual - residual.mean(0)) ** 2, -1))
     return jnp.nan_to_num(l2 / denom)
 
-  return jax.lax.cond(n_dead > 0, loss, lambda: jnp.zeros((), pre.dtype))
+  return jax.lax.cond(jnp.any(dead), loss, lambda *_: jnp.zeros((), pre.dtype),
+                      params, pre, residual)
 
 
 # --------------------------------------------------------------------------------------------------
