@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Mapping
 
 import numpy as np
@@ -17,7 +18,8 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
-    from tensorboardX import SummaryWriter  # heavy import, only when training
+    # tensorboard's own event writer: no TensorFlow, and unlike tensorboardX it never imports torch.
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
       kept = [l for l in read_jsonl(self.path) if l['step'] <= resume_step]
@@ -26,14 +28,17 @@ class MetricWriter:
         f.writelines(json.dumps(l) + '\n' for l in kept)
       os.replace(tmp, self.path)
     self._file = open(self.path, 'a')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
-    for key, value in scalars.items():
-      self._tb.add_scalar(key, float(value), int(step))
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.flush()
 
   def close(self) -> None:
     self._file.close()

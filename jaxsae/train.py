@@ -7,6 +7,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxsae import config as config_lib
@@ -20,7 +21,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-save INFO lines
+  logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, trainer.NonFiniteError, trainer.Interrupted) as e:

@@ -23,7 +23,10 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
     assert np.isfinite(rows[-1][key]), key
   assert rows[-1]['l0'] == pytest.approx(3.0)  # BatchTopK keeps exactly B*k
   assert rows[-1]['threshold'] > 0 and rows[0]['threshold'] == -1  # EMA starts at step 10
-  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir / 'tensorboard'))
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(workdir / 'tensorboard'))
+  events.Reload()
+  assert [e.step for e in events.Scalars('loss')] == [10, 20, 30, 40]
   assert (workdir / 'training_summary.png').stat().st_size > 10_000
   summary = json.load(open(workdir / 'summary.json'))
   assert summary['step'] == 40 and 0 <= summary['mmcs'] <= 1
