@@ -152,10 +152,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True)
 
   last_time, last_step = time.perf_counter(), start
+  in_flight = None
   with _StopFlag() as stop:
     for step in range(start, c.train.steps):
       x = jax.device_put(source.batch(step), batch_sharding)
       state, m = step_fn(state, x)
+      # At most two steps in flight: bounds host run-ahead, and XLA:CPU's simulated multi-device
+      # collectives deadlock when many cross-device programs are queued at once.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+      in_flight = m['loss']
       done = step + 1
       if done % c.train.log_every == 0 or done == c.train.steps:
         m = jax.device_get(m)
