@@ -6,6 +6,7 @@ Writes a trained checkpoint's SAE as safetensors (activation scale folded in).
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from jaxsae import weights
 from jaxsae.config import ConfigError
@@ -19,6 +20,7 @@ flags.mark_flags_as_required(['workdir', 'out'])
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     path = weights.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
   except ConfigError as e:

@@ -171,22 +171,33 @@ def print_summary(a: dict[str, np.ndarray], out: Path) -> None:
 
 
 def check_export(export_dir: Path, inputs: Path, tol: float = 1e-4) -> int:
-    """Load a jaxsae export into the reference SAE and compare against expected outputs."""
+    """Load a jaxsae export into the reference SAE (dictionary_learning layout) or into SAELens
+    (SAELens layout, when DIR has cfg.json) and compare against expected outputs."""
     from safetensors.torch import load_file
 
-    ref = import_reference()
-    cfg = json.loads((export_dir / "config.json").read_text())["trainer"]
-    ae = ref.MatryoshkaBatchTopKSAE(int(cfg["activation_dim"]), int(cfg["dict_size"]),
-                                    int(cfg["k"]), [int(g) for g in cfg["group_sizes"]])
-    try:
-        ae.load_state_dict(load_file(str(export_dir / "ae.safetensors")), strict=True)
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatch
-        print(f"export in {export_dir} does not load into the reference SAE:\n{e}", file=sys.stderr)
-        return 1
     data = np.load(inputs)
     x = t.from_numpy(np.asarray(data["x"], dtype=np.float32))
-    with t.no_grad():
-        got = {"encode": ae.encode(x, use_threshold=True).numpy(), "decode": ae(x).numpy()}
+    loader = "SAELens SAE.load_from_disk" if (export_dir / "cfg.json").exists() else \
+        "the reference MatryoshkaBatchTopKSAE"
+    if (export_dir / "cfg.json").exists():  # SAELens layout: load with SAELens itself
+        from sae_lens import SAE
+        sae = SAE.load_from_disk(str(export_dir), device="cpu")
+        with t.no_grad():
+            codes = sae.encode(x)
+            got = {"encode": codes.numpy(), "decode": sae.decode(codes).numpy()}
+    else:
+        ref = import_reference()
+        cfg = json.loads((export_dir / "config.json").read_text())["trainer"]
+        ae = ref.MatryoshkaBatchTopKSAE(int(cfg["activation_dim"]), int(cfg["dict_size"]),
+                                        int(cfg["k"]), [int(g) for g in cfg["group_sizes"]])
+        try:
+            ae.load_state_dict(load_file(str(export_dir / "ae.safetensors")), strict=True)
+        except RuntimeError as e:  # missing/unexpected keys or shape mismatch
+            print(f"export in {export_dir} does not load into the reference SAE:\n{e}",
+                  file=sys.stderr)
+            return 1
+        with t.no_grad():
+            got = {"encode": ae.encode(x, use_threshold=True).numpy(), "decode": ae(x).numpy()}
     ok = True
     for name, val in got.items():
         exp = data[f"expected_{name}"]
@@ -198,7 +209,7 @@ def check_export(export_dir: Path, inputs: Path, tol: float = 1e-4) -> int:
         print(f"export in {export_dir} does NOT match the reference (atol=rtol={tol})",
               file=sys.stderr)
         return 1
-    print("export matches the reference MatryoshkaBatchTopKSAE")
+    print(f"export loads into {loader} and matches")
     return 0
 
 
