@@ -61,3 +61,21 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
   # metrics.jsonl reads as one run: every logged step exactly once.
   steps = [int(l.split('"step": ')[1].split(',')[0]) for l in open(os.path.join(killed, 'metrics.jsonl'))]
   assert steps == sorted(set(steps))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
+  workdir = str(tmp_path / 'run')
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(cli_args('jaxsae.train', workdir=workdir, **{'train.steps': 100000,
+                                                                       'train.checkpoint_every': 50000}),
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 120
+  while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert 'checkpoint saved' in err and 'Rerun the same command to resume' in err
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert len(steps) == 1 and 10 <= steps[0] < 50000  # saved where it stopped, not at a schedule
