@@ -20,7 +20,7 @@ def get_config():
   c.data.synthetic.n_parents = 16      # 16 parents x 4 children: a hierarchy to keep apart
   c.data.synthetic.children_per_parent = 4
   c.data.synthetic.noise_std = 0.01
-  c.sae.dead_tokens_threshold = 1_000_000
+  c.sae.dead_tokens_threshold = 100_000   # ~100 steps: AuxK revives latents early in a short run
   c.sae.threshold_start_step = 200
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 100
