@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def reference_threshold(pre: jax.Array, budget: int) -> jax.Array:
@@ -20,36 +21,59 @@ def reference_threshold(pre: jax.Array, budget: int) -> jax.Array:
   return jax.lax.top_k(pre.reshape(-1), budget)[0][-1]
 
 
-def bisect_threshold(pre: jax.Array, budget: int) -> jax.Array:
+def bisect_threshold(pre: jax.Array, budget: int, psum=lambda n: n) -> jax.Array:
   """Exact budget-th largest of a non-negative array by bisection on its int32 bit patterns.
 
   Non-negative float32 values order like their bit patterns, so 31 counting passes pin the value.
+  `psum` totals the counts over devices when `pre` is one shard of a larger matrix.
   """
   bits = jax.lax.bitcast_convert_type(pre.astype(jnp.float32), jnp.int32)
 
   def body(_, lohi):
     lo, hi = lohi  # invariant: count(bits >= lo) >= budget > count(bits >= hi)
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum(bits >= mid) >= budget
+    enough = psum(jnp.sum(bits >= mid)) >= budget
     return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
   lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(0x7F800001)))
   return jax.lax.bitcast_convert_type(lo, jnp.float32).astype(pre.dtype)
 
 
+def _threshold(pre: jax.Array, budget: int, kc: int, psum) -> jax.Array:
+  """Candidates, bisection over them, the exactness proof, and the full-bisection fallback.
+
+  On one device `psum` is the identity; inside shard_map it sums over the mesh, so each device
+  works on its own [B/D, F/M] block and only scalars cross devices.
+  """
+  F_local = pre.shape[1]
+  if kc >= F_local:
+    return bisect_threshold(pre, budget, psum)
+  cand = jax.lax.top_k(pre, kc)[0]                          # [rows, kc], each row descending
+  tau = bisect_threshold(cand, budget, psum)
+  # Every element outside a row's candidates is <= that row's smallest candidate. If that is
+  # <= tau everywhere, nothing outside the candidates exceeds tau: tau is exact.
+  # (min, not cand[:, -1]: a slice of the sorted output makes XLA:CPU sort the whole row.)
+  violations = psum(jnp.sum(cand.min(axis=1) > tau))
+  return jax.lax.cond(violations == 0, lambda: tau, lambda: bisect_threshold(pre, budget, psum))
+
+
 def batch_topk_threshold(pre: jax.Array, k: int, candidates_per_row: int = 4) -> jax.Array:
   """The (B*k)-th largest value of the non-negative [B, F] matrix `pre` (exact).
 
-  Keeping `pre >= threshold` (and > 0) selects the BatchTopK entries.
+  Keeping `pre >= threshold` (and > 0) selects the BatchTopK entries. Under a device mesh (set with
+  `jax.set_mesh`, axes 'data' for tokens and 'model' for latents) the selection runs per shard
+  with scalar collectives: the B x F matrix is never gathered.
   """
   B, F = pre.shape
   budget = B * k
   if budget >= B * F:
     return jnp.zeros((), pre.dtype)
-  kc = min(F, candidates_per_row * k)
-  cand = jax.lax.top_k(pre, kc)[0]                          # [B, kc], each row descending
-  tau = bisect_threshold(cand, budget) if budget < B * kc else cand.min()
-  # Every element outside row r's candidates is <= cand[r, -1]. If that is <= tau for all rows
-  # (or a row holds all F entries), nothing outside the candidates exceeds tau: tau is exact.
-  proven = (kc == F) | jnp.all(cand.min(axis=1) <= tau)  # min, not [:, -1]: keeps XLA's TopK
-  return jax.lax.cond(proven, lambda: tau, lambda: bisect_threshold(pre, budget))
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _threshold(pre, budget, min(F, candidates_per_row * k), lambda n: n)
+  axes = tuple(mesh.axis_names)
+  F_local = F // mesh.shape.get('model', 1)
+  return jax.shard_map(
+      lambda blk: _threshold(blk, budget, min(F_local, candidates_per_row * k),
+                             lambda n: jax.lax.psum(n, axes)),
+      in_specs=P('data', 'model'), out_specs=P())(pre)

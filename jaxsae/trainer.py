@@ -153,7 +153,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
   last_time, last_step = time.perf_counter(), start
   in_flight = None
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, jax.set_mesh(mesh):  # the mesh lets the selection shard_map itself
     for step in range(start, c.train.steps):
       x = jax.device_put(source.batch(step), batch_sharding)
       state, m = step_fn(state, x)

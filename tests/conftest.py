@@ -44,8 +44,8 @@ def cli_args(module, config=SYNTHETIC, workdir=None, **overrides):
   return args
 
 
-def run_cli(args, **kw):
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
+def run_cli(args, env_extra=None, **kw):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu', **(env_extra or {})}
   return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
