@@ -111,10 +111,10 @@ def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Arr
   # out of *both* branches, zero-filling them on every step where nothing is dead.
   @jax.checkpoint
   def loss(params, pre, residual):
-    masked = jnp.where(dead[None], pre, -jnp.inf)
-    # Each token's k_aux-th largest dead pre-activation (-inf if fewer are dead: keep all dead).
-    kth = jnp.min(jax.lax.top_k(masked, k_aux)[0], axis=1, keepdims=True)
-    aux_acts = jnp.where(dead[None] & (pre >= kth), pre, 0.0)
+    # Each token's k_aux-th largest dead pre-activation (0 if fewer are dead: keep all dead).
+    dead_bf = jnp.broadcast_to(dead[None], pre.shape)
+    kth = selection.row_topk_threshold(pre, dead_bf, k_aux)[:, None]
+    aux_acts = jnp.where(dead_bf & (pre >= kth), pre, 0.0)
     recon = aux_acts @ params['W_dec']
     l2 = jnp.mean(jnp.sum((residual - recon) ** 2, -1))
     denom = jnp.mean(jnp.sum((residual - residual.mean(0)) ** 2, -1))

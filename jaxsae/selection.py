@@ -77,3 +77,33 @@ def batch_topk_threshold(pre: jax.Array, k: int, candidates_per_row: int = 4) ->
       lambda blk: _threshold(blk, budget, min(F_local, candidates_per_row * k),
                              lambda n: jax.lax.psum(n, axes)),
       in_specs=P('data', 'model'), out_specs=P())(pre)
+
+
+def _row_bisect(pre: jax.Array, valid: jax.Array, k: int, psum) -> jax.Array:
+  """Per row, the k-th largest valid entry (0 if a row has fewer than k): 31 counting passes."""
+  bits = jnp.where(valid, jax.lax.bitcast_convert_type(pre.astype(jnp.float32), jnp.int32), -1)
+
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    enough = psum(jnp.sum(bits >= mid[:, None], axis=1)) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  # Built through psum so that, inside shard_map, the carry varies over the same axes as the
+  # loop's output (rows: 'data'), as the loop's type check requires.
+  zero = psum(jnp.zeros_like(bits[:, 0]))
+  lo, _ = jax.lax.fori_loop(0, 31, body, (zero, zero + 0x7F800001))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32).astype(pre.dtype)
+
+
+def row_topk_threshold(pre: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+  """[B] per-row k-th largest of the non-negative `pre` among `valid` entries (0 when a row has
+  fewer than k valid ones, so `pre >= t` keeps them all). Used by AuxK over dead latents; under a
+  mesh it runs per shard and only [B] counts cross the model axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    kth = jnp.min(jax.lax.top_k(jnp.where(valid, pre, -1.0), k)[0], axis=1)
+    return jnp.maximum(kth, 0.0)
+  return jax.shard_map(
+      lambda blk, ok: _row_bisect(blk, ok, k, lambda n: jax.lax.psum(n, 'model')),
+      in_specs=(P('data', 'model'), P('data', 'model')), out_specs=P('data'))(pre, valid)

@@ -34,3 +34,16 @@ def test_bisection_on_fallback_path_is_exact():
   for budget in (1, 7, 100, 3199):
     assert float(selection.bisect_threshold(pre, budget)) == float(
         selection.reference_threshold(pre, budget))
+
+
+def test_row_threshold_over_valid_entries():
+  key = jax.random.PRNGKey(1)
+  pre = jax.nn.relu(jax.random.normal(key, (16, 64)))
+  valid = jax.random.uniform(jax.random.PRNGKey(2), (16, 64)) < 0.3
+  for k in (1, 5, 40):
+    t = selection.row_topk_threshold(pre, valid, k)
+    for r in range(16):
+      vals = np.sort(np.asarray(pre[r])[np.asarray(valid[r])])[::-1]
+      expected = vals[k - 1] if len(vals) >= k else 0.0
+      assert float(t[r]) == float(expected)
+    np.testing.assert_array_equal(selection._row_bisect(pre, valid, k, lambda n: n), t)

@@ -2,6 +2,7 @@
 move between meshes. Each run is its own process, so the rest of the suite keeps one device."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -64,3 +65,33 @@ def test_checkpoint_moves_between_meshes(single, tmp_path):
     got, _ = params(tmp_path / name)
     for key in ref:
       np.testing.assert_allclose(got[key], ref[key], rtol=1e-3, atol=ATOL, err_msg=f'{name} {key}')
+
+
+def test_latent_sharded_step_never_gathers_the_batch_by_latent_matrix():
+  """On a 1x8 mesh no collective moves a [B, F]-sized array (only its 1/8 shards and scalars)."""
+  code = f'''
+import re, sys
+sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
+import jax
+from conftest import tiny_config
+from jaxsae import sharding, train_step
+c = tiny_config(**{{"sae.d": 32, "sae.expansion_factor": 8, "sae.k": 4, "data.batch_size": 64,
+                    "mesh.data": 1, "mesh.model": 8}})
+mesh = sharding.make_mesh(c)
+opt, sch, sc = train_step.make_optimizer(c), train_step.lr_schedule(c), train_step.StepConfig.from_config(c)
+abstract = train_step.abstract_state(c)
+sh = sharding.state_shardings(mesh, abstract)
+step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=opt, schedule=sch),
+               in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, None))
+with jax.set_mesh(mesh):
+  hlo = step.lower(abstract, jax.ShapeDtypeStruct((64, 32), jax.numpy.float32)).compile().as_text()
+shapes = re.findall(r"= f32\\[([0-9,]+)\\][^ ]* (?:all-gather|all-to-all|all-reduce)\\(", hlo)
+sizes = [eval("*".join(s.split(","))) for s in shapes]
+print("collective sizes", sorted(sizes))
+assert sizes and max(sizes) < 64 * 256, sizes
+print("ok")
+'''
+  import subprocess, sys
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                     env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert r.returncode == 0 and 'ok' in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
