@@ -9,7 +9,7 @@ loss -> remove the decoder-parallel gradient -> clip 1.0 -> Adam -> renormalise 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,9 @@ import ml_collections
 import optax
 
 from jaxsae import config as config_lib
+from jaxsae import kernels
 from jaxsae import model
+from jaxsae import selection
 
 TrainState = dict[str, Any]
 _COUNTER_CAP = 2**30  # tokens-since-fired saturate here instead of overflowing int32
@@ -36,10 +38,11 @@ class StepConfig:
   threshold_start_step: int
   candidates_per_row: int
   skip_nonfinite: bool
+  kernel: str = 'dense'   # resolved: 'dense' | 'sparse'
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    return cls(k=c.sae.k, group_sizes=config_lib.group_sizes(c),
+    return cls(kernel=kernels.resolve(c.sae.kernel, c.mesh.model), k=c.sae.k, group_sizes=config_lib.group_sizes(c),
                group_weights=config_lib.group_weights(c), auxk_alpha=c.sae.auxk_alpha,
                top_k_aux=config_lib.top_k_aux(c), dead_tokens_threshold=c.sae.dead_tokens_threshold,
                threshold_beta=c.sae.threshold_beta, threshold_start_step=c.sae.threshold_start_step,
@@ -105,12 +108,71 @@ def loss_fn(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
   sq_err = jnp.mean(jnp.sum((x[None] - x_hats) ** 2, axis=-1), axis=-1)  # [G]
   l2 = jnp.mean(sq_err * jnp.asarray(sc.group_weights, sq_err.dtype))
   fired = jax.lax.stop_gradient(jnp.any(acts > 0, axis=0))
-  tokens_since_fired = jnp.where(
-      fired, 0, jnp.minimum(tokens_since_fired + x.shape[0], _COUNTER_CAP))
+  tokens_since_fired = _count_silence(tokens_since_fired, fired, x.shape[0])
   dead = tokens_since_fired >= sc.dead_tokens_threshold
   residual = jax.lax.stop_gradient(x - x_hats[-1])
   aux = model.auxk_loss(params, pre, residual, dead, sc.top_k_aux)
   return l2 + sc.auxk_alpha * aux, (model.LossAux(acts, sq_err, l2, aux), tokens_since_fired)
+
+
+def _count_silence(tokens_since_fired: jax.Array, fired: jax.Array, tokens: int) -> jax.Array:
+  return jnp.where(fired, 0, jnp.minimum(tokens_since_fired + tokens, _COUNTER_CAP))
+
+
+class StepStats(NamedTuple):
+  """What a loss evaluation reports besides the loss and gradients."""
+  sq_err: jax.Array     # [G] mean ||x - x_hat_i||^2 per prefix
+  l2_loss: jax.Array
+  auxk_loss: jax.Array
+  l0: jax.Array         # mean selected latents per token
+  smallest: jax.Array   # smallest selected activation (inf if none), for the threshold EMA
+  sparse_path: jax.Array  # 1.0 when the sparse kernel computed this step, 0.0 for the dense path
+
+
+def _dense_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
+  """Autodiff of `loss_fn` (the reference formulation)."""
+  (loss, (aux, tokens_since_fired)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, x, tokens_since_fired, sc)
+  acts = jax.lax.stop_gradient(aux.acts)
+  stats = StepStats(aux.recon_sq_err, aux.l2_loss, aux.auxk_loss,
+                    jnp.mean(jnp.sum(acts > 0, axis=-1).astype(jnp.float32)),
+                    jnp.min(jnp.where(acts > 0, acts, jnp.inf)), jnp.zeros((), jnp.float32))
+  return loss, stats, tokens_since_fired, grads
+
+
+def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
+  """One dense matmul, then sparse decode and gradients (`jaxsae.kernels`).
+
+  When the candidate proof fails (some token holds more than candidates_per_row * k of the
+  batch's budget) the step takes the dense path instead, so it is exact either way.
+  """
+  F = params['W_dec'].shape[0]
+  pre = model.pre_activations(params, x)
+  vals, idx, tau, proven = selection.candidates_and_threshold(
+      pre, sc.k, min(F, sc.candidates_per_row * sc.k))
+
+  def sparse():
+    sel = (vals >= tau) & (vals > 0)
+    sel_vals = jnp.where(sel, vals, 0.0)
+    r = kernels.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights)
+    fired = jnp.zeros((F,), bool).at[idx.reshape(-1)].max(sel.reshape(-1))
+    silence = _count_silence(tokens_since_fired, fired, x.shape[0])
+    dead = silence >= sc.dead_tokens_threshold
+    residual = x - r.x_hat
+
+    def aux_of(p):
+      return model.auxk_loss(p, model.pre_activations(p, x), residual, dead, sc.top_k_aux)
+
+    aux, aux_grads = jax.lax.cond(
+        jnp.any(dead), lambda: jax.value_and_grad(aux_of)(params),
+        lambda: (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params)))
+    grads = jax.tree.map(lambda g, a: g + sc.auxk_alpha * a, r.grads, aux_grads)
+    stats = StepStats(r.sq_err, r.l2, aux, jnp.sum(sel).astype(jnp.float32) / x.shape[0],
+                      jnp.min(jnp.where(sel, vals, jnp.inf)), jnp.ones((), jnp.float32))
+    return r.l2 + sc.auxk_alpha * aux, stats, silence, grads
+
+  return jax.lax.cond(proven, sparse,
+                      lambda: _dense_loss_and_grads(params, x, tokens_since_fired, sc))
 
 
 def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
@@ -118,9 +180,9 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
   params, step = state['params'], state['step']
-  (loss, (aux, tokens_since_fired)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  loss_and_grads = (_sparse_loss_and_grads if sc.kernel == 'sparse' else _dense_loss_and_grads)
+  loss, stats, tokens_since_fired, grads = loss_and_grads(
       params, x, state['tokens_since_fired'], sc)
-  acts = jax.lax.stop_gradient(aux.acts)
   grads['W_dec'] = remove_parallel_component(params['W_dec'], grads['W_dec'])
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
@@ -128,8 +190,7 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
   new_params['W_dec'] = model.unit_norm_rows(new_params['W_dec'])
 
   # Inference threshold: EMA of the smallest kept activation, from threshold_start_step on.
-  smallest = jnp.min(jnp.where(acts > 0, acts, jnp.inf))
-  smallest = jnp.where(jnp.isfinite(smallest), smallest, 0.0)
+  smallest = jnp.where(jnp.isfinite(stats.smallest), stats.smallest, 0.0)
   ema = jnp.where(state['threshold'] < 0, smallest,
                   sc.threshold_beta * state['threshold'] + (1 - sc.threshold_beta) * smallest)
   threshold = jnp.where(step > sc.threshold_start_step, ema, state['threshold'])
@@ -149,13 +210,13 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
 
   var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=-1))
   metrics = {
-      'loss': loss, 'l2_loss': aux.l2_loss, 'auxk_loss': aux.auxk_loss,
-      'fvu': aux.recon_sq_err / var,                               # [G], one per prefix
-      'l0': jnp.mean(jnp.sum(aux.acts > 0, axis=-1).astype(jnp.float32)),
+      'loss': loss, 'l2_loss': stats.l2_loss, 'auxk_loss': stats.auxk_loss,
+      'fvu': stats.sq_err / var,                                   # [G], one per prefix
+      'l0': stats.l0,
       'dead_fraction': jnp.mean((tokens_since_fired >= sc.dead_tokens_threshold)
                                 .astype(jnp.float32)),
       'threshold': threshold, 'lr': schedule(step), 'grad_norm': grad_norm,
-      'finite': finite,
+      'finite': finite, 'sparse_path': stats.sparse_path,
   }
   return new_state, metrics
 

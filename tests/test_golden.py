@@ -56,8 +56,10 @@ def test_geometric_median_matches(golden):
   np.testing.assert_allclose(median, golden['b_dec_median'], rtol=1e-5, atol=1e-5)
 
 
-def test_training_matches_reference_step_by_step(golden):
+@pytest.mark.parametrize('kernel', ['dense', 'sparse'])
+def test_training_matches_reference_step_by_step(golden, kernel):
   c = config_from(golden)
+  c.sae.kernel = kernel
   sc = train_step.StepConfig.from_config(c)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
   params = {n: jnp.asarray(golden[f'init_{n}']) for n in ('W_enc', 'b_enc', 'W_dec')}
@@ -65,8 +67,10 @@ def test_training_matches_reference_step_by_step(golden):
   state = train_step.init_state(params, optimizer)
   step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
                                                     schedule=schedule))
+  paths = []
   for i, x in enumerate(golden['batches']):
     state, m = step(state, jnp.asarray(x))
+    paths.append(float(m['sparse_path']))
     np.testing.assert_allclose(m['loss'], golden['loss'][i], rtol=2e-5, err_msg=f'loss, step {i}')
     np.testing.assert_allclose(m['l2_loss'], golden['l2_loss'][i], rtol=2e-5)
     np.testing.assert_allclose(m['auxk_loss'], golden['auxk_loss'][i], rtol=2e-5, atol=1e-7)
@@ -77,6 +81,12 @@ def test_training_matches_reference_step_by_step(golden):
     np.testing.assert_allclose(state['params'][name], golden[f'final_{name}'], rtol=1e-4, atol=2e-5,
                                err_msg=name)
   np.testing.assert_allclose(state['threshold'], golden['final_threshold'], rtol=1e-5)
+  if kernel == 'sparse':
+    # Both branches ran: the sparse kernel (with AuxK active on one of its steps) and, when a
+    # token held more than 4k of the budget, the exact dense fallback.
+    sparse_steps = [i for i, p in enumerate(paths) if p == 1.0]
+    assert 0 < len(sparse_steps) < len(paths), paths
+    assert any(golden['num_dead'][i] > 0 for i in sparse_steps), (paths, golden['num_dead'])
 
 
 def test_inference_encode_matches_reference(golden):
