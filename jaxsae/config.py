@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.threshold_beta = 0.999
   c.sae.threshold_start_step = 1000
   c.sae.candidates_per_row = 4        # per-row top-(c*k) candidates for exact BatchTopK selection
+  c.sae.kernel = 'auto'               # 'dense' | 'sparse' (jaxsae.kernels) | 'auto': sparse on GPU/TPU
   c.sae.dtype = 'float32'
 
   c.optim = ml_collections.ConfigDict()
@@ -180,6 +181,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise ConfigError(f'sae.candidates_per_row must be >= 1, got {c.sae.candidates_per_row}.')
   if not 0 < top_k_aux(c):
     raise ConfigError(f'sae.top_k_aux must be positive, got {top_k_aux(c)}.')
+  if c.sae.kernel not in ('auto', 'dense', 'sparse'):
+    raise ConfigError(f"sae.kernel must be 'auto', 'dense' or 'sparse', got {c.sae.kernel!r}.")
   if c.sae.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"sae.dtype must be 'float32' or 'bfloat16', got {c.sae.dtype!r}.")
 
