@@ -107,3 +107,13 @@ def row_topk_threshold(pre: jax.Array, valid: jax.Array, k: int) -> jax.Array:
   return jax.shard_map(
       lambda blk, ok: _row_bisect(blk, ok, k, lambda n: jax.lax.psum(n, 'model')),
       in_specs=(P('data', 'model'), P('data', 'model')), out_specs=P('data'))(pre, valid)
+
+
+def candidates_and_threshold(pre: jax.Array, k: int, kc: int):
+  """Each row's top-kc (values, latent indices), the exact-if-proven B*k-th largest value among
+  them, and whether it is proven exact (then the selected entries are all among the candidates).
+  Single device; the sparse kernels build on it."""
+  vals, idx = jax.lax.top_k(pre, kc)
+  tau = bisect_threshold(vals, pre.shape[0] * k)
+  proven = jnp.all(vals.min(axis=1) <= tau) | (kc >= pre.shape[1])
+  return vals, idx, tau, proven
