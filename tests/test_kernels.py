@@ -39,8 +39,7 @@ def test_sparse_matches_dense(chunk_rows):
                                err_msg=name)
 
 
-def test_resolve_auto():
+def test_resolve():
   assert kernels.resolve('dense') == 'dense' and kernels.resolve('sparse') == 'sparse'
-  expected = 'dense' if jax.default_backend() == 'cpu' else 'sparse'
-  assert kernels.resolve('auto') == expected
-  assert kernels.resolve('auto', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('auto') == 'dense'   # the measured faster path (see kernels.py)
+  assert kernels.resolve('sparse', mesh_model_axis=2) == 'dense'

@@ -41,9 +41,10 @@ def timed(fn, *args, steps: int, warmup: int = 1) -> float:
   return sorted(times)[len(times) // 2]
 
 
-def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int) -> dict[str, float]:
+def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto') -> dict[str, float]:
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
+  c.sae.kernel = kernel
   c.data.batch_size, c.optim.warmup_steps, c.train.steps = B, 10, 10_000
   config_lib.validate(c)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
@@ -54,16 +55,18 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int) -> dict[str, float]
   step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
                                                     schedule=schedule), donate_argnums=0)
   # Chain the state through the steps (donated buffers, as in training).
-  holder = {'state': state}
+  holder = {'state': state, 'sparse': []}
 
   def run(x):
     holder['state'], m = step(holder['state'], x)
+    holder['sparse'].append(m['sparse_path'])
     return m['loss']
 
   step_s = timed(run, x, steps=steps, warmup=2)
+  sparse_fraction = float(sum(holder['sparse'][2:])) / steps
   W = jax.random.normal(key_p, (d, F)) / d**0.5
   matmul_s = timed(jax.jit(lambda a, b: a @ b), x, W, steps=steps)
-  return {'step_s': step_s, 'matmul_s': matmul_s}
+  return {'step_s': step_s, 'matmul_s': matmul_s, 'sparse_fraction': sparse_fraction}
 
 
 def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int) -> dict:
@@ -83,14 +86,21 @@ def main() -> None:
   p.add_argument('--k', type=int, default=32)
   p.add_argument('--batch', type=int, default=2048)
   p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--kernels', default='dense,sparse', help="jaxsae kernels to time ('sae.kernel')")
   p.add_argument('--peers-python', default=os.path.join(REPO, '.venv-peers', 'bin', 'python'))
   args = p.parse_args()
   d, F, k, B = args.d, args.F, args.k, args.batch
 
-  print(f'jaxsae {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; '
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32', flush=True)
-  ours = bench_jaxsae(d, F, k, B, args.steps)
-  rows = [('one B x d x F matmul (floor)', ours['matmul_s']), ('jaxsae step', ours['step_s'])]
+  rows, ours = [], None
+  for kernel in args.kernels.split(','):
+    res = bench_jaxsae(d, F, k, B, args.steps, kernel)
+    ours = ours or res
+    rows.append((f'jaxsae step, kernel={kernel}', res['step_s']))
+    if kernel == 'sparse':
+      print(f'(sparse kernel took the sparse path on {res["sparse_fraction"]:.0%} of timed steps)')
+  rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s']))
   if os.path.exists(args.peers_python):
     peers = bench_peers(args.peers_python, d, F, k, B, args.steps)
     for lib, res in peers.items():
@@ -102,10 +112,10 @@ def main() -> None:
     print(f'(peer libraries not timed: no interpreter at {args.peers_python}; '
           'see tools/bench_peers.py to create .venv-peers)')
 
-  print(f'\n{"":32s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"jaxsae speed-up":>16s}')
+  best = min(s for name, s in rows if name.startswith('jaxsae'))
+  print(f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s}')
   for name, s in rows:
-    print(f'{name:32s} {s:8.3f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} '
-          f'{s / ours["step_s"]:15.2f}x')
+    print(f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,56 @@
+"""Time the parts of a training step (encoder matmul, candidate top-k, bisections, gradients).
+
+    python tools/profile_step.py [--d 1024 --F 8192 --k 32 --batch 2048]
+
+Where the time of `tools/bench.py`'s step goes, part by part, on whatever backend JAX runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxsae import config as config_lib, kernels, model, selection, train_step  # noqa: E402
+from tools.bench import GROUPS, timed  # noqa: E402
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  for name, default in (('d', 1024), ('F', 8192), ('k', 32), ('batch', 2048), ('steps', 5)):
+    p.add_argument(f'--{name}', type=int, default=default)
+  a = p.parse_args()
+  d, F, k, B = a.d, a.F, a.k, a.batch
+  c = config_lib.default_config()
+  c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
+  sc = train_step.StepConfig.from_config(c)
+  params = model.init_params(jax.random.PRNGKey(0), d, F)
+  x = jax.random.normal(jax.random.PRNGKey(1), (B, d)) + 0.5
+  pre = jax.jit(model.pre_activations)(params, x)
+  kc = sc.candidates_per_row * k
+  vals, idx, tau, _ = selection.candidates_and_threshold(pre, k, kc)
+  sel_vals = jnp.where((vals >= tau) & (vals > 0), vals, 0.0)
+  tsf = jnp.zeros((F,), jnp.int32)
+  parts = {
+      'encoder matmul + relu': (jax.jit(model.pre_activations), params, x),
+      f'per-row top-{kc}': (jax.jit(lambda p: jax.lax.top_k(p, kc)[0]), pre),
+      'bisection over candidates': (jax.jit(lambda v: selection.bisect_threshold(v, B * k)), vals),
+      'exact threshold (total)': (jax.jit(lambda p: selection.batch_topk_threshold(p, k)), pre),
+      'prefix decode (dense)': (jax.jit(lambda p, a: model.prefix_reconstructions(
+          p, a, sc.group_sizes)), params, jnp.where(pre >= tau, pre, 0.0)),
+      'dense loss + grads': (jax.jit(lambda p: jax.value_and_grad(
+          train_step.loss_fn, has_aux=True)(p, x, tsf, sc)[0][0]), params),
+      'sparse l2 + grads (kernels)': (jax.jit(lambda p: kernels.sparse_l2_and_grads(
+          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights).l2), params),
+  }
+  print(f'{jax.devices()[0].device_kind}: d={d} F={F} k={k} B={B}')
+  for name, (fn, *args) in parts.items():
+    print(f'{name:32s} {timed(fn, *args, steps=a.steps) * 1e3:9.2f} ms', flush=True)
+
+
+if __name__ == '__main__':
+  main()
