@@ -1,10 +1,11 @@
 """Orbax checkpoints of the training state, with resume that survives crashes.
 
-Each checkpoint holds the state pytree and a small JSON `meta` (shapes, data position, activation
-scale). Orbax writes into a temporary directory and renames it when complete, so a run killed
-mid-save leaves only a temporary directory that is ignored and cleaned; a checkpoint that is
-complete on disk but unreadable is skipped with a warning in favour of the one before it. A
-checkpoint from another SAE shape stops the run before anything is overwritten.
+Each checkpoint holds the state pytree, a small JSON `meta` (shapes, data position, activation
+scale) and the data iterator's state (grain's checkpoint handler: one file per JAX process).
+Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save
+leaves only a temporary directory that is ignored and cleaned; a checkpoint that is complete on
+disk but unreadable is skipped with a warning in favour of the one before it. A checkpoint from
+another SAE shape stops the run before anything is overwritten.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 from typing import Any
 
+import grain
 import orbax.checkpoint as ocp
 
 from jaxsae.config import ConfigError
@@ -32,11 +34,15 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save),
-        item_names=('state', 'meta'))
+        item_names=('state', 'meta', 'data'))
 
-  def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+  def save(self, step: int, state: Any, meta: dict, force: bool = False,
+           data_iterator: grain.DatasetIterator | None = None) -> bool:
+    """`data_iterator`'s state is read now (before returning), so it matches `state`."""
+    items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -47,11 +53,12 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, abstract_state: Any, expected_shape: dict,
-              step: int | None = None) -> tuple[int, Any, dict] | None:
+  def restore(self, abstract_state: Any, expected_shape: dict, step: int | None = None,
+              data_iterator: grain.DatasetIterator | None = None) -> tuple[int, Any, dict] | None:
     """The newest readable checkpoint (or `step`): (step, state, meta); None if there is none.
 
     `expected_shape` ({'d': ..., 'F': ..., ...}) must equal the checkpoint's, else ConfigError.
+    `data_iterator`, if given, is moved to the position saved with the state.
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     for s in steps:
@@ -64,11 +71,21 @@ class Checkpointer:
       try:
         restored = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
+        if data_iterator is not None:
+          self._restore_data(s, meta, data_iterator)
       except Exception as e:  # pylint: disable=broad-except
         self._skip(s, e, step)
         continue
       return s, restored['state'], meta
     return None
+
+  def _restore_data(self, s: int, meta: dict, data_iterator: grain.DatasetIterator) -> None:
+    if os.path.isdir(os.path.join(self.directory, str(s), 'data')):
+      self.manager.restore(s, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    else:  # saved before the iterator was checkpointed: the position is the batch count
+      data_iterator.set_state({**data_iterator.get_state(),
+                               'next_index': meta['data']['next_batch']})
 
   def _skip(self, s: int, error: Exception, requested: int | None) -> None:
     if requested is not None:

@@ -52,3 +52,52 @@ def run_cli(args, env_extra=None, **kw):
 @pytest.fixture
 def repo():
   return REPO
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation stores and the export (tests/test_store.py, test_input_pipeline.py,
+# test_export_activations.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def write_store(path, rows_per_study, d=16, dtype='float32', seed=0, rows_per_shard=64,
+                rows_per_chunk=8, info=None):
+  """A store of random rows, one study per entry of `rows_per_study`; returns the float32 rows
+  (as stored, after any bfloat16 rounding) in store order."""
+  import ml_dtypes
+  import numpy as np
+  from jaxsae import store
+  rng = np.random.default_rng(seed)
+  w = store.StoreWriter(str(path), d, dtype, info or {'test': True}, rows_per_chunk=rows_per_chunk,
+                        rows_per_shard=rows_per_shard)
+  out = []
+  for i, n in enumerate(rows_per_study):
+    x = (rng.standard_normal((n, d)) * 3 + 1).astype(np.float32)
+    tokens = np.zeros((n, len(store.TOKEN_COLUMNS)), np.int32)
+    tokens[:, 0], tokens[:, 1] = i, np.arange(n)
+    w.append(x, tokens, [{'study_id': f's{i}', 'manifest_index': i, 'row_start': 0, 'rows': n}])
+    out.append(x.astype(ml_dtypes.bfloat16).astype(np.float32) if dtype == 'bfloat16' else x)
+  w.close()
+  return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+def kill_repeatedly(args, started, times, rng, env_extra=None, max_wait=120, window=(0.0, 0.6)):
+  """Start `args` and SIGKILL it at a random moment once `started()` is true, up to `times` times
+  (fewer if it finishes first); returns how many kills landed."""
+  import signal
+  import time
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu', **(env_extra or {})}
+  kills = 0
+  for _ in range(times):
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + max_wait
+    while time.time() < deadline and proc.poll() is None and not started():
+      time.sleep(0.02)
+    time.sleep(rng.uniform(*window))
+    if proc.poll() is not None:
+      break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills += 1
+  return kills

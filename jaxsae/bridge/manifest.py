@@ -1,0 +1,134 @@
+"""The study manifest (JSONL or CSV) and its images, checked so that a bad row names itself.
+
+One row per study. Fields: `study_id`, `frontal` (image path) and, when the findings are used as
+teacher-forced assistant text, `findings` are required; `lateral`, `prior_frontal`, `indication`,
+`technique`, `comparison` and `prior_report` may be absent or empty (MAIRA-2 writes "N/A" for
+missing sections). Relative image paths are relative to the manifest's directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from jaxsae.config import ConfigError
+
+IMAGE_FIELDS = ('frontal', 'lateral', 'prior_frontal')
+TEXT_FIELDS = ('indication', 'technique', 'comparison', 'prior_report', 'findings')
+
+
+class BadStudyError(ConfigError):
+  """One study cannot be used; says which study, field and file (skip such with --skip_bad)."""
+
+  def __init__(self, study: str, field: str, file: str | None, problem: str, where: str):
+    self.study, self.field, self.file, self.problem = study, field, file, problem
+    what = f"field '{field}'" + (f", file {file!r}" if file else '')
+    super().__init__(f'study {study!r} ({where}): {what}: {problem}. Fix the manifest row, or '
+                     'rerun with --skip_bad to skip such studies (they are listed in the '
+                     "store's skipped_studies.json).")
+
+  def record(self) -> dict:
+    return {'field': self.field, 'file': self.file, 'error': self.problem}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  study_id: str
+  index: int                  # row in the manifest (0-based): the store's `study` column
+  where: str                  # "manifest.jsonl line 8", for messages
+  frontal: str
+  lateral: str | None = None
+  prior_frontal: str | None = None
+  indication: str | None = None
+  technique: str | None = None
+  comparison: str | None = None
+  prior_report: str | None = None
+  findings: str | None = None
+
+  def images(self) -> list[tuple[str, Image.Image | None]]:
+    """(field, greyscale image) for frontal, lateral, prior_frontal; None where absent."""
+    out = []
+    for field in IMAGE_FIELDS:
+      path = getattr(self, field)
+      out.append((field, None if path is None else _load_image(self, field, path)))
+    return out
+
+
+def _load_image(study: Study, field: str, path: str) -> Image.Image:
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.convert('L')
+  except FileNotFoundError:
+    raise BadStudyError(study.study_id, field, path, 'image file does not exist', study.where)
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
+    raise BadStudyError(study.study_id, field, path,
+                        f'cannot be read as an image ({type(e).__name__}: {e})', study.where)
+
+
+def _rows(path: str) -> list[tuple[str, dict]]:
+  name = os.path.basename(path)
+  if path.endswith('.csv'):
+    with open(path, newline='') as f:
+      return [(f'{name} row {i + 2}', row) for i, row in enumerate(csv.DictReader(f))]
+  rows = []
+  with open(path) as f:
+    for i, line in enumerate(f):
+      if line.strip():
+        try:
+          rows.append((f'{name} line {i + 1}', json.loads(line)))
+        except json.JSONDecodeError as e:
+          raise ConfigError(f'{path} line {i + 1} is not valid JSON: {e}') from e
+  return rows
+
+
+def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
+  """Every manifest row as a Study, or as the error that makes it unusable (missing field, missing
+  image file) — so that with skip_bad a bad row is skipped, and without it the first one stops
+  the export before the model is loaded. Unreadable image content shows up when it is loaded."""
+  if not path:
+    raise ConfigError('export.manifest is empty: set it to a JSONL or CSV file with one study per '
+                      'row (study_id, frontal, lateral, prior_frontal, indication, technique, '
+                      'comparison, prior_report, findings).')
+  if not os.path.exists(path):
+    raise ConfigError(f'export.manifest={path!r} does not exist.')
+  base = os.path.dirname(os.path.abspath(path))
+  required = ('study_id', 'frontal') + (('findings',) if teacher_forcing else ())
+  out, seen = [], {}
+  for index, (where, row) in enumerate(_rows(path)):
+    sid = str(row.get('study_id') or f'<row {index}>')
+    if sid in seen:
+      raise ConfigError(f'{path}: study_id {sid!r} appears twice ({seen[sid]} and {where}); '
+                        'study ids must be unique.')
+    seen[sid] = where
+    values = {k: (str(v) if v not in (None, '') else None) for k, v in row.items()}
+    missing = [f for f in required if values.get(f) is None]
+    if missing:
+      absent = missing[0] not in row
+      out.append(BadStudyError(sid, missing[0], None, 'missing from the row' if absent
+                               else 'is empty', where))
+      continue
+    for field in IMAGE_FIELDS:
+      if values.get(field) is not None:
+        values[field] = os.path.join(base, values[field])
+    bad = next((f for f in IMAGE_FIELDS if values.get(f) and not os.path.exists(values[f])), None)
+    if bad:
+      out.append(BadStudyError(sid, bad, values[bad], 'image file does not exist', where))
+      continue
+    out.append(Study(study_id=sid, index=index, where=where,
+                     **{f: values.get(f) for f in IMAGE_FIELDS + TEXT_FIELDS}))
+  return out
+
+
+def normalise(image: Image.Image) -> Image.Image:
+  """MAIRA-2's image normalisation: greyscale, intensities stretched to [0, 255]."""
+  x = np.asarray(image.convert('L'), np.float64)
+  x -= x.min()
+  if x.max() > 0:
+    x *= 255 / x.max()
+  return Image.fromarray(x.astype(np.uint8)).convert('L')

@@ -1,0 +1,215 @@
+"""The offline demo set: a few dozen synthetic chest X-ray studies and a tiny MAIRA-2 stand-in.
+
+    python tools/make_demo_data.py [--out outputs/demo/data] [--studies 60]
+
+Writes, deterministically (same bytes every run):
+  OUT/images/*.png      greyscale radiograph-like drawings (lungs, heart, effusions, pacemaker,
+                        lines and tubes), frontal for every study, lateral and prior for some
+  OUT/manifest.jsonl    one study per line (study_id, frontal, lateral, prior_frontal, indication,
+                        technique, comparison, prior_report, findings)
+  OUT/model/            a tiny random LlavaForConditionalGeneration with its tokenizer and
+                        processor (jaxsae.bridge.tiny_model), loadable with from_pretrained
+The findings use real radiology vocabulary; the images match them only roughly: this is data for
+running the pipeline, not for learning radiology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SIZE = 128
+INDICATIONS = ('Shortness of breath.', 'Fever and cough.', 'Chest pain.', 'Evaluate for effusion.',
+               'Intubated patient, evaluate tube position.', 'Post line placement.',
+               'Evaluate pacemaker leads.', 'Hypoxia.')
+SIDES = ('left', 'right', 'bilateral')
+SIZES = ('small', 'moderate', 'large')
+CHANGES = ('increased', 'decreased', 'unchanged')
+
+
+def _condition(rng: np.random.Generator) -> dict:
+  """A random set of findings for one patient at one time."""
+  return {
+      'effusion': (rng.choice(SIDES), rng.choice(SIZES)) if rng.random() < 0.4 else None,
+      'cardiomegaly': (rng.choice(('mildly', 'moderately', 'severely')) if rng.random() < 0.3
+                       else None),
+      'pacemaker': bool(rng.random() < 0.2),
+      'ett': int(rng.integers(3, 7)) if rng.random() < 0.25 else None,
+      'enteric': bool(rng.random() < 0.2),
+      'cvc': bool(rng.random() < 0.25),
+  }
+
+
+def _evolve(prior: dict, rng: np.random.Generator) -> dict:
+  """The same patient some days later: an effusion may change, tubes may come or go."""
+  now = dict(prior)
+  if prior['effusion'] is not None and rng.random() < 0.8:
+    side, size = prior['effusion']
+    i = SIZES.index(size) + int(rng.integers(-1, 2))
+    now['effusion'] = None if i < 0 else (side, SIZES[min(i, 2)])
+  elif rng.random() < 0.3:
+    now['effusion'] = (rng.choice(SIDES), 'small')
+  if rng.random() < 0.3:
+    now['ett'] = None if prior['ett'] else int(rng.integers(3, 7))
+  if rng.random() < 0.3:
+    now['enteric'] = not prior['enteric']
+  return now
+
+
+def findings(cond: dict, prior: dict | None = None) -> str:
+  parts = []
+  if prior is not None:
+    parts.append('Compared to the prior study:')
+  if cond['ett'] is not None:
+    how = ('Interval placement of an endotracheal tube, its tip' if prior and not prior['ett']
+           else 'Endotracheal tube tip')
+    parts.append(f'{how} terminates {cond["ett"]} cm above the carina.')
+  elif prior is not None and prior['ett'] is not None:
+    parts.append('Interval removal of the endotracheal tube.')
+  if cond['enteric']:
+    parts.append('Enteric tube courses below the diaphragm with the tip in the stomach.')
+  elif prior is not None and prior['enteric']:
+    parts.append('Interval removal of the enteric tube.')
+  if cond['cvc']:
+    parts.append('Right internal jugular central venous catheter tip in the mid SVC.')
+  if cond['pacemaker']:
+    parts.append('Left chest wall pacemaker with leads terminating in the right atrium and right '
+                 'ventricle.')
+  if cond['cardiomegaly']:
+    stable = prior is not None and prior['cardiomegaly']
+    parts.append('Stable cardiomegaly.' if stable
+                 else f'The heart is {cond["cardiomegaly"]} enlarged.')
+  else:
+    parts.append('The cardiomediastinal silhouette is within normal limits.')
+  if cond['effusion'] is not None:
+    side, size = cond['effusion']
+    s = 's' if side == 'bilateral' else ''
+    text = f'{size.capitalize()} {side} pleural effusion{s} with adjacent atelectasis.'
+    if prior is not None and prior['effusion'] is not None:
+      before, after = SIZES.index(prior['effusion'][1]), SIZES.index(size)
+      change = 'increased' if after > before else 'decreased' if after < before else 'unchanged'
+      verb = ('is' if not s else 'are') if change == 'unchanged' else ('has' if not s else 'have')
+      text = f'The {side} pleural effusion{s} {verb} {change}. ' + text
+    parts.append(text)
+  else:
+    if prior is not None and prior['effusion'] is not None:
+      parts.append(f'Interval resolution of the {prior["effusion"][0]} pleural effusion.')
+    parts.append('No pleural effusion or pneumothorax.')
+  if cond['effusion'] is None and not cond['cardiomegaly']:
+    parts.append('The lungs are clear.')
+  return ' '.join(parts)
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+  return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+
+def draw(cond: dict, rng: np.random.Generator, lateral: bool = False) -> Image.Image:
+  """A greyscale drawing in radiographic convention (patient's left on the image's right)."""
+  yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+  img = np.full((SIZE, SIZE), 0.05, np.float32)
+  img[_ellipse(yy, xx, 70, 64, 60, 52)] = 0.55                      # body
+  heart_w = {None: 16, 'mildly': 20, 'moderately': 24, 'severely': 28}[cond['cardiomegaly']]
+  if lateral:
+    img[_ellipse(yy, xx, 62, 64, 40, 30)] = 0.2                     # lungs, superimposed
+    img[_ellipse(yy, xx, 78, 52, 18, heart_w * 0.8)] = 0.7          # heart, anterior
+    if cond['effusion'] is not None:
+      img[(yy > 92) & _ellipse(yy, xx, 62, 64, 40, 30)] = 0.6       # posterior costophrenic angle
+  else:
+    for cx in (42, 86):
+      img[_ellipse(yy, xx, 60, cx, 38, 18)] = 0.2                   # lungs
+    img[_ellipse(yy, xx, 80, 70, 16, heart_w)] = 0.72               # heart
+    if cond['effusion'] is not None:
+      side, size = cond['effusion']
+      level = {'small': 88, 'moderate': 78, 'large': 66}[size]
+      for cx, s in ((42, 'right'), (86, 'left')):
+        if side in (s, 'bilateral'):
+          img[(yy > level - 0.15 * np.abs(xx - cx)) & _ellipse(yy, xx, 60, cx, 38, 18)] = 0.6
+    if cond['pacemaker']:
+      img[22:30, 96:108] = 1.0                                      # generator, left chest wall
+      for t in np.linspace(0, 1, 80):
+        y, x = int(30 + 50 * t), int(100 - 28 * t)
+        img[y, x] = 0.95                                            # lead
+    if cond['ett'] is not None:
+      img[0:44 - 2 * cond['ett'], 63:65] = 0.9                      # endotracheal tube
+    if cond['enteric']:
+      img[0:112, 60:62] = 0.85                                      # enteric tube
+    if cond['cvc']:
+      for t in np.linspace(0, 1, 60):
+        img[int(8 + 40 * t), int(40 + 18 * t)] = 0.9                # right IJ catheter
+  img += rng.normal(0, 0.03, img.shape).astype(np.float32)
+  pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), 'L')
+  return pil.filter(ImageFilter.GaussianBlur(1.0))
+
+
+def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(out, 'images'), exist_ok=True)
+  rows = []
+  for i in range(n):
+    sid = f'demo-{i:03d}'
+    has_prior, has_lateral = rng.random() < 0.5, rng.random() < 0.4
+    prior = _condition(rng) if has_prior else None
+    cond = _evolve(prior, rng) if has_prior else _condition(rng)
+    row = {'study_id': sid, 'frontal': f'images/{sid}_frontal.png', 'lateral': None,
+           'prior_frontal': None, 'indication': str(rng.choice(INDICATIONS)),
+           'technique': 'PA and lateral views of the chest.' if has_lateral
+                        else 'Portable AP view of the chest.',
+           'comparison': f'Radiograph from {int(rng.integers(1, 30))} days earlier.' if has_prior
+                         else None,
+           'prior_report': findings(prior) if has_prior else None,
+           'findings': findings(cond, prior)}
+    draw(cond, rng).save(os.path.join(out, row['frontal']))
+    if has_lateral:
+      row['lateral'] = f'images/{sid}_lateral.png'
+      draw(cond, rng, lateral=True).save(os.path.join(out, row['lateral']))
+    if has_prior:
+      row['prior_frontal'] = f'images/{sid}_prior.png'
+      draw(prior, rng).save(os.path.join(out, row['prior_frontal']))
+    rows.append(row)
+  with open(os.path.join(out, 'manifest.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  return rows
+
+
+def vocabulary_texts(rows: list[dict]) -> list[str]:
+  """Every text the prompts can contain: the studies' sections and MAIRA-2's fixed wording."""
+  from jaxsae.bridge import prompt  # pylint: disable=import-outside-toplevel
+  texts = ['USER: ASSISTANT: </s>', prompt.MISSING]
+  for lateral in (False, True):
+    for prior in (False, True):
+      for m in prompt.reporting_messages(lateral, prior, None, None, None, None, 'x'):
+        texts += [c['text'] for c in m['content'] if c['type'] == 'text']
+  for row in rows:
+    texts += [v for k, v in row.items() if v and k not in ('study_id', 'frontal', 'lateral',
+                                                            'prior_frontal')]
+  return texts
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', default=os.path.join('outputs', 'demo', 'data'))
+  p.add_argument('--studies', type=int, default=60)
+  p.add_argument('--hidden', type=int, default=64, help='the tiny model\'s width (sae.d)')
+  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--seed', type=int, default=0)
+  args = p.parse_args()
+  rows = make_studies(args.out, args.studies, args.seed)
+  from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
+  tiny_model.build(os.path.join(args.out, 'model'), tiny_model.words(vocabulary_texts(rows)),
+                   hidden=args.hidden, layers=args.layers, seed=args.seed)
+  print(f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
+        f'{args.out}/model')
+
+
+if __name__ == '__main__':
+  main()
