@@ -1,0 +1,377 @@
+"""Baseline vs steered report generation, grounded-output parsing, and alpha sweeps.
+
+Generation is greedy, one study at a time (no padding, so positions are the prompt's own). A
+steered report differs from the baseline only by the hook on layer L (jaxsae.bridge.interventions);
+the baseline runs with no hook at all. MAIRA-2's grounded reports wrap phrases as
+`<obj>phrase<box><x55><y45><x70><y56></box></obj>`, 100 bins per axis, bin b -> (b + 0.5) / 100;
+`parse` turns a report into phrases with boxes and lists what is malformed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+import textwrap
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from jaxsae.bridge import interventions as iv
+from jaxsae.bridge import manifest, prompt
+from jaxsae.config import ConfigError
+
+BINS = 100
+MODES = ('add', 'clamp')
+
+# --------------------------------------------------------------------------------------------------
+# Grounded output
+# --------------------------------------------------------------------------------------------------
+
+_TAG = re.compile(r'<obj>|</obj>|<box>|</box>|<([xy])(\d+)>')
+
+
+@dataclasses.dataclass
+class Phrase:
+  text: str
+  boxes: list[tuple[float, float, float, float]]  # (x_min, y_min, x_max, y_max) in [0, 1]
+
+
+@dataclasses.dataclass
+class Parsed:
+  phrases: list[Phrase]
+  problems: list[str]  # empty when the grounding markup is well-formed
+
+  @property
+  def plain(self) -> str:
+    """The report without markup (what a target phrase is searched in)."""
+    return ' '.join(p.text for p in self.phrases)
+
+  @property
+  def boxes(self) -> int:
+    return sum(len(p.boxes) for p in self.phrases)
+
+
+def bin_centre(b: int) -> float:
+  return (b + 0.5) / BINS
+
+
+def parse(text: str) -> Parsed:
+  """Phrases (text outside `<obj>` is a phrase without boxes) and boxes of a generated report."""
+  phrases, problems = [], []
+  state, words, boxes, coords = 'out', [], [], []
+
+  def flush_text(with_boxes):
+    phrase = ' '.join(''.join(words).split())
+    if phrase or with_boxes:
+      phrases.append(Phrase(phrase, list(with_boxes)))
+    words.clear()
+
+  at = 0
+  for m in _TAG.finditer(text):
+    if state != 'box':
+      words.append(text[at:m.start()])
+    elif text[at:m.start()].strip():
+      problems.append(f'text {text[at:m.start()].strip()!r} inside <box>')
+    at, tag = m.end(), m.group(0)
+    if tag == '<obj>':
+      if state != 'out':
+        problems.append('<obj> inside <obj>')
+      flush_text([])
+      state, boxes = 'obj', []
+    elif tag == '</obj>':
+      if state != 'obj':
+        problems.append('</obj> without <obj>' if state == 'out' else '</obj> inside <box>')
+      flush_text(boxes)
+      state, boxes = 'out', []
+    elif tag == '<box>':
+      if state != 'obj':
+        problems.append('<box> outside <obj>' if state == 'out' else '<box> inside <box>')
+      state, coords = 'box', []
+    elif tag == '</box>':
+      if state != 'box':
+        problems.append('</box> without <box>')
+      else:
+        box = _box(coords, problems)
+        if box is not None:
+          boxes.append(box)
+      state = 'obj'
+    elif state != 'box':
+      problems.append(f'coordinate {tag} outside <box>')
+    else:
+      coords.append((m.group(1), int(m.group(2))))
+  tail = text[at:]
+  if state != 'box':
+    words.append(tail)
+  elif tail.strip():
+    problems.append(f'text {tail.strip()!r} inside <box>')
+  if state != 'out':
+    problems.append(f'unclosed <{"box" if state == "box" else "obj"}> at the end')
+    flush_text(boxes)
+  else:
+    flush_text([])
+  return Parsed(phrases, problems)
+
+
+def _box(coords: list[tuple[str, int]], problems: list[str]):
+  axes = ''.join(a for a, _ in coords)
+  if axes != 'xyxy':
+    problems.append(f'a box needs <x><y><x><y>, got {"".join(f"<{a}{v}>" for a, v in coords)!r}')
+    return None
+  values = [v for _, v in coords]
+  if any(not 0 <= v < BINS for v in values):
+    problems.append(f'box bins {values} outside 0..{BINS - 1}')
+    return None
+  x0, y0, x1, y1 = values
+  if x0 > x1 or y0 > y1:
+    problems.append(f'box {values} has min > max')
+  return tuple(bin_centre(v) for v in values)
+
+
+def contains(text: str, target: str) -> bool:
+  """Case- and whitespace-insensitive substring test."""
+  norm = lambda s: ' '.join(s.lower().split())
+  return norm(target) in norm(text)
+
+
+def distinct_ngrams(text: str, n: int = 3) -> float:
+  """Share of distinct word n-grams (1.0: no repetition; near 0: a loop), 1.0 if too short."""
+  w = text.split()
+  grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+  return len(set(grams)) / len(grams) if grams else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and generation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StudyInputs:
+  study: manifest.Study
+  inputs: dict[str, torch.Tensor]  # on the model's device, pixel values in its dtype
+  prompt_ids: torch.Tensor          # [T] on the CPU
+
+
+def studies(path: str, ids: Sequence[str] = (), count: int | None = None,
+            teacher_forcing: bool = False) -> list[manifest.Study]:
+  """The manifest's studies named in `ids` (in that order), else its first `count` usable ones."""
+  rows = manifest.read(path, teacher_forcing)
+  if ids:
+    by_id = {(r.study if isinstance(r, manifest.BadStudyError) else r.study_id): r for r in rows}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+      raise ConfigError(f'study {unknown[0]!r} is not in {path}; it has '
+                        f'{len(rows)} studies, e.g. {list(by_id)[:3]}.')
+    out = [by_id[i] for i in ids]
+    bad = next((r for r in out if isinstance(r, manifest.BadStudyError)), None)
+    if bad is not None:
+      raise bad
+    return out
+  good = [r for r in rows if isinstance(r, manifest.Study)]
+  if not good:
+    raise ConfigError(f'{path} has no usable study.')
+  return good[:count] if count else good
+
+
+def to_device(inputs: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+  device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+  return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+          for k, v in inputs.items()}
+
+
+def prepare(site: iv.Site, processor: Any, study: manifest.Study,
+            grounding: bool = False) -> StudyInputs:
+  """Prompt-only model inputs for `study` (MAIRA-2's grounded prompt if `grounding`)."""
+  images = dict(study.images())
+  if grounding:
+    if not hasattr(processor, 'format_and_preprocess_reporting_input'):
+      raise ConfigError(f'--grounding needs MAIRA-2\'s processor (it builds the grounded reporting '
+                        f'prompt); {type(processor).__name__} has none. Drop --grounding.')
+    inputs = processor.format_and_preprocess_reporting_input(
+        current_frontal=images.get('frontal'), current_lateral=images.get('lateral'),
+        prior_frontal=images.get('prior_frontal'), indication=study.indication,
+        technique=study.technique, comparison=study.comparison, prior_report=study.prior_report,
+        get_grounding=True, return_tensors='pt')
+    inputs = dict(inputs)
+  else:
+    inputs = prompt.prepare(processor, study, images, False, site.image_token_id).inputs
+  return StudyInputs(study, to_device(inputs, site.model), inputs['input_ids'][0].cpu())
+
+
+@dataclasses.dataclass
+class Generation:
+  text: str
+  tokens: int
+  finished: bool  # ended with the end-of-sequence token before max_new_tokens
+  parsed: Parsed
+
+  @property
+  def well_formed(self) -> bool:
+    """Finished, not empty, and its grounding markup parses without a problem."""
+    return self.finished and bool(self.parsed.plain.strip()) and not self.parsed.problems
+
+
+def generate(site: iv.Site, processor: Any, s: StudyInputs, max_new_tokens: int) -> Generation:
+  """Greedy decoding of one report (under whatever interventions are active)."""
+  tok = processor.tokenizer
+  eos = site.model.generation_config.eos_token_id
+  if eos is None:
+    eos = tok.eos_token_id
+  eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+  with torch.inference_mode():
+    out = site.model.generate(**s.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                              num_beams=1, pad_token_id=tok.pad_token_id)
+  new = out[0, s.inputs['input_ids'].shape[1]:].tolist()
+  end = next((i for i, t in enumerate(new) if t in eos), None)
+  ids = new if end is None else new[:end]
+  text = tok.decode(ids, skip_special_tokens=False)  # MAIRA-2's <obj>/<box> tokens are special
+  for special in (tok.bos_token, tok.pad_token):
+    if special:
+      text = text.replace(special, '')
+  return Generation(text.strip(), len(ids), end is not None, parse(text))
+
+
+def intervention(site: iv.Site, mode: str, features: Sequence[int], alpha: float, where: iv.Where,
+                 prompt_ids: torch.Tensor, norm: float | None):
+  """`add` alpha * W_dec[f] (alpha in units of `norm` if given), or `clamp` f to alpha."""
+  if mode == 'add':
+    return iv.add(site, features, alpha, where, prompt_ids, norm)
+  if mode == 'clamp':
+    return iv.clamp(site, features, alpha, where, prompt_ids)
+  raise ConfigError(f'--mode={mode!r}: use one of {MODES}.')
+
+
+def mean_residual_norm(site: iv.Site, batch: Sequence[StudyInputs]) -> float:
+  """Mean |x| at the layer over the prompts' text tokens: image tokens and the first position
+  (an attention sink, often with an outsized norm) are left out."""
+  total, count = 0.0, 0
+  for s in batch:
+    with iv.record(site) as out, torch.inference_mode():
+      site.model(**s.inputs, use_cache=False)
+    keep = torch.ones(len(s.prompt_ids), dtype=torch.bool)
+    keep[0] = False
+    if site.image_token_id is not None:
+      keep &= s.prompt_ids != site.image_token_id
+    norms = out[0][0].float().norm(dim=-1).cpu()[keep]
+    total, count = total + float(norms.sum()), count + len(norms)
+  return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Side by side, and the sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def describe(g: Generation) -> list[str]:
+  """A report as lines: its text, then its phrases with boxes (if any), then any problems."""
+  lines = [g.text or '(empty)', '']
+  for p in g.parsed.phrases:
+    if p.boxes:
+      lines.append(f'- {p.text}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')'
+                                                for b in p.boxes))
+  lines.append(f'[{g.tokens} tokens, {"finished" if g.finished else "cut at max_new_tokens"}, '
+               f'{len(g.parsed.phrases)} phrases, {g.parsed.boxes} boxes'
+               + (f', problems: {"; ".join(g.parsed.problems)}' if g.parsed.problems else '') + ']')
+  return lines
+
+
+def side_by_side(left_title: str, left: Generation, right_title: str, right: Generation,
+                 width: int = 60) -> str:
+  def column(title, g):
+    out = [title, '-' * min(width, max(len(title), 1))]
+    for line in describe(g):
+      out += textwrap.wrap(line, width) or ['']
+    return out
+  a, b = column(left_title, left), column(right_title, right)
+  a += [''] * (len(b) - len(a))
+  b += [''] * (len(a) - len(b))
+  return '\n'.join(f'{x:<{width}} | {y}' for x, y in zip(a, b))
+
+
+CSV_FIELDS = ('study_id', 'mode', 'features', 'alpha', 'where', 'relative', 'tokens', 'finished',
+              'markup_ok', 'well_formed', 'has_target', 'phrases', 'boxes', 'distinct_3grams',
+              'report')
+
+
+def row(study_id: str, mode: str, features: Sequence[int], alpha: float | None, where: iv.Where,
+        relative: bool, g: Generation, target: str) -> dict[str, Any]:
+  return {'study_id': study_id, 'mode': mode, 'features': ' '.join(map(str, features)),
+          'alpha': '' if alpha is None else alpha, 'where': where, 'relative': relative,
+          'tokens': g.tokens, 'finished': g.finished, 'markup_ok': not g.parsed.problems,
+          'well_formed': g.well_formed,
+          'has_target': contains(g.parsed.plain, target) if target else '',
+          'phrases': len(g.parsed.phrases), 'boxes': g.parsed.boxes,
+          'distinct_3grams': round(distinct_ngrams(g.parsed.plain), 4), 'report': g.text}
+
+
+def sweep(site: iv.Site, processor: Any, batch: Sequence[StudyInputs], features: Sequence[int],
+          alphas: Sequence[float], mode: str = 'add', where: iv.Where = 'all',
+          norm: float | None = None, target: str = '', max_new_tokens: int = 300,
+          progress=None) -> list[dict[str, Any]]:
+  """One baseline (mode 'baseline', no hook) and one steered report per study and alpha."""
+  rows = []
+  for s in batch:
+    g = generate(site, processor, s, max_new_tokens)
+    rows.append(row(s.study.study_id, 'baseline', features, None, where, norm is not None, g,
+                    target))
+    for alpha in alphas:
+      with intervention(site, mode, features, alpha, where, s.prompt_ids, norm):
+        g = generate(site, processor, s, max_new_tokens)
+      rows.append(row(s.study.study_id, mode, features, alpha, where, norm is not None, g, target))
+      if progress:
+        progress(len(rows))
+  return rows
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per alpha (baseline first): studies, share with the target phrase, share well-formed."""
+  groups: dict[Any, list] = {}
+  for r in rows:
+    groups.setdefault('baseline' if r['mode'] == 'baseline' else r['alpha'], []).append(r)
+  out = []
+  for key, rs in groups.items():
+    out.append({'alpha': key, 'studies': len(rs),
+                'target_rate': (float(np.mean([bool(r['has_target']) for r in rs]))
+                                if rs[0]['has_target'] != '' else None),
+                'well_formed_rate': float(np.mean([bool(r['well_formed']) for r in rs])),
+                'finished_rate': float(np.mean([bool(r['finished']) for r in rs])),
+                'distinct_3grams': float(np.mean([r['distinct_3grams'] for r in rs]))})
+  return out
+
+
+def write_sweep(out_dir: str, rows: Sequence[dict[str, Any]], target: str,
+                title: str) -> tuple[str, str]:
+  """steer_sweep.csv (one row per report) and steer_sweep.png (rates per alpha)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path, png_path = (os.path.join(out_dir, f'steer_sweep.{e}') for e in ('csv', 'png'))
+  with open(csv_path, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+  summary = summarise(rows)
+  base = next(s for s in summary if s['alpha'] == 'baseline')
+  steered = [s for s in summary if s['alpha'] != 'baseline']
+  alphas = [float(s['alpha']) for s in steered]
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  series = [('well_formed_rate', 'well-formed', 'tab:blue')]
+  if target:
+    series.insert(0, ('target_rate', f'contains "{target}"', 'tab:red'))
+  for key, label, colour in series:
+    ax.plot(alphas, [s[key] for s in steered], 'o-', color=colour, label=label)
+    ax.axhline(base[key], color=colour, ls='--', lw=0.8, label=f'{label} (baseline)')
+  ax.set_xlabel('alpha')
+  ax.set_ylabel(f'share of {base["studies"]} studies')
+  ax.set_ylim(-0.05, 1.05)
+  ax.set_title(textwrap.fill(title, 70), fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+  return csv_path, png_path
