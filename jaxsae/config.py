@@ -17,6 +17,10 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or impossible; the message says which and why."""
 
 
+# What each exported token is (jaxsae.store's `kind` column holds the index into this tuple).
+TOKEN_KINDS = ('image', 'prompt', 'boilerplate', 'report')
+
+
 def default_config() -> ml_collections.ConfigDict:
   """All keys with their defaults (dictionary_learning's MatryoshkaBatchTopKTrainer defaults)."""
   c = ml_collections.ConfigDict()
@@ -38,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.threshold_beta = 0.999
   c.sae.threshold_start_step = 1000
   c.sae.candidates_per_row = 4        # per-row top-(c*k) candidates for exact BatchTopK selection
-  c.sae.kernel = 'auto'               # 'dense' | 'sparse' (jaxsae.kernels) | 'auto': sparse on GPU/TPU
+  c.sae.kernel = 'auto'               # 'dense' | 'sparse' (jaxsae.kernels) | 'auto' (measured fastest)
   c.sae.dtype = 'float32'
 
   c.optim = ml_collections.ConfigDict()
@@ -55,7 +59,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 2048
   c.data.normalize = True             # scale inputs so that E||x||^2 = d
   c.data.scale_estimate_batches = 16
-  c.data.store_path = ''
+  c.data.store_path = ''              # activation store: a directory or a TensorStore kvstore URL
+  c.data.store_dtype = 'float32'      # or 'bfloat16': written by export, expected by training
+  c.data.num_threads = 4              # grain reader threads (each reads whole batches)
+  c.data.prefetch = 8                 # batches read ahead
+  c.data.worker_processes = 0         # >0: read in that many processes (grain mp_prefetch)
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_features = 4096
   c.data.synthetic.mean_active = 16.0   # expected number of active true features per token
@@ -74,15 +82,42 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.skip_nonfinite = False
   c.train.progress_bar = True
 
+  # Several processes (hosts) training one SAE: jax.distributed.initialize before anything else.
+  # With enabled and no coordinator_address, JAX detects the cluster (SLURM, MPI, TPU pods).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ''   # host:port of process 0
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.local_device_count = 0     # >0: simulate that many CPU devices per process
+  c.distributed.cpu_collectives = 'gloo'   # cross-process collectives on CPU
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1: all remaining devices
   c.mesh.model = 1
 
-  # Provenance written into exported weights (dictionary_learning / SAELens config files).
+  # The model the activations come from (export_activations; provenance in exported weights).
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'synthetic'
-  c.model.layer = 15
-  c.model.hook_name = 'model.language_model.layers.15'
+  c.model.name = 'synthetic'          # Hub name or local directory
+  c.model.layer = 15                  # decoder layer whose residual-stream output is captured
+  c.model.hook_name = 'model.language_model.layers.15'  # its module path; '' = find it by layer
+  c.model.dtype = 'float32'           # torch dtype of the forward pass
+  c.model.device = 'cpu'
+  c.model.trust_remote_code = True    # MAIRA-2's processor and model classes are remote code
+
+  # Activation export (python -m jaxsae.export_activations), writing to data.store_path.
+  c.export = ml_collections.ConfigDict()
+  c.export.manifest = ''              # JSONL or CSV, a study per row (jaxsae/bridge/manifest.py)
+  c.export.batch_size = 4             # studies per forward pass
+  c.export.teacher_forcing = True     # findings as assistant text; False: the prompt only
+  # Token kinds kept (image, prompt, boilerplate, report). The paper drops image tokens and the
+  # prompt boilerplate (DESIGN.md section 4).
+  c.export.keep_kinds = ('prompt', 'report')
+  c.export.rows_per_chunk = 4         # the unit of a read: small, as training reads rows at random
+  c.export.rows_per_shard = 4096      # one file per shard; also the rows buffered per commit
+  c.export.skip_bad = False           # skip unreadable studies (listed in the store's report)
+  c.export.stop_at_layer = True       # skip the layers after model.layer (not needed)
+  c.export.max_studies = ml_collections.FieldReference(None, field_type=int)
   return c
 
 
@@ -194,6 +229,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.data.source == 'store' and not c.data.store_path:
     raise ConfigError('data.source is "store" but data.store_path is empty: set it to the '
                       'activation store written by `python -m jaxsae.export_activations`.')
+  if c.data.store_dtype not in ('float32', 'bfloat16'):
+    raise ConfigError("data.store_dtype must be 'float32' or 'bfloat16', got "
+                      f'{c.data.store_dtype!r}.')
+  if c.data.num_threads < 0 or c.data.prefetch < 0 or c.data.worker_processes < 0:
+    raise ConfigError('data.num_threads, data.prefetch and data.worker_processes must be >= 0; '
+                      f'got {c.data.num_threads}, {c.data.prefetch}, {c.data.worker_processes}.')
+  validate_export(c)
   if steps <= 0:
     raise ConfigError(f'train.steps must be positive, got {steps}.')
   w, ds = c.optim.warmup_steps, c.optim.decay_start
@@ -217,3 +259,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                         'data axis of the mesh; pick a multiple.')
     if F % c.mesh.model:
       raise ConfigError(f'dictionary size F={F} is not divisible by mesh.model={c.mesh.model}.')
+
+
+def validate_export(c: ml_collections.ConfigDict) -> None:
+  """The export keys (also checked by `validate`, so a training config cannot carry bad ones)."""
+  e = c.export
+  bad = [k for k in e.keep_kinds if k not in TOKEN_KINDS]
+  if bad or not e.keep_kinds:
+    raise ConfigError(f'export.keep_kinds must be a non-empty subset of {TOKEN_KINDS}; got '
+                      f'{tuple(e.keep_kinds)}.')
+  if e.batch_size <= 0:
+    raise ConfigError(f'export.batch_size must be positive, got {e.batch_size}.')
+  if e.rows_per_chunk <= 0 or e.rows_per_shard <= 0 or e.rows_per_shard % e.rows_per_chunk:
+    raise ConfigError('export.rows_per_shard must be a positive multiple of export.rows_per_chunk; '
+                      f'got {e.rows_per_shard} and {e.rows_per_chunk}.')
+  if c.model.dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConfigError(f"model.dtype must be 'float32', 'bfloat16' or 'float16', got "
+                      f'{c.model.dtype!r}.')

@@ -45,6 +45,16 @@ class MetricWriter:
     self._tb.close()
 
 
+class NullWriter:
+  """What processes other than the primary write: nothing."""
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    del step, scalars
+
+  def close(self) -> None:
+    pass
+
+
 def read_jsonl(path: str) -> list[dict]:
   rows = []
   with open(path) as f:

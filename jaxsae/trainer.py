@@ -17,11 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 
 from jaxsae import checkpointing
 from jaxsae import config as config_lib
 from jaxsae import data
+from jaxsae import distributed
 from jaxsae import metrics as metrics_lib
 from jaxsae import model
 from jaxsae import sharding
@@ -69,6 +71,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # ------------------------------------------------------------------------------------------------
   # Config and mesh.
   # ------------------------------------------------------------------------------------------------
+  distributed.maybe_initialize(c)  # multi-host: must precede any other use of JAX
   config_lib.validate(c, num_devices=jax.device_count())
   mesh = sharding.make_mesh(c)
   os.makedirs(workdir, exist_ok=True)
@@ -78,6 +81,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # Input pipeline.
   # ------------------------------------------------------------------------------------------------
   source = data.open_source(c)
+  batches = data.batches(source)  # a grain iterator: its position is saved with every checkpoint
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ------------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                     c.train.async_checkpointing)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, state_shardings)
-  restored = ckpt.restore(target, sae_shape(c))
+  restored = ckpt.restore(target, sae_shape(c), data_iterator=batches)  # also moves `batches`
   if restored is not None:
     start, state, meta = restored
     scale = meta['scale']
@@ -112,7 +116,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       params['b_dec'] = model.geometric_median(first_batch)
       return train_step.init_state(params, optimizer)
 
-    state = init(source.batch(0) / scale)
+    state = init(data.to_device(source.batch(0), batch_sharding) / scale)
   meta = {'shape': sae_shape(c), 'scale': scale, 'data': {'source': c.data.source},
           'config': c.to_json_best_effort()}
 
@@ -129,7 +133,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # ------------------------------------------------------------------------------------------------
   # Training loop.
   # ------------------------------------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  writer = (metrics_lib.MetricWriter(workdir, resume_step=start) if distributed.is_primary()
+            else metrics_lib.NullWriter())
   prefix_names = train_step.fvu_prefix_names(sc.group_sizes)
   progress = _progress(c, start)
 
@@ -149,13 +154,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   def save(step, state, force=False):
     if force or step % c.train.checkpoint_every == 0:
       check_finite(state)
-      ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True)
+      ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True,
+                data_iterator=batches)
 
   last_time, last_step = time.perf_counter(), start
   in_flight = None
   with _StopFlag() as stop, jax.set_mesh(mesh):  # the mesh lets the selection shard_map itself
     for step in range(start, c.train.steps):
-      x = jax.device_put(source.batch(step), batch_sharding)
+      x = data.to_device(next(batches), batch_sharding)
       state, m = step_fn(state, x)
       # At most two steps in flight: bounds host run-ahead, and XLA:CPU's simulated multi-device
       # collectives deadlock when many cross-device programs are queued at once.
@@ -184,6 +190,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     if ckpt.latest_step() != c.train.steps:
       save(c.train.steps, state, force=True)
   progress.close()
+  batches.close()
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -191,13 +198,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # ------------------------------------------------------------------------------------------------
   # Final evaluation on held-out batches, plots and summary.
   # ------------------------------------------------------------------------------------------------
+  state = {key: state[key] for key in ('params', 'threshold', 'step')}
+  if jax.process_count() > 1:  # every process gets the whole (possibly sharded) SAE, on the host
+    state = multihost_utils.process_allgather(state, tiled=True)
   summary = evaluate(state, source, scale, sc, first_batch=c.train.steps)
   if hasattr(source, 'features'):
     summary.update(_synthetic_recovery(state, source))
-  summary['plot'] = metrics_lib.save_plots(workdir, np.asarray(summary.pop('feature_density')))
   summary['step'] = int(state['step'])
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if distributed.is_primary():
+    summary['plot'] = metrics_lib.save_plots(workdir, np.asarray(summary['feature_density']))
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump({k: v for k, v in summary.items() if k != 'feature_density'}, f, indent=2)
+  summary.pop('feature_density')
   return summary
 
 

@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Fresh machine -> .venv, install, then the main job on the embedded offline default:
-# train a Matryoshka BatchTopK SAE on planted-feature activations (experiments/synthetic.py),
-# export it in both safetensors layouts, and print where everything is.
+# Fresh machine -> .venv, install, then the whole pipeline on the embedded offline default:
+# synthetic chest X-ray studies and a tiny random LLaVA model (MAIRA-2's stand-in, no network)
+# -> activation store (TensorStore) -> Matryoshka BatchTopK SAE (experiments/demo.py)
+# -> safetensors weights in both layouts -> a steering example and the in-model evaluation.
+# Rerunning resumes each step where it stopped. Studies 48-59 are held out of the export and
+# used by the evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 OUT=${OUT:-outputs/demo}
 PY=.venv/bin/python
+CFG=(--config=experiments/demo.py --config.model.name="$OUT/data/model"
+     --config.export.manifest="$OUT/data/manifest.jsonl" --config.data.store_path="$OUT/activations"
+     --config.export.max_studies=48)
 mkdir -p "$OUT"
-$PY -m jaxsae.train --config=experiments/synthetic.py --workdir="$OUT/train" "$@"
+$PY tools/make_demo_data.py --out "$OUT/data"
+$PY -m jaxsae.export_activations "${CFG[@]}"
+$PY -m jaxsae.train "${CFG[@]}" --workdir="$OUT/train" "$@"
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_dictionary_learning" \
   --format=dictionary_learning
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_saelens" --format=saelens
+$PY -m jaxsae.steer "${CFG[@]}" --weights="$OUT/weights_dictionary_learning" --feature=3 --alpha=4 \
+  --relative --max_new_tokens=40 --out="$OUT/steer"
+$PY -m jaxsae.evaluate "${CFG[@]}" --weights="$OUT/weights_saelens" --num_studies=12 \
+  --out="$OUT/evaluate"
+$PY -c "import json, sys; r = json.load(open(sys.argv[1])); r.pop('per_study', None); print(json.dumps(r, indent=1))" \
+  "$OUT/evaluate/evaluation.json"
 echo
 echo "outputs in $OUT:"
+echo "  studies (manifest.jsonl, images) and the tiny model:   $OUT/data"
+echo "  activation store (TensorStore zarr3 + token metadata): $OUT/activations"
 echo "  training run, checkpoints, metrics.jsonl, TensorBoard: $OUT/train"
-echo "  summary (FVU, L0, MMCS of planted features):           $OUT/train/summary.json"
+echo "  summary (FVU, L0, dead fraction):                      $OUT/train/summary.json"
 echo "  loss curve and feature-density histogram:             $OUT/train/training_summary.png"
 echo "  weights (dictionary_learning / SAELens layouts):      $OUT/weights_dictionary_learning, $OUT/weights_saelens"
+echo "  steering example (baseline vs steered report):       $OUT/steer"
+echo "  in-model evaluation (FVU, L0, loss recovered, KL):     $OUT/evaluate/evaluation.json"
