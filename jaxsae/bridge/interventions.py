@@ -70,7 +70,13 @@ class Site:
 
 def _start(site: Site, kwargs: dict, T: int) -> int:
   """Absolute position of the first token in this call (0 without a cache)."""
-  cache = kwargs.get('past_key_values', kwargs.get('past_key_value'))
+  # position_ids is what the layer itself uses (rotary embeddings); transformers versions rename
+  # the cache argument ('past_key_value' -> 'past_key_values' -> 'cache'), so it is the fallback.
+  position_ids = kwargs.get('position_ids')
+  if position_ids is not None:
+    return int(position_ids.reshape(-1, position_ids.shape[-1])[0, 0])
+  cache = next((kwargs[k] for k in ('cache', 'past_key_values', 'past_key_value')
+                if kwargs.get(k) is not None), None)
   if cache is not None and hasattr(cache, 'get_seq_length'):
     return max(int(cache.get_seq_length(site.cache_index)) - T, 0)  # updated by this layer already
   position = kwargs.get('cache_position')
