@@ -11,8 +11,9 @@ and b_dec are scatter-adds over the selected entries only. Rows are processed in
 as dictionary_learning) that tests compare against. Which one a step uses is `sae.kernel`:
 'dense', 'sparse', or 'auto'. Measured (tools/bench.py, tools/profile_step.py), these XLA
 gathers and scatter-adds do not yet beat the dense matmuls: on 2 CPU cores the sparse step is
-~1.5x slower, on an H100 1.7x (d=1024, F=8192) to 4.6x (d=4096, F=16384) slower, the
-scatter-adds dominating. So 'auto' means 'dense' until a fused (Pallas) implementation lands.
+about as fast (1.11 s vs 1.21 s at d=1024, F=8192, B=2048; 1.5x slower at d=256), on an H100
+1.7x (d=1024, F=8192) to 4.6x (d=4096, F=16384) slower, the scatter-adds dominating. So 'auto'
+means 'dense' until a fused (Pallas) implementation lands.
 """
 
 from __future__ import annotations
