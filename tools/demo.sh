@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine -> .venv, install, then the whole pipeline on the embedded offline default:
-# synthetic chest X-ray studies and a tiny random LLaVA model (MAIRA-2's stand-in, no network)
+# synthetic chest X-ray studies and a tiny LLaVA model (MAIRA-2's stand-in, no network; briefly
+# trained on 48 of the reports)
 # -> activation store (TensorStore) -> Matryoshka BatchTopK SAE (experiments/demo.py)
 # -> safetensors weights in both layouts -> a steering example and the in-model evaluation.
 # Rerunning resumes each step where it stopped. Studies 48-59 are held out of the export and
@@ -14,13 +15,13 @@ CFG=(--config=experiments/demo.py --config.model.name="$OUT/data/model"
      --config.export.manifest="$OUT/data/manifest.jsonl" --config.data.store_path="$OUT/activations"
      --config.export.max_studies=48)
 mkdir -p "$OUT"
-$PY tools/make_demo_data.py --out "$OUT/data"
+$PY tools/make_demo_data.py --out "$OUT/data" --finetune_steps 150
 $PY -m jaxsae.export_activations "${CFG[@]}"
 $PY -m jaxsae.train "${CFG[@]}" --workdir="$OUT/train" "$@"
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_dictionary_learning" \
   --format=dictionary_learning
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_saelens" --format=saelens
-$PY -m jaxsae.steer "${CFG[@]}" --weights="$OUT/weights_dictionary_learning" --feature=3 --alpha=4 \
+$PY -m jaxsae.steer "${CFG[@]}" --weights="$OUT/weights_dictionary_learning" --feature=3 --alpha=1 \
   --relative --max_new_tokens=40 --out="$OUT/steer"
 $PY -m jaxsae.evaluate "${CFG[@]}" --weights="$OUT/weights_saelens" --num_studies=12 \
   --out="$OUT/evaluate"

@@ -195,6 +195,39 @@ def vocabulary_texts(rows: list[dict]) -> list[str]:
   return texts
 
 
+def finetune(model_dir: str, manifest_path: str, studies: int, steps: int, seed: int = 0) -> float:
+  """Teach the tiny model to write the first `studies` reports (teacher-forced, report tokens and
+  the end token as labels), so that steering and loss recovered mean something in the demo;
+  the remaining studies stay unseen for the held-out evaluation. Returns the last loss."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from experiments import demo  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge import export, loading, manifest, prompt  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  c = demo.get_config()
+  c.model.name = model_dir
+  model, processor = loading.load(c)
+  image_token = model.config.image_token_id
+  preps = [prompt.prepare(processor, st, dict(st.images()), True, image_token)
+           for st in manifest.read(manifest_path, teacher_forcing=True)[:studies]]
+  optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+  model.train()
+  for step in range(steps):
+    batch = [preps[(step * 8 + i) % len(preps)] for i in range(8)]
+    inputs = export.collate(batch, 0, torch.device('cpu'), torch.float32)
+    labels = torch.full_like(inputs['input_ids'], -100)
+    for i, p in enumerate(batch):
+      report = np.flatnonzero(p.kinds == prompt.REPORT)
+      keep = np.append(report, report[-1] + 1) if report[-1] + 1 < len(p.kinds) else report
+      labels[i, keep] = inputs['input_ids'][i, keep]
+    loss = model(**inputs, labels=labels, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+  model.eval()
+  model.save_pretrained(model_dir)
+  return float(loss.detach())
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', default=os.path.join('outputs', 'demo', 'data'))
@@ -202,6 +235,9 @@ def main() -> None:
   p.add_argument('--hidden', type=int, default=64, help='the tiny model\'s width (sae.d)')
   p.add_argument('--layers', type=int, default=4)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--finetune_steps', type=int, default=0,
+                 help='train the tiny model on the first --finetune_studies reports (demo: 150)')
+  p.add_argument('--finetune_studies', type=int, default=48)
   args = p.parse_args()
   rows = make_studies(args.out, args.studies, args.seed)
   from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
@@ -209,6 +245,11 @@ def main() -> None:
                    hidden=args.hidden, layers=args.layers, seed=args.seed)
   print(f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
         f'{args.out}/model')
+  if args.finetune_steps:
+    loss = finetune(os.path.join(args.out, 'model'), os.path.join(args.out, 'manifest.jsonl'),
+                    args.finetune_studies, args.finetune_steps, args.seed)
+    print(f'fine-tuned the tiny model for {args.finetune_steps} steps on the first '
+          f'{args.finetune_studies} reports (last loss {loss:.3f})')
 
 
 if __name__ == '__main__':
