@@ -7,8 +7,8 @@ is a gather-weighted sum of W_dec rows split by group, and the gradients of W_de
 and b_dec are scatter-adds over the selected entries only. Rows are processed in chunks so no
 [B, kc, d] buffer is ever materialised whole.
 
-`dense_l2_and_grads` is the plain reference (autodiff of the dense formulation, the same maths
-as dictionary_learning) that tests compare against. Which one a step uses is `sae.kernel`:
+The plain reference that tests compare against is autodiff of the dense training loss,
+`train_step.loss_fn` (the same maths as dictionary_learning). Which one a step uses is `sae.kernel`:
 'dense', 'sparse', or 'auto'. Measured (tools/bench.py, tools/profile_step.py), these XLA
 gathers and scatter-adds do not yet beat the dense matmuls: on 2 CPU cores the sparse step is
 about as fast (1.11 s vs 1.21 s at d=1024, F=8192, B=2048; 1.5x slower at d=256), on an H100
@@ -93,17 +93,3 @@ def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx
            'b_dec': db_dec - params['W_enc'] @ db_enc}
   return L2Result(jnp.mean(sq_err * w), sq_err, x - err_last.reshape(B, d), grads)
 
-
-def dense_l2_and_grads(params: model.Params, x: jax.Array, acts_fn, group_sizes: Sequence[int],
-                       group_weights: Sequence[float]) -> tuple[L2Result, jax.Array]:
-  """Reference: autodiff of the dense formulation. `acts_fn(pre)` applies the selection."""
-
-  def l2_fn(p):
-    pre = model.pre_activations(p, x)
-    acts = acts_fn(pre)
-    x_hats = model.prefix_reconstructions(p, acts, group_sizes)
-    sq_err = jnp.mean(jnp.sum((x[None] - x_hats) ** 2, axis=-1), axis=-1)
-    return jnp.mean(sq_err * jnp.asarray(group_weights, sq_err.dtype)), (sq_err, x_hats[-1], acts)
-
-  (l2, (sq_err, x_hat, acts)), grads = jax.value_and_grad(l2_fn, has_aux=True)(params)
-  return L2Result(l2, sq_err, x_hat, grads), jax.lax.stop_gradient(acts)

@@ -1,11 +1,12 @@
-"""The sparse decode/gradient kernel equals the dense reference (values and every gradient)."""
+"""The sparse decode/gradient kernel equals the dense reference — autodiff of the training loss
+`train_step.loss_fn` with AuxK off — in values and every gradient."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import kernels, model, selection
+from jaxsae import kernels, model, selection, train_step
 
 GROUPS = (8, 8, 16, 32, 64)   # F = 128
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
@@ -24,18 +25,27 @@ def setup(B=64, d=24, k=4, kc=32, seed=0):
   return params, x, sel_vals, idx, tau
 
 
+def dense_reference(params, x, k):
+  sc = train_step.StepConfig(k=k, group_sizes=GROUPS, group_weights=WEIGHTS, auxk_alpha=1 / 32,
+                             top_k_aux=12, dead_tokens_threshold=10**9, threshold_beta=0.999,
+                             threshold_start_step=0, candidates_per_row=8, skip_nonfinite=False)
+  (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
+      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
+  assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
+  return aux, grads
+
+
 @pytest.mark.parametrize('chunk_rows', [64, 16, 7])
 def test_sparse_matches_dense(chunk_rows):
   params, x, vals, idx, tau = setup()
   sparse = kernels.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS, chunk_rows)
-  dense, acts = kernels.dense_l2_and_grads(
-      params, x, lambda pre: jnp.where((pre >= tau) & (pre > 0), pre, 0.0), GROUPS, WEIGHTS)
-  assert int(jnp.sum(vals > 0)) == int(jnp.sum(acts > 0)) == 64 * 4
-  np.testing.assert_allclose(sparse.l2, dense.l2, rtol=1e-5)
-  np.testing.assert_allclose(sparse.sq_err, dense.sq_err, rtol=1e-5)
-  np.testing.assert_allclose(sparse.x_hat, dense.x_hat, rtol=1e-5, atol=1e-6)
+  dense, grads = dense_reference(params, x, k=4)
+  assert int(jnp.sum(vals > 0)) == int(jnp.sum(dense.acts > 0)) == 64 * 4
+  np.testing.assert_allclose(sparse.l2, dense.l2_loss, rtol=1e-5)
+  np.testing.assert_allclose(sparse.sq_err, dense.recon_sq_err, rtol=1e-5)
+  np.testing.assert_allclose(sparse.x_hat, model.decode(params, dense.acts), rtol=1e-5, atol=1e-6)
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(sparse.grads[name], dense.grads[name], rtol=1e-4, atol=1e-7,
+    np.testing.assert_allclose(sparse.grads[name], grads[name], rtol=1e-4, atol=1e-7,
                                err_msg=name)
 
 
