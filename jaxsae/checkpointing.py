@@ -1,8 +1,7 @@
 """Orbax checkpoints of the training state, with resume that survives crashes.
 
-Each checkpoint holds the state pytree, a small JSON `meta` (shapes, data position, activation
-scale) and the data iterator's state (grain's checkpoint handler: one file per JAX process).
-Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save
+Each checkpoint holds the state pytree, a small JSON `meta` (shapes, activation scale, config)
+and the data iterator's state (grain's checkpoint handler: one file per JAX process). Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save
 leaves only a temporary directory that is ignored and cleaned; a checkpoint that is complete on
 disk but unreadable is skipped with a warning in favour of the one before it. A checkpoint from
 another SAE shape stops the run before anything is overwritten.
@@ -72,20 +71,13 @@ class Checkpointer:
         restored = self.manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
         if data_iterator is not None:
-          self._restore_data(s, meta, data_iterator)
+          self.manager.restore(s, args=ocp.args.Composite(
+              data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # pylint: disable=broad-except
         self._skip(s, e, step)
         continue
       return s, restored['state'], meta
     return None
-
-  def _restore_data(self, s: int, meta: dict, data_iterator: grain.DatasetIterator) -> None:
-    if os.path.isdir(os.path.join(self.directory, str(s), 'data')):
-      self.manager.restore(s, args=ocp.args.Composite(
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    else:  # saved before the iterator was checkpointed: the position is the batch count
-      data_iterator.set_state({**data_iterator.get_state(),
-                               'next_index': meta['data']['next_batch']})
 
   def _skip(self, s: int, error: Exception, requested: int | None) -> None:
     if requested is not None:

@@ -154,8 +154,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   def save(step, state, force=False):
     if force or step % c.train.checkpoint_every == 0:
       check_finite(state)
-      ckpt.save(step, state, {**meta, 'data': {**meta['data'], 'next_batch': step}}, force=True,
-                data_iterator=batches)
+      ckpt.save(step, state, meta, force=True, data_iterator=batches)
 
   last_time, last_step = time.perf_counter(), start
   in_flight = None
