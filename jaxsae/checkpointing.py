@@ -1,10 +1,11 @@
 """Orbax checkpoints of the training state, with resume that survives crashes.
 
 Each checkpoint holds the state pytree, a small JSON `meta` (shapes, activation scale, config)
-and the data iterator's state (grain's checkpoint handler: one file per JAX process). Orbax writes into a temporary directory and renames it when complete, so a run killed mid-save
-leaves only a temporary directory that is ignored and cleaned; a checkpoint that is complete on
-disk but unreadable is skipped with a warning in favour of the one before it. A checkpoint from
-another SAE shape stops the run before anything is overwritten.
+and the data iterator's state (grain's checkpoint handler: one file per JAX process). Orbax
+writes into a temporary directory and renames it when complete, so a run killed mid-save leaves
+only a temporary directory that is ignored and cleaned; a checkpoint that is complete on disk but
+unreadable is skipped with a warning in favour of the one before it. A checkpoint from another
+SAE shape stops the run before anything is overwritten.
 """
 
 from __future__ import annotations
