@@ -1,12 +1,13 @@
 """Exact BatchTopK selection: the B*k-th largest pre-activation of a batch, without a full sort.
 
-`lax.top_k` over the flattened B x F matrix is the obvious way and it is ~10x slower than the encoder
-matmul on CPU. The selection only needs one value, the global B*k-th largest: we take each row's top
-c*k candidates (cheap), find the B*k-th largest candidate (bisection over that small set), and *prove* it is the global answer — it
-is whenever no row had all of its candidates at or above that value (then nothing outside the
-candidates can beat it). When the proof fails (a few rows hold far more than c*k of the batch's
-budget) we fall back to an exact bisection on the float bit patterns. Both paths give the same value
-as `reference_threshold`, the plain sort that tests compare against.
+`lax.top_k` over the flattened B x F matrix is the obvious way and it is ~10x slower than the
+encoder matmul on CPU. The selection only needs one value, the global B*k-th largest: we take each
+row's top c*k candidates (cheap), find the B*k-th largest candidate by bisection over that small
+set, and *prove* it is the global answer — it is whenever no row has all of its candidates strictly
+above it (then nothing outside the candidates can beat it). When the proof fails (a few rows hold
+more than c*k of the batch's budget) we fall back to an exact bisection on the float bit patterns
+of the whole matrix. Under a device mesh the same runs per shard, with only counts crossing
+devices. Every path gives the value of `reference_threshold`, the plain sort tests compare against.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 
 def reference_threshold(pre: jax.Array, budget: int) -> jax.Array:
-  """The budget-th largest entry of `pre`, by a full top-k of the flattened matrix (slow, simple)."""
+  """The budget-th largest entry of `pre`, by a full top-k of the flattened matrix (slow)."""
   return jax.lax.top_k(pre.reshape(-1), budget)[0][-1]
 
 
@@ -39,22 +40,30 @@ def bisect_threshold(pre: jax.Array, budget: int, psum=lambda n: n) -> jax.Array
   return jax.lax.bitcast_convert_type(lo, jnp.float32).astype(pre.dtype)
 
 
+def _candidates(pre: jax.Array, budget: int, kc: int, psum=lambda n: n):
+  """Each row's top-kc (values, latent ids), the budget-th largest candidate, and whether that is
+  proven to be the budget-th largest of all of `pre`.
+
+  Every element outside a row's candidates is <= that row's smallest candidate; if that is <= tau
+  everywhere, nothing outside the candidates exceeds tau. (min, not vals[:, -1]: a slice of the
+  sorted output makes XLA:CPU sort the whole row.) `psum` totals counts over a mesh.
+  """
+  vals, idx = jax.lax.top_k(pre, kc)                         # [rows, kc], each row descending
+  tau = bisect_threshold(vals, budget, psum)
+  proven = psum(jnp.sum(vals.min(axis=1) > tau)) == 0
+  return vals, idx, tau, proven
+
+
 def _threshold(pre: jax.Array, budget: int, kc: int, psum) -> jax.Array:
-  """Candidates, bisection over them, the exactness proof, and the full-bisection fallback.
+  """Candidates, the exactness proof, and the full-bisection fallback.
 
   On one device `psum` is the identity; inside shard_map it sums over the mesh, so each device
   works on its own [B/D, F/M] block and only scalars cross devices.
   """
-  F_local = pre.shape[1]
-  if kc >= F_local:
+  if kc >= pre.shape[1]:
     return bisect_threshold(pre, budget, psum)
-  cand = jax.lax.top_k(pre, kc)[0]                          # [rows, kc], each row descending
-  tau = bisect_threshold(cand, budget, psum)
-  # Every element outside a row's candidates is <= that row's smallest candidate. If that is
-  # <= tau everywhere, nothing outside the candidates exceeds tau: tau is exact.
-  # (min, not cand[:, -1]: a slice of the sorted output makes XLA:CPU sort the whole row.)
-  violations = psum(jnp.sum(cand.min(axis=1) > tau))
-  return jax.lax.cond(violations == 0, lambda: tau, lambda: bisect_threshold(pre, budget, psum))
+  _, _, tau, proven = _candidates(pre, budget, kc, psum)
+  return jax.lax.cond(proven, lambda: tau, lambda: bisect_threshold(pre, budget, psum))
 
 
 def batch_topk_threshold(pre: jax.Array, k: int, candidates_per_row: int = 4) -> jax.Array:
@@ -110,10 +119,8 @@ def row_topk_threshold(pre: jax.Array, valid: jax.Array, k: int) -> jax.Array:
 
 
 def candidates_and_threshold(pre: jax.Array, k: int, kc: int):
-  """Each row's top-kc (values, latent indices), the exact-if-proven B*k-th largest value among
-  them, and whether it is proven exact (then the selected entries are all among the candidates).
-  Single device; the sparse kernels build on it."""
-  vals, idx = jax.lax.top_k(pre, kc)
-  tau = bisect_threshold(vals, pre.shape[0] * k)
-  proven = jnp.all(vals.min(axis=1) <= tau) | (kc >= pre.shape[1])
-  return vals, idx, tau, proven
+  """Each row's top-kc (values, latent ids), the B*k-th largest candidate, and whether it is
+  proven exact (then every selected entry is among the candidates). Single device; the sparse
+  kernels build on it."""
+  vals, idx, tau, proven = _candidates(pre, pre.shape[0] * k, kc)
+  return vals, idx, tau, proven | (kc >= pre.shape[1])

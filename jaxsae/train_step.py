@@ -42,8 +42,8 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    return cls(kernel=kernels.resolve(c.sae.kernel, c.mesh.model), k=c.sae.k, group_sizes=config_lib.group_sizes(c),
-               group_weights=config_lib.group_weights(c), auxk_alpha=c.sae.auxk_alpha,
+    return cls(kernel=kernels.resolve(c.sae.kernel, c.mesh.model), k=c.sae.k,
+               group_sizes=config_lib.group_sizes(c), group_weights=config_lib.group_weights(c), auxk_alpha=c.sae.auxk_alpha,
                top_k_aux=config_lib.top_k_aux(c), dead_tokens_threshold=c.sae.dead_tokens_threshold,
                threshold_beta=c.sae.threshold_beta, threshold_start_step=c.sae.threshold_start_step,
                candidates_per_row=c.sae.candidates_per_row, skip_nonfinite=c.train.skip_nonfinite)
