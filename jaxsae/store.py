@@ -300,8 +300,10 @@ class StoreWriter:
 
   def _write_and_commit(self, start, rows, toks, records, meta, skipped) -> None:
     stop = start + len(rows)
+    # Each array is grown on its own: a run killed between the two resizes leaves one longer.
     if stop > self._acts.shape[0]:
       self._acts = self._acts.resize(exclusive_max=[stop, self.d], expand_only=True).result()
+    if stop > self._tokens.shape[0]:
       self._tokens = self._tokens.resize(exclusive_max=[stop, len(TOKEN_COLUMNS)],
                                          expand_only=True).result()
     writes = [self._acts[start:stop].write(rows), self._tokens[start:stop].write(toks)]

@@ -74,6 +74,24 @@ def test_rows_written_but_not_committed_are_invisible_and_resume_continues(tmp_p
   np.testing.assert_array_equal(s.read_range(30, 34), np.ones((4, 16)))
 
 
+def test_resume_after_a_kill_between_the_two_resizes(tmp_path):
+  """A run killed after growing the activations but before growing the tokens (CI saw this under
+  kill -9) leaves arrays of different lengths; the next writer grows each one as it needs."""
+  path = str(tmp_path / 's')
+  write_store(path, [10, 20])
+  w = store.StoreWriter(path, 16, 'float32', {'test': True}, rows_per_chunk=8, rows_per_shard=64)
+  w._acts.resize(exclusive_max=[80, 16], expand_only=True).result()  # pylint: disable=protected-access
+  w = store.StoreWriter(path, 16, 'float32', {'test': True}, rows_per_chunk=8, rows_per_shard=64)
+  assert w._acts.shape[0] == 80 and w._tokens.shape[0] == 30  # pylint: disable=protected-access
+  w.append(np.ones((40, 16), np.float32), np.full((40, 6), 2, np.int32),
+           [{'study_id': 's2', 'manifest_index': 2, 'row_start': 0, 'rows': 40}])
+  w.close()
+  s = store.open_store(path)
+  assert s.rows == 70 and [r['study_id'] for r in s.studies()] == ['s0', 's1', 's2']
+  np.testing.assert_array_equal(s.read_range(30, 70), np.ones((40, 16)))
+  np.testing.assert_array_equal(s.tokens(30, 70), np.full((40, 6), 2))
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
   write_store(tmp_path / 's', [5], info={'model': 'a', 'layer': 3})
   with pytest.raises(ConfigError, match=r"info.layer: store 3, config 4.*nothing was changed"):
