@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.threshold_beta = 0.999
   c.sae.threshold_start_step = 1000
   c.sae.candidates_per_row = 4        # per-row top-(c*k) candidates for exact BatchTopK selection
-  c.sae.kernel = 'auto'               # 'dense' | 'sparse' (jaxsae.kernels) | 'auto' (measured fastest)
+  c.sae.kernel = 'auto'               # 'dense' | 'xla' | 'pallas' (jaxsae.kernels) | 'auto' (fastest)
   c.sae.dtype = 'float32'
 
   c.optim = ml_collections.ConfigDict()
@@ -118,6 +118,39 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.skip_bad = False           # skip unreadable studies (listed in the store's report)
   c.export.stop_at_layer = True       # skip the layers after model.layer (not needed)
   c.export.max_studies = ml_collections.FieldReference(None, field_type=int)
+
+  # Interpretation (python -m jaxsae.interpret): streaming feature statistics, explanations,
+  # detection scores, the HTML browser.
+  c.interpret = ml_collections.ConfigDict()
+  c.interpret.batch_size = 4096        # store rows per step of the statistics pass
+  c.interpret.row_capacity = 0         # firing latents read per token; 0: 4*sae.k (grows if short)
+  c.interpret.top_examples = 20        # top-activating tokens kept per feature
+  c.interpret.reservoir = 200          # uniform sample of firing tokens per feature (for quantiles)
+  c.interpret.n_quantiles = 5          # activation quantile bins sampled for examples
+  c.interpret.per_quantile = 4         # examples per quantile bin
+  c.interpret.n_negatives = 20         # non-firing tokens per feature (for detection scoring)
+  c.interpret.negative_pool = 2048     # random store rows the negatives are drawn from
+  c.interpret.heatmaps = 2             # images with patch heatmaps per image-token feature
+  c.interpret.context_before = 12      # tokens of context shown before an example's token
+  c.interpret.context_after = 4
+  c.interpret.histogram_bins_per_octave = 4
+  c.interpret.checkpoint_every = 50    # statistics batches between resumable checkpoints
+  c.interpret.max_features = ml_collections.FieldReference(None, field_type=int)  # explain first N
+  c.interpret.seed = 0
+  c.interpret.explain = True           # False: statistics and browser only
+  c.interpret.n_top = 10               # top examples shown to the explainer
+  c.interpret.n_quantile = 10          # quantile examples shown to the explainer
+  c.interpret.score_batch = 10         # examples per scorer request
+  c.interpret.llm = ml_collections.ConfigDict()
+  c.interpret.llm.backend = 'openai'   # 'openai' (any OpenAI-compatible server) | 'local'
+  c.interpret.llm.base_url = 'http://127.0.0.1:8000/v1'
+  c.interpret.llm.model = ''           # served model name, or a local path for backend='local'
+  c.interpret.llm.api_key_env = 'OPENAI_API_KEY'  # read from the environment, never logged
+  c.interpret.llm.timeout_s = 120.0
+  c.interpret.llm.max_retries = 6
+  c.interpret.llm.concurrency = 8
+  c.interpret.llm.max_new_tokens = 200
+  c.interpret.llm.device = 'cpu'       # backend='local'
   return c
 
 
@@ -216,8 +249,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise ConfigError(f'sae.candidates_per_row must be >= 1, got {c.sae.candidates_per_row}.')
   if not 0 < top_k_aux(c):
     raise ConfigError(f'sae.top_k_aux must be positive, got {top_k_aux(c)}.')
-  if c.sae.kernel not in ('auto', 'dense', 'sparse'):
-    raise ConfigError(f"sae.kernel must be 'auto', 'dense' or 'sparse', got {c.sae.kernel!r}.")
+  if c.sae.kernel not in ('auto', 'dense', 'xla', 'pallas'):
+    raise ConfigError("sae.kernel must be 'auto', 'dense', 'xla' or 'pallas', "
+                      f"got {c.sae.kernel!r}.")
   if c.sae.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"sae.dtype must be 'float32' or 'bfloat16', got {c.sae.dtype!r}.")
 
