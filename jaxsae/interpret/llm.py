@@ -1,0 +1,179 @@
+"""Chat-completion clients for the explainer and scorer LLMs (standard library only).
+
+`OpenAIChat` speaks the OpenAI chat-completions protocol, which OpenAI, vLLM, llama.cpp and most
+hosted providers serve, so one small client covers them all without a new dependency. The local
+transformers model lives in `jaxsae.bridge.local_llm` (the bridge is the only place torch may be
+imported). The API key is read from the environment variable *named* in the config at each request
+and is never stored on the client, logged, or put into an error message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 409, 429})  # plus every 5xx
+CONFIG_STATUSES = frozenset({401, 403, 404})  # wrong key, URL or model: no request can succeed
+
+
+class LLMError(RuntimeError):
+  """A request that failed for good: retries exhausted, or a status that retrying cannot fix."""
+
+  def __init__(self, message: str, status: int | None = None):
+    super().__init__(message)
+    self.status = status
+
+
+class LLMConfigError(LLMError):
+  """The server refused the key, URL or model (401/403/404): every request would fail alike."""
+
+
+class ChatModel(Protocol):
+  """What the explain/score stages need from an LLM; `name` is recorded with each result."""
+  name: str
+
+  def complete(self, messages: list[dict], *, max_tokens: int, temperature: float) -> str:
+    ...
+
+
+def _retry_after(value: str | None) -> float | None:
+  """Seconds from a Retry-After header (the HTTP-date form is ignored: backoff applies)."""
+  if not value:
+    return None
+  try:
+    seconds = float(value)
+  except ValueError:
+    return None
+  return max(seconds, 0.0)
+
+
+def _server_message(body: bytes) -> str:
+  """The error text a server sent: OpenAI's {"error": {"message"}} when present, else the body."""
+  text = body.decode('utf-8', 'replace').strip()
+  try:
+    data = json.loads(text)
+  except ValueError:
+    return text[:500]
+  if isinstance(data, dict):
+    err = data.get('error', data)
+    if isinstance(err, dict) and err.get('message'):
+      return str(err['message'])[:500]
+    if isinstance(err, str):
+      return err[:500]
+  return text[:500]
+
+
+class OpenAIChat:
+  """An OpenAI-protocol chat-completions client with retries; safe to share between threads.
+
+  It holds no mutable state besides its settings, and each request opens its own connection.
+  """
+
+  def __init__(self, base_url: str, model: str, api_key_env: str = 'OPENAI_API_KEY',
+               timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
+               max_backoff_s: float = 60.0):
+    if not isinstance(base_url, str) or not base_url.startswith(('http://', 'https://')):
+      raise ValueError(f'interpret.llm.base_url={base_url!r} must be an http(s) URL such as '
+                       "'https://api.openai.com/v1' or 'http://localhost:8000/v1'.")
+    if not model:
+      raise ValueError('interpret.llm.model is empty; set it to the served model name '
+                       "(e.g. 'gpt-4o-mini', or the name a vLLM server was started with).")
+    if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+      raise ValueError(f'need timeout_s > 0 and max_retries, backoff_s, max_backoff_s >= 0; got '
+                       f'timeout_s={timeout_s}, max_retries={max_retries}, backoff_s={backoff_s}, '
+                       f'max_backoff_s={max_backoff_s}.')
+    base = base_url.rstrip('/')
+    self.url = base if base.endswith('/chat/completions') else base + '/chat/completions'
+    self.model = model
+    self.api_key_env = api_key_env
+    self.timeout_s = float(timeout_s)
+    self.max_retries = int(max_retries)
+    self.backoff_s = float(backoff_s)
+    self.max_backoff_s = float(max_backoff_s)
+    self.name = f'openai:{model}'
+
+  def __repr__(self) -> str:
+    return f'OpenAIChat(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})'
+
+  def _key(self) -> str | None:
+    return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+
+  def _delay(self, attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with jitter, or the server's Retry-After; both capped."""
+    if retry_after is not None:
+      return min(retry_after, self.max_backoff_s)
+    return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + 0.5 * random.random())
+
+  def _redact(self, text: str, key: str | None) -> str:
+    return text.replace(key, '<redacted>') if key else text
+
+  def complete(self, messages: list[dict], *, max_tokens: int, temperature: float) -> str:
+    """The assistant's reply text ('' when the server returned no content)."""
+    key = self._key()
+    headers = {'Content-Type': 'application/json', 'Accept': 'application/json',
+               'User-Agent': 'jaxsae'}
+    if key:
+      headers['Authorization'] = f'Bearer {key}'
+    body = json.dumps({'model': self.model, 'messages': messages, 'max_tokens': int(max_tokens),
+                       'temperature': float(temperature)}).encode()
+    attempts = self.max_retries + 1
+    last = 'no attempt'
+    for attempt in range(attempts):
+      retry_after = None
+      request = urllib.request.Request(self.url, data=body, headers=headers, method='POST')
+      try:
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+          raw = response.read()
+        return self._content(raw, key)
+      except urllib.error.HTTPError as e:
+        status = e.code
+        try:
+          detail = self._redact(_server_message(e.read()), key)
+        except (OSError, http.client.HTTPException):
+          detail = ''
+        if not (status in RETRY_STATUSES or status >= 500):
+          cls = LLMConfigError if status in CONFIG_STATUSES else LLMError
+          raise cls(
+              f'{self.url} answered HTTP {status}: {detail or e.reason}. Check '
+              f'interpret.llm.base_url, interpret.llm.model ({self.model!r}) and the API key in '
+              f'${self.api_key_env} ({"set" if key else "unset"}).', status) from None
+        retry_after = _retry_after(e.headers.get('Retry-After') if e.headers else None)
+        last = f'HTTP {status}' + (f': {detail}' if detail else '')
+      except (OSError, http.client.HTTPException) as e:  # URLError, time-outs, resets, TLS
+        reason = getattr(e, 'reason', e)
+        if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
+          last = f'timed out after {self.timeout_s:g}s'
+        else:
+          last = f'{type(reason).__name__}: {reason}'
+        last = self._redact(last, key)
+      if attempt + 1 < attempts:
+        delay = self._delay(attempt, retry_after)
+        log.warning('%s: %s; retry %d/%d in %.2fs', self.url, last, attempt + 1, self.max_retries,
+                    delay)
+        time.sleep(delay)
+    raise LLMError(f'{self.url}: no answer after {attempts} attempt(s); last: {last}. Is the '
+                   'server up and the model served? Raise interpret.llm.max_retries or '
+                   'interpret.llm.timeout_s, or lower interpret.llm.concurrency if rate-limited.',
+                   None)
+
+  def _content(self, raw: bytes, key: str | None) -> str:
+    try:
+      data = json.loads(raw)
+      if isinstance(data, dict) and 'error' in data and 'choices' not in data:
+        raise LLMError(f'{self.url} returned an error: '
+                       f'{self._redact(_server_message(raw), key)}')
+      content = data['choices'][0]['message'].get('content')
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+      raise LLMError(f'{self.url} sent a reply without choices[0].message.content: '
+                     f'{self._redact(raw[:300].decode("utf-8", "replace"), key)!r}. Is '
+                     'interpret.llm.base_url an OpenAI-compatible /v1 endpoint?') from None
+    return content if isinstance(content, str) else ''
