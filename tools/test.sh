@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fresh machine -> .venv, install, the test suite. Extra arguments go to pytest.
+# Fresh machine -> .venv, install (and the headless Chromium the browser test drives), the test
+# suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
+bash tools/install_browser.sh  # Debian chromium + chromedriver for tests/test_browser.py
 exec .venv/bin/python -m pytest -q "$@"
