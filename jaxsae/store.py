@@ -165,6 +165,17 @@ class ActivationStore:
       self._tokens = arr[:self.rows]
     return self._tokens[start:stop].read().result()
 
+  def tokens_at(self, indices: np.ndarray) -> np.ndarray:
+    """Token metadata of the given rows (any order), like `read` for activations."""
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= self.rows):
+      raise IndexError(f'row index out of range [0, {self.rows}) in {self.path}')
+    self.tokens(0, 0)  # opens the array
+    order = np.argsort(indices, kind='stable')
+    out = np.empty((len(indices), len(TOKEN_COLUMNS)), np.int32)
+    out[order] = self._tokens[indices[order]].read().result()
+    return out
+
   def studies(self) -> list[dict]:
     """Every processed study in manifest order: exported ones with their row range, and skipped
     ones with the reason."""

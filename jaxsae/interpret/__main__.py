@@ -1,0 +1,45 @@
+"""python -m jaxsae.interpret --config=experiments/X.py --weights=DIR --out=DIR
+
+Feature statistics over the activation store (density, mean/max activation, top and quantile
+examples in context, image-patch heatmaps), LLM explanations with detection scores, and a static
+HTML feature browser (OUT/index.html). Rerunning resumes every stage; see
+jaxsae/interpret/pipeline.py for what lands in OUT.
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxsae.config import ConfigError
+from jaxsae.interpret import llm, pipeline
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
+                                          lock_config=True)
+_WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
+_OUT = flags.DEFINE_string('out', 'outputs/interpret', 'Output folder (resumed if it exists).')
+flags.mark_flags_as_required(['config', 'weights'])
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('jaxsae').setLevel(logging.INFO)
+  try:
+    summary = pipeline.run(_CONFIG.value, _WEIGHTS.value, _OUT.value)
+  except (ConfigError, llm.LLMConfigError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps({k: v for k, v in summary.items() if k != 'sae_config'}, indent=1))
+  if summary['failed']:
+    print(f'{len(summary["failed"])} features could not be explained (LLM errors); rerun to '
+          'retry them.', file=sys.stderr)
+  print(f'feature browser: {summary["index"]}')
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)
