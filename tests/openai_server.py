@@ -111,11 +111,19 @@ class FakeOpenAI:
           server._active += 1
           server.max_concurrent = max(server.max_concurrent, server._active)
           fault = server._faults.popleft() if server._faults else None
+        self._left = False
         try:
           self._answer(body, fault)
         except (BrokenPipeError, ConnectionResetError):
           pass  # the client gave up (time-out test)
         finally:
+          self._leave()
+
+      def _leave(self):
+        """No longer serving this request: called before the reply goes out, since the client
+        may send its next request as soon as it has read the reply."""
+        if not self._left:
+          self._left = True
           with server._lock:
             server._active -= 1
 
@@ -144,6 +152,7 @@ class FakeOpenAI:
 
       def _send(self, status, payload, headers=None):
         data = json.dumps(payload).encode()
+        self._leave()
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(data)))

@@ -3,7 +3,8 @@
 # synthetic chest X-ray studies and a tiny LLaVA model (MAIRA-2's stand-in, no network; briefly
 # trained on 48 of the reports)
 # -> activation store (TensorStore) -> Matryoshka BatchTopK SAE (experiments/demo.py)
-# -> safetensors weights in both layouts -> a steering example and the in-model evaluation.
+# -> safetensors weights in both layouts -> a steering example and the in-model evaluation
+# -> feature statistics, explanations, detection scores and the HTML feature browser.
 # Rerunning resumes each step where it stopped. Studies 48-59 are held out of the export and
 # used by the evaluation.
 set -euo pipefail
@@ -27,6 +28,16 @@ $PY -m jaxsae.evaluate "${CFG[@]}" --weights="$OUT/weights_saelens" --num_studie
   --out="$OUT/evaluate"
 $PY -c "import json, sys; r = json.load(open(sys.argv[1])); r.pop('per_study', None); print(json.dumps(r, indent=1))" \
   "$OUT/evaluate/evaluation.json"
+# Interpretation over all 60 studies, image tokens included (for the X-ray heatmaps): statistics,
+# explanations and detection scores written by the local stand-in model, the HTML browser.
+ICFG=(--config=experiments/demo.py --config.model.name="$OUT/data/model"
+      --config.export.manifest="$OUT/data/manifest.jsonl"
+      --config.data.store_path="$OUT/activations_interpret"
+      "--config.export.keep_kinds=('image','prompt','report')")
+$PY -m jaxsae.export_activations "${ICFG[@]}"
+$PY -m jaxsae.interpret "${ICFG[@]}" --weights="$OUT/weights_saelens" --out="$OUT/interpret" \
+  --config.interpret.llm.backend=local --config.interpret.llm.max_new_tokens=32 \
+  --config.interpret.max_features=64
 echo
 echo "outputs in $OUT:"
 echo "  studies (manifest.jsonl, images) and the tiny model:   $OUT/data"
@@ -37,3 +48,6 @@ echo "  loss curve and feature-density histogram:             $OUT/train/trainin
 echo "  weights (dictionary_learning / SAELens layouts):      $OUT/weights_dictionary_learning, $OUT/weights_saelens"
 echo "  steering example (baseline vs steered report):       $OUT/steer"
 echo "  in-model evaluation (FVU, L0, loss recovered, KL):     $OUT/evaluate/evaluation.json"
+echo "  interpretation (statistics, explanations, scores):     $OUT/interpret"
+echo
+echo "feature browser: $(cd "$OUT/interpret" && pwd)/index.html"

@@ -165,6 +165,15 @@ class Rows:
 # --------------------------------------------------------------------------------------------------
 
 
+def _occupied(edges: list[float], counts: np.ndarray) -> rec.Histogram:
+  """The histogram cut to the bins from the first to the last non-empty one."""
+  nz = np.flatnonzero(counts)
+  if not len(nz):
+    return {'edges': [], 'counts': []}
+  lo, hi = int(nz[0]), int(nz[-1]) + 1
+  return {'edges': edges[lo:hi + 1], 'counts': counts[lo:hi].tolist()}
+
+
 def _quantile_rows(vals: np.ndarray, rows: np.ndarray, bins: int, per_bin: int) -> list[list[int]]:
   """From the uniform sample (vals, rows), `per_bin` evenly spaced rows in each of `bins`
   activation-quantile bins, lowest bin first."""
@@ -246,7 +255,7 @@ def build(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[st
       yield {'feature': f, 'density': n / max(result.tokens, 1), 'count': n,
              'mean': float(total[f] / n) if n else 0.0, 'max': float(mx[f]),
              'kind_counts': {k: int(v) for k, v in zip(TOKEN_KINDS, result.get('kinds')[:, f])},
-             'histogram': {'edges': edges, 'counts': result.get('hist')[f].tolist()},
+             'histogram': _occupied(edges, result.get('hist')[f]),
              'top': [example(r, col) for r in w['top']],
              'quantiles': [[example(r, col) for r in q] for q in w['quantiles']] if n else [],
              'negatives': [example(r, col) for r in w['negatives']] if n else [],

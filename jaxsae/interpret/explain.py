@@ -181,6 +181,9 @@ def _strip_thinking(text: str) -> str:
   return text.split('<think>')[0]
 
 
+MAX_EXPLANATION = 300  # characters; a rambling answer is cut
+
+
 def parse_explanation(text: str | None) -> str:
   """The first non-empty sentence of the answer, without an 'Explanation:' label, markdown or
   quotes; '' for an empty answer."""
@@ -188,7 +191,8 @@ def parse_explanation(text: str | None) -> str:
     line = line.strip().strip('*_#>\u2022- ').strip()
     line = _unquote(_PREFIX.sub('', line).strip().strip('*_'))
     if line:
-      return _unquote(_SENTENCE_END.split(line)[0])
+      line = _unquote(_SENTENCE_END.split(line)[0])
+      return line if len(line) <= MAX_EXPLANATION else line[:MAX_EXPLANATION - 1].rstrip() + '\u2026'
   return ''
 
 
