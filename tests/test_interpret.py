@@ -96,3 +96,28 @@ def test_bad_settings_fail_before_any_work(setup):
                 root / 'bad')
   assert r.returncode == 2 and 'no activation store' in r.stderr
   assert not (root / 'bad' / 'stats_checkpoints').exists()
+
+
+def test_interpretation_never_imports_torch(setup, tmp_path):
+  """Statistics, records and the browser are JAX/NumPy only (an OpenAI-compatible server does
+  the explaining); only the local-model backend needs the bridge."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  root, c, _ = setup
+  code = f'''
+import sys
+sys.path.insert(0, {REPO!r})
+from experiments import demo
+from jaxsae.interpret import pipeline
+c = demo.get_config()
+c.model.name, c.export.manifest = {c.model.name!r}, {c.export.manifest!r}
+c.data.store_path, c.interpret.explain = {c.data.store_path!r}, False
+summary = pipeline.run(c, {str(root / "weights")!r}, {str(tmp_path / "out")!r}, progress=False)
+assert summary['tokens'] > 0 and summary['index']
+assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]
+print('ok')
+'''
+  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                     timeout=300, env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+  assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
