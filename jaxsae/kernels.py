@@ -7,17 +7,26 @@ is a gather-weighted sum of W_dec rows split by group, and the gradients of W_de
 and b_dec are scatter-adds over the selected entries only. Rows are processed in chunks so no
 [B, kc, d] buffer is ever materialised whole.
 
-The plain reference that tests compare against is autodiff of the dense training loss,
-`train_step.loss_fn` (the same maths as dictionary_learning). Which one a step uses is `sae.kernel`:
-'dense', 'sparse', or 'auto'. Measured (tools/bench.py, tools/profile_step.py), these XLA
-gathers and scatter-adds do not yet beat the dense matmuls: on 2 CPU cores the sparse step is
-about as fast (1.11 s vs 1.21 s at d=1024, F=8192, B=2048; 1.5x slower at d=256), on an H100
-1.7x (d=1024, F=8192) to 4.6x (d=4096, F=16384) slower, the scatter-adds dominating. So 'auto'
-means 'dense' until a fused (Pallas) implementation lands.
+Which implementation a step uses is `sae.kernel`:
+  'dense'  the plain reference: autodiff of the dense training loss, `train_step.loss_fn` (the
+           same maths as dictionary_learning). Every fast path is tested against it.
+  'xla'    this module's gathers and scatter-adds, on any backend.
+  'pallas' the fused kernels of `jaxsae.kernels_pallas` (GPU; interpreted, slowly, on CPU; TPU
+           falls back to 'xla').
+  'auto'   the fastest measured path: 'pallas' on a single GPU, else 'dense'.
+Measured (tools/bench.py, float32, default matmul precision), one step, dense / xla / pallas:
+  H100, d=1024 F=8192 k=32 B=2048:     3.7-4.0 ms / 6.7-7.1 ms / 3.3-3.7 ms
+  H100, d=4096 F=16384 k=64 B=4096:    17.0 ms / 78 ms / 15.0 ms (of which the sparse l2 and
+                                       gradients: 68 ms xla, 4.0 ms pallas; tools/profile_step.py)
+  2 CPU cores, d=1024 F=8192 B=2048:   1.21 s / 1.11 s / (interpreted: not a contender)
+So 'auto' is 'pallas' on one GPU and 'dense' elsewhere. On the XLA path the scatter-adds
+dominate; the Pallas kernels are bound by the bytes of the gathered rows (kernels_pallas.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from typing import NamedTuple, Sequence
 
 import jax
@@ -34,24 +43,60 @@ class L2Result(NamedTuple):
   grads: model.Params    # gradients of l2 w.r.t. W_enc, b_enc, W_dec, b_dec
 
 
-def resolve(kernel: str, mesh_model_axis: int = 1) -> str:
-  """'auto' -> the fastest measured path everywhere so far: 'dense' (see the module docstring).
+GPU_BACKENDS = ('gpu', 'cuda', 'rocm')  # platform names the Pallas Triton kernels compile for
 
-  The sparse kernel needs each token's latents on one device, so latent sharding forces 'dense'.
+
+def _pallas_triton_available() -> bool:
+  """JAX marks Pallas's Triton lowering deprecated; 'auto' must not break once it is gone."""
+  try:
+    return importlib.util.find_spec('jax.experimental.pallas.triton') is not None
+  except ImportError:
+    return False
+
+
+def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
+            num_devices: int | None = None) -> str:
+  """The implementation a step runs for `sae.kernel`: 'dense', 'xla' or 'pallas'.
+
+  'auto' is the fastest measured path (see the module docstring): 'pallas' on a single GPU,
+  'dense' everywhere else — a pallas_call is not partitioned over a device mesh (XLA would
+  replicate it), and on CPU the dense matmuls win. The sparse paths need each token's latents on
+  one device, so latent sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
+  (exact, very slow: for tests); on TPU, which has no Pallas kernels yet, it falls back to 'xla';
+  both say so in the log.
   """
-  if kernel == 'auto' or mesh_model_axis > 1:
+  backend = backend or jax.default_backend()
+  if mesh_model_axis > 1:
     return 'dense'
+  if kernel == 'auto':
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
+    return 'pallas' if fast else 'dense'
+  if kernel == 'pallas':
+    if backend == 'tpu':
+      logging.warning("sae.kernel='pallas' has no TPU kernels yet; using the 'xla' sparse path.")
+      return 'xla'
+    if backend not in GPU_BACKENDS:
+      logging.warning("sae.kernel='pallas' on %s runs the Pallas kernels in interpret mode: exact "
+                      "but very slow, meant for tests. Use 'auto' or 'xla' to train here.",
+                      backend)
   return kernel
 
 
 def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
                         group_sizes: Sequence[int], group_weights: Sequence[float],
-                        chunk_rows: int = 256) -> L2Result:
+                        chunk_rows: int = 256, kernel: str = 'xla') -> L2Result:
   """Matryoshka reconstruction loss and its exact gradients from sparse codes.
 
   vals/idx [B, kc]: the selected activation values (0 where not selected) and their latent ids;
   they must hold every selected entry (the proven-candidates case of the BatchTopK selection).
+  kernel: 'xla' (chunked gathers and scatter-adds, below) or 'pallas' (`jaxsae.kernels_pallas`).
   """
+  if kernel == 'pallas':
+    from jaxsae import kernels_pallas  # pylint: disable=import-outside-toplevel (imports us)
+    return kernels_pallas.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
+  if kernel != 'xla':
+    raise ValueError(f"kernel must be 'xla' or 'pallas', got {kernel!r}")
   B, d = x.shape
   F = params['W_dec'].shape[0]
   G = len(group_sizes)

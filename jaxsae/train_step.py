@@ -38,7 +38,7 @@ class StepConfig:
   threshold_start_step: int
   candidates_per_row: int
   skip_nonfinite: bool
-  kernel: str = 'dense'   # resolved: 'dense' | 'sparse'
+  kernel: str = 'dense'   # resolved (kernels.resolve): 'dense' | 'xla' | 'pallas'
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
@@ -126,7 +126,7 @@ class StepStats(NamedTuple):
   auxk_loss: jax.Array
   l0: jax.Array         # mean selected latents per token
   smallest: jax.Array   # smallest selected activation (inf if none), for the threshold EMA
-  sparse_path: jax.Array  # 1.0 when the sparse kernel computed this step, 0.0 for the dense path
+  sparse_path: jax.Array  # 1.0 when a sparse kernel (xla/pallas) computed this step, 0.0 if dense
 
 
 def _dense_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
@@ -141,7 +141,7 @@ def _dense_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
 
 
 def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
-  """One dense matmul, then sparse decode and gradients (`jaxsae.kernels`).
+  """One dense matmul, then sparse decode and gradients (`jaxsae.kernels`, XLA or Pallas).
 
   When the candidate proof fails (some token holds more than candidates_per_row * k of the
   batch's budget) the step takes the dense path instead, so it is exact either way.
@@ -154,7 +154,8 @@ def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
   def sparse():
     sel = (vals >= tau) & (vals > 0)
     sel_vals = jnp.where(sel, vals, 0.0)
-    r = kernels.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights)
+    r = kernels.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights,
+                                    kernel=sc.kernel)
     fired = jnp.zeros((F,), bool).at[idx.reshape(-1)].max(sel.reshape(-1))
     silence = _count_silence(tokens_since_fired, fired, x.shape[0])
     dead = silence >= sc.dead_tokens_threshold
@@ -180,7 +181,7 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
   params, step = state['params'], state['step']
-  loss_and_grads = (_sparse_loss_and_grads if sc.kernel == 'sparse' else _dense_loss_and_grads)
+  loss_and_grads = (_dense_loss_and_grads if sc.kernel == 'dense' else _sparse_loss_and_grads)
   loss, stats, tokens_since_fired, grads = loss_and_grads(
       params, x, state['tokens_since_fired'], sc)
   grads['W_dec'] = remove_parallel_component(params['W_dec'], grads['W_dec'])

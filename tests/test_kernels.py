@@ -1,4 +1,4 @@
-"""The sparse decode/gradient kernel equals the dense reference — autodiff of the training loss
+"""The XLA sparse decode/gradient kernel equals the dense reference — autodiff of the training loss
 `train_step.loss_fn` with AuxK off — in values and every gradient."""
 
 import jax
@@ -50,6 +50,21 @@ def test_sparse_matches_dense(chunk_rows):
 
 
 def test_resolve():
-  assert kernels.resolve('dense') == 'dense' and kernels.resolve('sparse') == 'sparse'
-  assert kernels.resolve('auto') == 'dense'   # the measured faster path (see kernels.py)
-  assert kernels.resolve('sparse', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('dense') == 'dense' and kernels.resolve('xla') == 'xla'
+  # 'auto' is the measured fastest path (see kernels.py): Pallas on one GPU, else dense.
+  assert kernels.resolve('auto', backend='cpu') == 'dense'
+  assert kernels.resolve('auto', backend='gpu', num_devices=1) == 'pallas'
+  assert kernels.resolve('auto', backend='gpu', num_devices=8) == 'dense'
+  assert kernels.resolve('auto', backend='tpu', num_devices=1) == 'dense'
+  assert kernels.resolve('auto', backend='gpu', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('xla', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('pallas', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('pallas', backend='gpu') == 'pallas'
+  assert kernels.resolve('pallas', backend='cpu') == 'pallas'   # interpreted, with a warning
+  assert kernels.resolve('pallas', backend='tpu') == 'xla'      # no TPU kernels yet
+
+
+def test_unknown_kernel_is_rejected():
+  params, x, vals, idx, _ = setup()
+  with pytest.raises(ValueError, match='kernel'):
+    kernels.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS, kernel='sparse')

@@ -1,11 +1,15 @@
 """Training-step throughput of jaxsae vs the one-matmul floor and the peer libraries, in one run.
 
-    python tools/bench.py [--d 1024 --F 8192 --k 32 --batch 2048] [--peers-python .venv-peers/bin/python]
+    python tools/bench.py [--d 1024 --F 8192 --k 32 --batch 2048] [--kernels dense,xla,pallas]
+        [--paper [--paper-batch 4096]] [--peers-python .venv-peers/bin/python | --no-peers]
 
-Prints a table: tokens/s and seconds per step of our compiled step, of one B x d x F float32 matmul
-(the floor of a step, ../shared/DESIGN.md section 7) and our step as a multiple of it, and, when the
-peer venv exists (see tools/bench_peers.py for how to create it), dictionary_learning's and
-SAELens's Matryoshka BatchTopK steps on the same shapes. Machines are noisy: compare within a run.
+Prints a table: tokens/s and seconds per step of our compiled step for each `sae.kernel`, of one
+B x d x F float32 matmul (the floor of a step, ../shared/DESIGN.md section 7) and our step as a
+multiple of it, the device memory each compiled call holds (XLA's memory analysis: arguments +
+outputs - donated aliases + temporaries), and, when the peer venv exists (see tools/bench_peers.py
+for how to create it), dictionary_learning's and SAELens's Matryoshka BatchTopK steps on the same
+shapes. --paper adds a second table at the paper's width (d=4096, F=16384, k=64). kernel=pallas is
+timed only on a GPU (elsewhere it would run interpreted). Machines are noisy: compare within a run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxsae import config as config_lib  # pylint: disable=wrong-import-position
-from jaxsae import model, train_step  # pylint: disable=wrong-import-position
+from jaxsae import kernels, model, train_step  # pylint: disable=wrong-import-position
 
 GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
@@ -41,6 +45,19 @@ def timed(fn, *args, steps: int, warmup: int = 1) -> float:
   return sorted(times)[len(times) // 2]
 
 
+def memory_bytes(compiled) -> int:
+  """Device bytes a compiled call holds at once: arguments + outputs (less donated aliases) + temps.
+
+  From XLA's buffer assignment (`compile().memory_analysis()`), so it is the same on CPU and GPU
+  and needs no allocator statistics.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
 def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto') -> dict[str, float]:
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
@@ -54,6 +71,7 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto
   x = jax.random.normal(key_x, (B, d)) + 0.5
   step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
                                                     schedule=schedule), donate_argnums=0)
+  step = step.lower(state, x).compile()   # compiled once, for its memory analysis and the timing
   # Chain the state through the steps (donated buffers, as in training).
   holder = {'state': state, 'sparse': []}
 
@@ -65,8 +83,11 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto
   step_s = timed(run, x, steps=steps, warmup=2)
   sparse_fraction = float(sum(holder['sparse'][2:])) / steps
   W = jax.random.normal(key_p, (d, F)) / d**0.5
-  matmul_s = timed(jax.jit(lambda a, b: a @ b), x, W, steps=steps)
-  return {'step_s': step_s, 'matmul_s': matmul_s, 'sparse_fraction': sparse_fraction}
+  matmul = jax.jit(lambda a, b: a @ b).lower(x, W).compile()
+  matmul_s = timed(matmul, x, W, steps=steps)
+  return {'step_s': step_s, 'matmul_s': matmul_s, 'sparse_fraction': sparse_fraction,
+          'step_bytes': memory_bytes(step), 'matmul_bytes': memory_bytes(matmul),
+          'resolved': sc.kernel}
 
 
 def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int) -> dict:
@@ -79,6 +100,46 @@ def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int) -> dict
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def bench_block(d: int, F: int, k: int, B: int, args) -> None:
+  """One table: the floor, each requested jaxsae kernel, and (if their venv exists) the peers."""
+  print(f'\njax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
+        f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32', flush=True)
+  on_gpu = jax.default_backend() in kernels.GPU_BACKENDS
+  rows, ours = [], None
+  for kernel in args.kernels.split(','):
+    if kernel == 'pallas' and not on_gpu and not args.interpret_pallas:
+      print('(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
+            '--interpret-pallas times it anyway)')
+      continue
+    res = bench_jaxsae(d, F, k, B, args.steps, kernel)
+    ours = ours or res
+    rows.append((f'jaxsae step, kernel={kernel}', res['step_s'], res['step_bytes']))
+    if res['resolved'] != 'dense':
+      print(f'(kernel={kernel} ran {res["resolved"]!r} and took the sparse path on '
+            f'{res["sparse_fraction"]:.0%} of timed steps)', flush=True)
+  if ours is None:
+    return
+  rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s'], ours['matmul_bytes']))
+  if args.peers and os.path.exists(args.peers_python):
+    peers = bench_peers(args.peers_python, d, F, k, B, args.steps)
+    for lib, res in peers.items():
+      if 'error' in res:
+        print(f'{lib}: failed: {res["error"]}')
+      else:
+        rows.append((f'{lib} step', res['step_s'], -1))
+  elif args.peers:
+    print(f'(peer libraries not timed: no interpreter at {args.peers_python}; '
+          'see tools/bench_peers.py to create .venv-peers)')
+
+  best = min(s for name, s, _ in rows if name.startswith('jaxsae'))
+  print(f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s} '
+        f'{"memory GB":>10s}')
+  for name, s, mem in rows:
+    mem_s = f'{mem / 1e9:10.3f}' if mem >= 0 else f'{"-":>10s}'
+    print(f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x '
+          f'{mem_s}', flush=True)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--d', type=int, default=1024)
@@ -86,36 +147,25 @@ def main() -> None:
   p.add_argument('--k', type=int, default=32)
   p.add_argument('--batch', type=int, default=2048)
   p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--kernels', default='dense,sparse', help="jaxsae kernels to time ('sae.kernel')")
+  p.add_argument('--kernels', default='dense,xla,pallas',
+                 help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas; pallas is "
+                 'skipped without a GPU unless --interpret-pallas)')
+  p.add_argument('--interpret-pallas', action='store_true',
+                 help='time kernel=pallas without a GPU too (interpret mode: very slow)')
+  p.add_argument('--paper', action='store_true',
+                 help="also time the paper's width, d=4096 F=16384 k=64, in the same run")
+  p.add_argument('--paper-batch', type=int, default=None,
+                 help='batch for --paper (default 4096 on a GPU, 1024 elsewhere)')
+  p.add_argument('--no-peers', dest='peers', action='store_false',
+                 help='skip dictionary_learning / SAELens even if .venv-peers exists')
   p.add_argument('--peers-python', default=os.path.join(REPO, '.venv-peers', 'bin', 'python'))
   args = p.parse_args()
-  d, F, k, B = args.d, args.F, args.k, args.batch
 
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
-        f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32', flush=True)
-  rows, ours = [], None
-  for kernel in args.kernels.split(','):
-    res = bench_jaxsae(d, F, k, B, args.steps, kernel)
-    ours = ours or res
-    rows.append((f'jaxsae step, kernel={kernel}', res['step_s']))
-    if kernel == 'sparse':
-      print(f'(sparse kernel took the sparse path on {res["sparse_fraction"]:.0%} of timed steps)')
-  rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s']))
-  if os.path.exists(args.peers_python):
-    peers = bench_peers(args.peers_python, d, F, k, B, args.steps)
-    for lib, res in peers.items():
-      if 'error' in res:
-        print(f'{lib}: failed: {res["error"]}')
-      else:
-        rows.append((f'{lib} step', res['step_s']))
-  else:
-    print(f'(peer libraries not timed: no interpreter at {args.peers_python}; '
-          'see tools/bench_peers.py to create .venv-peers)')
-
-  best = min(s for name, s in rows if name.startswith('jaxsae'))
-  print(f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s}')
-  for name, s in rows:
-    print(f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x')
+  bench_block(args.d, args.F, args.k, args.batch, args)
+  if args.paper:
+    on_gpu = jax.default_backend() in kernels.GPU_BACKENDS
+    B = args.paper_batch or (4096 if on_gpu else 1024)
+    bench_block(4096, 16384, 64, B, args)
 
 
 if __name__ == '__main__':

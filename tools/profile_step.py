@@ -2,7 +2,8 @@
 
     python tools/profile_step.py [--d 1024 --F 8192 --k 32 --batch 2048]
 
-Where the time of `tools/bench.py`'s step goes, part by part, on whatever backend JAX runs.
+Where the time of `tools/bench.py`'s step goes, part by part, on whatever backend JAX runs. The
+Pallas kernels (`jaxsae.kernels_pallas`) are timed on a GPU only, unless --interpret-pallas.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxsae import config as config_lib, kernels, model, selection, train_step  # noqa: E402
+from jaxsae import config as config_lib, kernels, kernels_pallas  # noqa: E402
+from jaxsae import model, selection, train_step  # noqa: E402
 from tools.bench import GROUPS, timed  # noqa: E402
 
 
@@ -23,6 +25,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   for name, default in (('d', 1024), ('F', 8192), ('k', 32), ('batch', 2048), ('steps', 5)):
     p.add_argument(f'--{name}', type=int, default=default)
+  p.add_argument('--interpret-pallas', action='store_true',
+                 help='time the Pallas kernels without a GPU too (interpret mode: slow)')
   a = p.parse_args()
   d, F, k, B = a.d, a.F, a.k, a.batch
   c = config_lib.default_config()
@@ -44,9 +48,19 @@ def main() -> None:
           p, a, sc.group_sizes)), params, jnp.where(pre >= tau, pre, 0.0)),
       'dense loss + grads': (jax.jit(lambda p: jax.value_and_grad(
           train_step.loss_fn, has_aux=True)(p, x, tsf, sc)[0][0]), params),
-      'sparse l2 + grads (kernels)': (jax.jit(lambda p: kernels.sparse_l2_and_grads(
-          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights).l2), params),
+      'sparse l2 + grads (xla)': (jax.jit(lambda p: kernels.sparse_l2_and_grads(
+          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='xla')), params),
   }
+  if jax.default_backend() in kernels.GPU_BACKENDS or a.interpret_pallas:
+    dec = jax.jit(lambda p: kernels_pallas.decode(p, x, sel_vals, idx, sc.group_sizes,
+                                                  sc.group_weights))
+    parts.update({
+        'sparse l2 + grads (pallas)': (jax.jit(lambda p: kernels.sparse_l2_and_grads(
+            p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='pallas')), params),
+        '  pallas decode kernel': (dec, params),
+        '  pallas backward (sort + kernel)': (jax.jit(lambda p, r: kernels_pallas.backward(
+            p, x, r, sc.group_sizes)), params, dec(params)),
+    })
   print(f'{jax.devices()[0].device_kind}: d={d} F={F} k={k} B={B}')
   for name, (fn, *args) in parts.items():
     print(f'{name:32s} {timed(fn, *args, steps=a.steps) * 1e3:9.2f} ms', flush=True)
