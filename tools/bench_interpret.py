@@ -87,11 +87,15 @@ def main() -> None:
   mm = jax.jit(lambda x, W: x @ W)
   Wj = jnp.asarray(W)
   jax.block_until_ready(mm(x, Wj))
-  reps = 5
-  t0 = time.perf_counter()
-  for _ in range(reps):
-    jax.block_until_ready(mm(x, Wj))
-  floor_tps = reps * a.batch / (time.perf_counter() - t0)
+
+  def floor() -> float:
+    reps = 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(mm(x, Wj))
+    return reps * a.batch / (time.perf_counter() - t0)
+
+  floor_before = floor()
 
   ckpt = tempfile.mkdtemp(prefix='bench_interpret_ckpt')
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -99,6 +103,7 @@ def main() -> None:
   r = stats.compute(c, s, params, ckpt, progress=False)
   wall = time.perf_counter() - t0
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  floor_tps = max(floor_before, floor())  # before and after the pass: the less disturbed one
   shutil.rmtree(ckpt, ignore_errors=True)
   table_mb = sum(v.nbytes for v in r.tables.values()) / 2**20
   tps = r.tokens / wall

@@ -49,6 +49,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ConfigError('interpret.llm.model is empty: name the model the server at '
                       f'interpret.llm.base_url={i.llm.base_url!r} serves (or set '
                       '--config.interpret.explain=False for statistics and the browser only).')
+  local = i.llm.model or c.model.name
+  if i.explain and i.llm.backend == 'local' and not os.path.isdir(local) and local.count('/') != 1:
+    raise ConfigError(f'interpret.llm.backend=local: the model {local!r} (interpret.llm.model, '
+                      'else model.name) is neither a local directory nor a Hub id (org/name).')
   if not c.data.store_path or not store.exists(c.data.store_path):
     raise ConfigError(f'no activation store at data.store_path={c.data.store_path!r}; export '
                       'one with `python -m jaxsae.export_activations` first.')
