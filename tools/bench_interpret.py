@@ -109,7 +109,7 @@ def main() -> None:
   tps = r.tokens / wall
   print(f'device: {jax.devices()[0].device_kind} x {len(jax.devices())}; d={a.d}, F={a.F}, '
         f'k~{a.k}, batch {a.batch}')
-  print(f'| | tokens/s | x floor |\n|---|---|---|')
+  print('| | tokens/s | x floor |\n|---|---|---|')
   print(f'| encoder matmul alone (floor) | {floor_tps:,.0f} | 1.00 |')
   print(f'| statistics pass (read + encode + tables) | {tps:,.0f} | {floor_tps / tps:.2f} |')
   print(f'{r.tokens:,} tokens in {wall:.1f} s (first batch compiles included); batches redone '
