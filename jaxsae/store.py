@@ -144,15 +144,18 @@ class ActivationStore:
   def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
     return list(self.read(np.asarray(indices)))
 
-  def read(self, indices: np.ndarray) -> np.ndarray:
-    """Rows `indices` (any order, repeats allowed) as float32 [len(indices), d], one read."""
+  def _gather(self, array: ts.TensorStore, indices: np.ndarray, dtype) -> np.ndarray:
     indices = np.asarray(indices, np.int64)
     if indices.size and (indices.min() < 0 or indices.max() >= self.rows):
       raise IndexError(f'row index out of range [0, {self.rows}) in {self.path}')
     order = np.argsort(indices, kind='stable')  # sorted reads walk the shards in order
-    out = np.empty((len(indices), self.d), np.float32)
-    out[order] = self._acts[indices[order]].read().result()
+    out = np.empty((len(indices), array.shape[1]), dtype)
+    out[order] = array[indices[order]].read().result()
     return out
+
+  def read(self, indices: np.ndarray) -> np.ndarray:
+    """Rows `indices` (any order, repeats allowed) as float32 [len(indices), d], one read."""
+    return self._gather(self._acts, indices, np.float32)
 
   def read_range(self, start: int, stop: int) -> np.ndarray:
     return np.asarray(self._acts[start:stop].read().result(), np.float32)
@@ -167,14 +170,8 @@ class ActivationStore:
 
   def tokens_at(self, indices: np.ndarray) -> np.ndarray:
     """Token metadata of the given rows (any order), like `read` for activations."""
-    indices = np.asarray(indices, np.int64)
-    if indices.size and (indices.min() < 0 or indices.max() >= self.rows):
-      raise IndexError(f'row index out of range [0, {self.rows}) in {self.path}')
     self.tokens(0, 0)  # opens the array
-    order = np.argsort(indices, kind='stable')
-    out = np.empty((len(indices), len(TOKEN_COLUMNS)), np.int32)
-    out[order] = self._tokens[indices[order]].read().result()
-    return out
+    return self._gather(self._tokens, indices, np.int32)
 
   def studies(self) -> list[dict]:
     """Every processed study in manifest order: exported ones with their row range, and skipped

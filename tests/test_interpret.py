@@ -95,6 +95,9 @@ def test_bad_settings_fail_before_any_work(setup):
   r = interpret(root, args + ['--config.data.store_path=/nonexistent'], 'http://127.0.0.1:9/v1',
                 root / 'bad')
   assert r.returncode == 2 and 'no activation store' in r.stderr
+  r = interpret(root, args + ['--config.interpret.llm.concurrency=0'], 'http://127.0.0.1:9/v1',
+                root / 'bad')
+  assert r.returncode == 2 and 'interpret.llm.concurrency=0' in r.stderr
   assert not (root / 'bad' / 'stats_checkpoints').exists()
 
 

@@ -196,22 +196,20 @@ def negative_rows(c: ml_collections.ConfigDict, source: ActivationStore,
   rng = np.random.default_rng(i.seed)
   pool = rng.choice(source.rows, size=min(i.negative_pool, source.rows), replace=False)
   quiet = np.zeros((len(pool), F), bool)
-  order = np.sort(pool)
-  for s in range(0, len(order), 1024):
-    x = source.read(order[s:s + 1024])
-    quiet[s:s + 1024] = feature_acts(params, x, np.arange(F)) <= 0
-  quiet = quiet[np.argsort(np.argsort(pool))]  # back to the pool's random order
+  for s in range(0, len(pool), 1024):
+    quiet[s:s + 1024] = feature_acts(params, source.read(pool[s:s + 1024]), np.arange(F)) <= 0
   return [[int(r) for r in pool[np.flatnonzero(quiet[:, f])[:i.n_negatives]]] for f in range(F)]
 
 
 def build(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[str, np.ndarray],
-          result: Result, out_dir: str, tokenizer: Tokenizer,
+          result: Result, tokenizer: Tokenizer,
           images: Callable[[dict, int], str] | None = None,
           promoted: list[list[tuple[str, float]]] | None = None,
           chunk: int = 256) -> Iterator[rec.FeatureRecord]:
   """Feature records in feature order (dead features included, with no examples).
 
-  `images(study_record, image_index)` returns an image file relative to `out_dir` ('' if none).
+  `images(study_record, image_index)` returns the image file a heatmap is drawn over, relative to
+  the interpretation's out dir ('' if none).
   """
   i = c.interpret
   F = params['W_enc'].shape[1]
@@ -267,14 +265,13 @@ def _heatmaps(c, rows: Rows, params, result: Result, feats: np.ndarray,
               images: Callable[[dict, int], str] | None) -> dict[int, list[rec.Heatmap]]:
   """Per feature of `feats` that fired on image tokens: its activation over the patch grid of
   the images holding its top image tokens. Each image's rows are read and encoded once."""
+  img_rows = result.get('img_row')[feats]  # [features, heatmaps], -1 where none
+  listed = img_rows[img_rows >= 0]
+  image_of = dict(zip(listed.tolist(), rows.source.tokens_at(listed)[:, COL['image']].tolist()))
   by_image: dict[tuple[int, int], list[int]] = {}
-  for f in feats:
-    for r in result.get('img_row')[f]:
-      if r < 0:
-        continue
-      study = rows.study_of(int(r))
-      image = int(rows.source.tokens_at(np.array([r]))[0, COL['image']])
-      key = (study['row_start'], image)
+  for f, rs in zip(feats, img_rows):
+    for r in rs[rs >= 0].tolist():
+      key = (rows.study_of(r)['row_start'], image_of[r])
       if int(f) not in by_image.setdefault(key, []):
         by_image[key].append(int(f))
   out: dict[int, list[rec.Heatmap]] = {}

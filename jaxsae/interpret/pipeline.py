@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -35,13 +35,18 @@ log = logging.getLogger(__name__)
 def validate(c: ml_collections.ConfigDict) -> None:
   i = c.interpret
   positive = ('batch_size', 'top_examples', 'reservoir', 'n_quantiles', 'per_quantile',
-              'histogram_bins_per_octave', 'checkpoint_every', 'negative_pool')
+              'histogram_bins_per_octave', 'checkpoint_every', 'negative_pool', 'score_batch',
+              'llm.concurrency', 'llm.max_new_tokens')
   bad = [f'interpret.{k}={i[k]}' for k in positive if not i[k] > 0]
   bad += [f'interpret.{k}={i[k]}' for k in ('heatmaps', 'n_negatives', 'context_before',
-                                            'context_after', 'row_capacity') if i[k] < 0]
+                                            'context_after', 'row_capacity', 'n_top',
+                                            'n_quantile', 'llm.max_retries') if i[k] < 0]
   if bad:
     raise ConfigError(f'{", ".join(bad)}: must be positive (or >= 0 for heatmaps, n_negatives, '
-                      'context_*, row_capacity).')
+                      'context_*, row_capacity, n_top, n_quantile, llm.max_retries).')
+  if i.explain and i.n_top + i.n_quantile == 0:
+    raise ConfigError('interpret.n_top and interpret.n_quantile are both 0: the explainer needs '
+                      'examples.')
   if i.explain and i.llm.backend not in ('openai', 'local'):
     raise ConfigError(f"interpret.llm.backend must be 'openai' or 'local', got "
                       f'{i.llm.backend!r}.')
@@ -118,10 +123,6 @@ def _stats_npz(out: str, r: stats.Result) -> None:
            histogram_edges=stats.histogram_edges(r.sizes), tokens=r.tokens)
 
 
-def _iter_records(path: str) -> Iterator[records.FeatureRecord]:
-  yield from records.read_jsonl(path)
-
-
 def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
         progress: bool = True) -> dict[str, Any]:
   """Every stage; returns (and writes to out/summary.json) what was done."""
@@ -156,8 +157,7 @@ def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
       promoted = examples.promoted_tokens(params['W_dec'], U, tokenizer)
     tmp = features + '.tmp'
     with open(tmp, 'w') as f:
-      for rec in examples.build(c, source, params, result, out, tokenizer, _Images(c, out),
-                                promoted):
+      for rec in examples.build(c, source, params, result, tokenizer, _Images(c, out), promoted):
         f.write(json.dumps(rec) + '\n')
     os.replace(tmp, features)
     with open(stamp_path, 'w') as f:
@@ -172,7 +172,7 @@ def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
     limit = c.interpret.max_features
 
     def todo():
-      for rec in _iter_records(features):
+      for rec in records.read_jsonl(features):
         if limit is None or rec['feature'] < limit:
           yield rec
 
@@ -197,7 +197,7 @@ def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
       'failed': failed, 'mean_detection_score': float(np.mean(scores)) if scores else None,
       'llm': (f'{c.interpret.llm.backend}:{c.interpret.llm.model or c.model.name}'
               if c.interpret.explain else None)}
-  index = browser.write_site(out, _iter_records(features), explained,
+  index = browser.write_site(out, records.read_jsonl(features), explained,
                              title=f'SAE features: {os.path.basename(os.path.abspath(weights_dir))}',
                              meta={k: v for k, v in summary.items() if k != 'failed'})
   summary['index'] = os.path.abspath(index)

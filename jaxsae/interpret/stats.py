@@ -106,11 +106,10 @@ def merge_shards(t: dict[str, np.ndarray], sizes: Sizes) -> dict[str, np.ndarray
   out = {'count': t['count'].sum(0, dtype=np.int64), 'total': t['total'].sum(0, dtype=np.float64),
          'max': t['max'].max(0), 'kinds': t['kinds'].sum(0, dtype=np.int64),
          'hist': t['hist'].sum(0, dtype=np.int64)}
-  rows = {'top': 'top_row', 'reservoir': 'res_row', 'image': 'img_row'}
   for table, (key, payloads) in TABLES.items():
     n = sizes.width(table)
     cat = {name: np.concatenate(list(t[name]), axis=-1) for name in (key, *payloads)}  # [F, D*n]
-    order = np.lexsort((cat[rows[table]], -cat[key]), axis=-1)[:, :n]
+    order = np.lexsort((cat[payloads[-1]], -cat[key]), axis=-1)[:, :n]  # last payload: the row
     for name, v in cat.items():
       out[name] = np.take_along_axis(v, order, axis=-1)
   return {k: v[None] for k, v in out.items()}
@@ -289,7 +288,7 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=False),
       item_names=('tables', 'meta'))
-  first_row, tokens, seconds, redone, tables = 0, 0, 0.0, 0, None
+  first_row, tokens, seconds, redone, tables, meta = 0, 0, 0.0, 0, None, None
   if manager.latest_step() is not None:
     step = manager.latest_step()
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -324,13 +323,12 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
 
   def save(next_row):
     merged = merge_shards(jax.device_get(t), sizes)
-    manager.save(next_row, args=ocp.args.Composite(
-        tables=ocp.args.StandardSave(merged),
-        meta=ocp.args.JsonSave({**meta_want, 'next_row': next_row, 'tokens': tokens,
-                                'seconds': seconds + time.perf_counter() - t0,
-                                'redone_batches': redone})), force=True)
+    saved = {**meta_want, 'next_row': next_row, 'tokens': tokens,
+             'seconds': seconds + time.perf_counter() - t0, 'redone_batches': redone}
+    manager.save(next_row, args=ocp.args.Composite(tables=ocp.args.StandardSave(merged),
+                                                   meta=ocp.args.JsonSave(saved)), force=True)
     manager.wait_until_finished()
-    return merged
+    return merged, saved
 
   n_batches = -(-(rows_end - first_row) // B)
   reader = grain.MapDataset.range(n_batches).map(
@@ -338,10 +336,10 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
           grain.ReadOptions(num_threads=max(1, c.data.num_threads), prefetch_buffer_size=4))
   batch_sharding, row_sharding = NamedSharding(mesh, P('data', None)), NamedSharding(mesh, P('data'))
   t0 = time.perf_counter()
+  cap = capacity  # grows for good once a token needs more: the next batches are likely alike
   for i, (x, kinds, rows) in enumerate(reader):
     args = (jax.device_put(x, batch_sharding), jax.device_put(kinds, row_sharding),
             jax.device_put(rows, row_sharding), dev_params)
-    cap = capacity
     new, full = step_fn(cap)(t, *args)
     while bool(np.asarray(full).any()):  # a token fired on more features than fit: redo wider
       cap = min(2 * cap, F // M)
@@ -358,9 +356,5 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
   if progress:
     print()
   if n_batches or tables is None:
-    merged = save(rows_end)
-  else:
-    merged = tables
-  meta = manager.restore(manager.latest_step(),
-                         args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  return Result(merged, meta['tokens'], sizes, meta['seconds'], meta['redone_batches'])
+    tables, meta = save(rows_end)
+  return Result(tables, meta['tokens'], sizes, meta['seconds'], meta['redone_batches'])
