@@ -1,11 +1,11 @@
-"""Sparse Matryoshka decode and gradients: O(B*kc*d) work instead of dense B x F x d matmuls.
+"""Sparse Matryoshka decode and gradients: O(B*k*d) work instead of dense B x F x d matmuls.
 
 After BatchTopK only B*k entries of the [B, F] activations are non-zero, yet a dense step spends
 four more B x d x F matmuls on them (decode, its two gradients, and the encoder-weight gradient).
-Here each token keeps its top-kc candidates (values and latent ids); every prefix reconstruction
-is a gather-weighted sum of W_dec rows split by group, and the gradients of W_dec, W_enc, b_enc
-and b_dec are scatter-adds over the selected entries only. Rows are processed in chunks so no
-[B, kc, d] buffer is ever materialised whole.
+Here the selected entries are compacted into flat (token, latent, value) lists; every prefix
+reconstruction is a gather-weighted sum of W_dec rows split by group, and the gradients of W_dec,
+W_enc, b_enc and b_dec are scatter-adds over the selected entries only. Entries are walked in
+chunks so the gathered rows stay in cache and no [B*k, d] buffer is ever materialised.
 
 Which implementation a step uses is `sae.kernel`:
   'dense'  the plain reference: autodiff of the dense training loss, `train_step.loss_fn` (the
@@ -13,14 +13,16 @@ Which implementation a step uses is `sae.kernel`:
   'xla'    this module's gathers and scatter-adds, on any backend.
   'pallas' the fused kernels of `jaxsae.kernels_pallas` (GPU; interpreted, slowly, on CPU; TPU
            falls back to 'xla').
-  'auto'   the fastest measured path: 'pallas' on a single GPU, else 'dense'.
+  'auto'   the fastest measured path: 'pallas' on a single GPU, 'xla' on a single CPU device,
+           else 'dense'.
 Measured (tools/bench.py, float32, default matmul precision), one step, dense / xla / pallas:
   H100, d=1024 F=8192 k=32 B=2048:     3.7-4.0 ms / 6.7-7.1 ms / 3.3-3.7 ms
   H100, d=4096 F=16384 k=64 B=4096:    17.0 ms / 78 ms / 15.0 ms (of which the sparse l2 and
                                        gradients: 68 ms xla, 4.0 ms pallas; tools/profile_step.py)
-  2 CPU cores, d=1024 F=8192 B=2048:   1.21 s / 1.11 s / (interpreted: not a contender)
-So 'auto' is 'pallas' on one GPU and 'dense' elsewhere. On the XLA path the scatter-adds
-dominate; the Pallas kernels are bound by the bytes of the gathered rows (kernels_pallas.py).
+  2 CPU cores, d=1024 F=8192 B=2048:   2.04 s / 0.85 s / (interpreted: not a contender)
+(the H100 'xla' figures predate the chunked, compacted form below: re-measure before changing
+'auto' there). On a GPU the XLA scatter-adds dominate; the Pallas kernels are bound by the bytes
+of the gathered rows (kernels_pallas.py).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
   """The implementation a step runs for `sae.kernel`: 'dense', 'xla' or 'pallas'.
 
   'auto' is the fastest measured path (see the module docstring): 'pallas' on a single GPU,
-  'dense' everywhere else — a pallas_call is not partitioned over a device mesh (XLA would
-  replicate it), and on CPU the dense matmuls win. The sparse paths need each token's latents on
-  one device, so latent sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
+  'xla' on a single CPU device, 'dense' everywhere else — a pallas_call is not partitioned over
+  a device mesh (XLA would replicate it), and the compaction of the 'xla' path is a global
+  prefix sum over the batch. The sparse paths need each token's latents on one device, so latent
+  sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
   (exact, very slow: for tests); on TPU, which has no Pallas kernels yet, it falls back to 'xla';
   both say so in the log.
   """
@@ -70,6 +73,8 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
     return 'dense'
   if kernel == 'auto':
     num_devices = jax.device_count() if num_devices is None else num_devices
+    if num_devices == 1 and backend == 'cpu':
+      return 'xla'
     fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
     return 'pallas' if fast else 'dense'
   if kernel == 'pallas':
@@ -83,14 +88,45 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
   return kernel
 
 
+def entry_capacity(batch: int, k: int, kc: int, chunk: int = 256) -> int:
+  """How many selected entries the 'xla' path makes room for: B*k plus 1/16 for ties at the
+  threshold, a whole number of chunks, at most every candidate. A batch with more selected
+  entries must take the dense path (`train_step` checks)."""
+  want = min(batch * kc, batch * k + max(batch * k // 16, 1))
+  return -(-want // chunk) * chunk
+
+
+def compact(vals: jax.Array, idx: jax.Array, capacity: int):
+  """The non-zero entries of vals/idx [B, kc] as flat (token, latent, value) lists of length
+  `capacity`, in row-major order (so tokens ascend); unused slots hold value 0. Entries beyond
+  `capacity` are dropped: callers check the count first."""
+  B, kc = vals.shape
+  sel = vals.reshape(-1) > 0
+  pos = jnp.where(sel, jnp.cumsum(sel) - 1, capacity)
+  rows = jnp.repeat(jnp.arange(B, dtype=jnp.int32), kc)
+
+  def put(src, dtype):
+    return jnp.zeros((capacity,), dtype).at[pos].set(src.astype(dtype), mode='drop')
+
+  return put(rows, jnp.int32), put(idx.reshape(-1), jnp.int32), put(vals.reshape(-1), vals.dtype)
+
+
 def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
                         group_sizes: Sequence[int], group_weights: Sequence[float],
-                        chunk_rows: int = 256, kernel: str = 'xla') -> L2Result:
+                        chunk: int = 256, kernel: str = 'xla',
+                        capacity: int | None = None) -> L2Result:
   """Matryoshka reconstruction loss and its exact gradients from sparse codes.
 
   vals/idx [B, kc]: the selected activation values (0 where not selected) and their latent ids;
   they must hold every selected entry (the proven-candidates case of the BatchTopK selection).
-  kernel: 'xla' (chunked gathers and scatter-adds, below) or 'pallas' (`jaxsae.kernels_pallas`).
+  kernel: 'xla' (below) or 'pallas' (`jaxsae.kernels_pallas`).
+
+  The 'xla' path first compacts the selected entries into `capacity` (default: room for every
+  candidate) flat slots, which must hold them all, then walks them `chunk` entries at a time so
+  that the gathered decoder rows stay in cache: never a [B*k, d] buffer, never a B x F x d matmul.
+  Pass 1 scatter-adds v * W_dec[f] into per-(group, token) decodes; the prefix errors and their
+  upstream gradients R_g = sum_{i>=g} dl2/dx_hat_i follow densely on [G, B, d]; pass 2 gathers
+  W_dec[f] and R at each entry and scatter-adds the W_dec and W_enc gradients.
   """
   if kernel == 'pallas':
     from jaxsae import kernels_pallas  # pylint: disable=import-outside-toplevel (imports us)
@@ -100,41 +136,50 @@ def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx
   B, d = x.shape
   F = params['W_dec'].shape[0]
   G = len(group_sizes)
-  ends = jnp.asarray(np.cumsum(group_sizes), jnp.int32)
-  w = jnp.asarray(group_weights, x.dtype)
-  r = min(chunk_rows, B)
-  while B % r:
-    r -= 1
-  # dl2/dx_hat_i = -2 w_i / (G B) (x - x_hat_i): l2 is the mean over G groups of w_i * MSE_i.
-  coef = (-2.0 * w / (G * B))[:, None, None]
+  capacity = vals.size if capacity is None else capacity
+  chunk = min(chunk, capacity)
+  capacity = -(-capacity // chunk) * chunk
   W_dec, b_dec = params['W_dec'], params['b_dec']
+  tok, lat, val = compact(vals, idx, capacity)
+  group = jnp.searchsorted(jnp.asarray(np.cumsum(group_sizes), jnp.int32), lat, side='right')
+  slot = group.astype(jnp.int32) * B + tok                   # row of the [G*B, d] decodes
+  blocks = tuple(a.reshape(capacity // chunk, chunk) for a in (slot, lat, val))
 
-  def chunk(carry, blk):
-    dW_dec, dW_encT, db_enc, db_dec, sq = carry
-    xb, vb, ib = blk                                           # [r, d], [r, kc], [r, kc]
-    onehot = (jnp.searchsorted(ends, ib, side='right')[..., None] ==
-              jnp.arange(G)).astype(x.dtype)                   # [r, kc, G]
-    rows = W_dec[ib]                                           # [r, kc, d]
-    parts = jnp.einsum('bj,bjg,bjd->gbd', vb, onehot, rows)    # per-group decodes [G, r, d]
-    err = xb[None] - (b_dec + jnp.cumsum(parts, axis=0))       # x - x_hat_i
-    D = coef * err
-    R = jnp.cumsum(D[::-1], axis=0)[::-1]                      # sum over prefixes i >= g
-    R_e = jnp.einsum('bjg,gbd->bjd', onehot, R)                # [r, kc, d] upstream per entry
-    dv = jnp.sum(R_e * rows, axis=-1) * (vb > 0)               # d l2 / d vals (selected only)
-    flat = ib.reshape(-1)
-    dW_dec = dW_dec.at[flat].add((vb[..., None] * R_e).reshape(-1, d))
-    dW_encT = dW_encT.at[flat].add((dv[..., None] * (xb - b_dec)[:, None, :]).reshape(-1, d))
-    db_enc = db_enc.at[flat].add(dv.reshape(-1))
-    return ((dW_dec, dW_encT, db_enc, db_dec + D.sum((0, 1)), sq + jnp.sum(err ** 2, (1, 2))),
-            err[-1])
+  def decode_chunk(parts, blk):
+    s, f, v = blk
+    return parts.at[s].add(v[:, None] * W_dec[f]), None
 
-  zeros = (jnp.zeros((F, d), x.dtype), jnp.zeros((F, d), x.dtype), jnp.zeros((F,), x.dtype),
-           jnp.zeros((d,), x.dtype), jnp.zeros((G,), x.dtype))
-  blocks = tuple(a.reshape(B // r, r, *a.shape[1:]) for a in (x, vals, idx))
-  (dW_dec, dW_encT, db_enc, db_dec, sq), err_last = jax.lax.scan(chunk, zeros, blocks)
-  sq_err = sq / B
+  parts, _ = jax.lax.scan(decode_chunk, jnp.zeros((G * B, d), x.dtype), blocks)
+  parts = parts.reshape(G, B, d)
+  # Unrolled over the few groups: a cumsum over a length-G axis is a slow reduce-window on CPU.
+  errs, err = [], x - b_dec
+  for g in range(G):
+    err = err - parts[g]                                     # x - x_hat_g
+    errs.append(err)
+  sq_err = jnp.stack([jnp.sum(e ** 2) for e in errs]) / B
+  # l2 is the mean over G prefixes of w_g * MSE_g: dl2/dx_hat_g = -2 w_g / (G B) (x - x_hat_g).
+  coef = -2.0 * np.asarray(group_weights) / (G * B)
+  upstream, acc = [], jnp.zeros_like(x)
+  for g in reversed(range(G)):
+    acc = acc + coef[g] * errs[g]
+    upstream.append(acc)
+  R = jnp.concatenate(upstream[::-1], axis=0)               # [G*B, d]: R_g, token-major
+  xc = x - b_dec
+
+  def grad_chunk(carry, blk):
+    dW_dec, dW_encT, db_enc = carry
+    s, f, v = blk
+    R_e = R[s]
+    dv = jnp.where(v > 0, jnp.sum(R_e * W_dec[f], axis=-1), 0.0)   # dl2/d(value), selected only
+    return (dW_dec.at[f].add(v[:, None] * R_e), dW_encT.at[f].add(dv[:, None] * xc[s % B]),
+            db_enc.at[f].add(dv)), None
+
+  zeros = jnp.zeros((F, d), x.dtype)
+  (dW_dec, dW_encT, db_enc), _ = jax.lax.scan(
+      grad_chunk, (zeros, zeros, jnp.zeros((F,), x.dtype)), blocks)
   grads = {'W_enc': dW_encT.T, 'b_enc': db_enc, 'W_dec': dW_dec,
-           # b_dec reaches the loss through the decoder and, as -b_dec @ W_enc, the encoder.
-           'b_dec': db_dec - params['W_enc'] @ db_enc}
-  return L2Result(jnp.mean(sq_err * w), sq_err, x - err_last.reshape(B, d), grads)
-
+           # b_dec reaches the loss through every decode (sum of the upstream gradients, R_0)
+           # and, as -b_dec @ W_enc, through the encoder.
+           'b_dec': jnp.sum(upstream[-1], axis=0) - params['W_enc'] @ db_enc}
+  return L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1],
+                  grads)

@@ -35,6 +35,20 @@ def pre_activations(params: Params, x: jax.Array) -> jax.Array:
   return jax.nn.relu(x @ W_enc - params['b_dec'] @ W_enc + params['b_enc'])
 
 
+def pre_activations_pullback(params: Params, x: jax.Array, pre: jax.Array,
+                             g_pre: jax.Array) -> Params:
+  """Gradients of `pre_activations` for an upstream g_pre, given its output `pre`.
+
+  The same as jax.vjp, without re-running the B x d x F forward matmul or keeping a B x F relu
+  mask: the mask is pre > 0 (relu's gradient at 0 is 0).
+  """
+  g = jnp.where(pre > 0, g_pre, 0.0)
+  g_b = jnp.sum(g, axis=0)
+  W_enc = params['W_enc']
+  return {'W_enc': x.T @ g - jnp.outer(params['b_dec'], g_b), 'b_enc': g_b,
+          'W_dec': jnp.zeros_like(params['W_dec']), 'b_dec': -(W_enc @ g_b)}
+
+
 def batch_topk(pre: jax.Array, k: int, candidates_per_row: int = 4) -> jax.Array:
   """Keep the B*k largest entries of the whole batch (ties at exactly zero are dropped)."""
   tau = jax.lax.stop_gradient(selection.batch_topk_threshold(pre, k, candidates_per_row))

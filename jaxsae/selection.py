@@ -120,7 +120,13 @@ def row_topk_threshold(pre: jax.Array, valid: jax.Array, k: int) -> jax.Array:
 
 def candidates_and_threshold(pre: jax.Array, k: int, kc: int):
   """Each row's top-kc (values, latent ids), the B*k-th largest candidate, and whether it is
-  proven exact (then every selected entry is among the candidates). Single device; the sparse
-  kernels build on it."""
+  proven exact *and* every selected entry (pre >= tau, > 0) is among the candidates. Single
+  device; the sparse kernels build on it.
+
+  Completeness needs more than the threshold proof: a row whose smallest candidate *equals* tau
+  may hold further entries equal to tau outside its candidates, which the selection keeps.
+  """
   vals, idx, tau, proven = _candidates(pre, pre.shape[0] * k, kc)
-  return vals, idx, tau, proven | (kc >= pre.shape[1])
+  low = vals.min(axis=1)
+  complete = proven & ~jnp.any((low >= tau) & (low > 0))
+  return vals, idx, tau, complete | (kc >= pre.shape[1])

@@ -144,35 +144,42 @@ def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
   """One dense matmul, then sparse decode and gradients (`jaxsae.kernels`, XLA or Pallas).
 
   When the candidate proof fails (some token holds more than candidates_per_row * k of the
-  batch's budget) the step takes the dense path instead, so it is exact either way.
+  batch's budget), or ties overfill the sparse path's entry capacity, the step takes the dense
+  path instead, so it is exact either way.
   """
-  F = params['W_dec'].shape[0]
+  B, F = x.shape[0], params['W_dec'].shape[0]
+  kc = min(F, sc.candidates_per_row * sc.k)
   pre = model.pre_activations(params, x)
-  vals, idx, tau, proven = selection.candidates_and_threshold(
-      pre, sc.k, min(F, sc.candidates_per_row * sc.k))
+  vals, idx, tau, proven = selection.candidates_and_threshold(pre, sc.k, kc)
+  sel = (vals >= tau) & (vals > 0)
+  capacity = kernels.entry_capacity(B, sc.k, kc) if sc.kernel == 'xla' else B * kc
+  fits = jnp.sum(sel) <= capacity   # ties at the threshold may select more than B*k entries
 
   def sparse():
-    sel = (vals >= tau) & (vals > 0)
     sel_vals = jnp.where(sel, vals, 0.0)
     r = kernels.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights,
-                                    kernel=sc.kernel)
+                                    kernel=sc.kernel, capacity=capacity)
     fired = jnp.zeros((F,), bool).at[idx.reshape(-1)].max(sel.reshape(-1))
     silence = _count_silence(tokens_since_fired, fired, x.shape[0])
     dead = silence >= sc.dead_tokens_threshold
     residual = x - r.x_hat
 
-    def aux_of(p):
-      return model.auxk_loss(p, model.pre_activations(p, x), residual, dead, sc.top_k_aux)
+    def with_auxk():
+      # AuxK on the pre-activations already computed: no second encoder forward.
+      aux, (g_direct, g_pre) = jax.value_and_grad(
+          lambda p, pre: model.auxk_loss(p, pre, residual, dead, sc.top_k_aux),
+          argnums=(0, 1))(params, pre)
+      g_enc = model.pre_activations_pullback(params, x, pre, g_pre)
+      return aux, jax.tree.map(lambda g, a, b: g + sc.auxk_alpha * (a + b), r.grads, g_direct,
+                               g_enc)
 
-    aux, aux_grads = jax.lax.cond(
-        jnp.any(dead), lambda: jax.value_and_grad(aux_of)(params),
-        lambda: (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params)))
-    grads = jax.tree.map(lambda g, a: g + sc.auxk_alpha * a, r.grads, aux_grads)
+    aux, grads = jax.lax.cond(jnp.any(dead), with_auxk,
+                              lambda: (jnp.zeros((), x.dtype), r.grads))
     stats = StepStats(r.sq_err, r.l2, aux, jnp.sum(sel).astype(jnp.float32) / x.shape[0],
                       jnp.min(jnp.where(sel, vals, jnp.inf)), jnp.ones((), jnp.float32))
     return r.l2 + sc.auxk_alpha * aux, stats, silence, grads
 
-  return jax.lax.cond(proven, sparse,
+  return jax.lax.cond(proven & fits, sparse,
                       lambda: _dense_loss_and_grads(params, x, tokens_since_fired, sc))
 
 
