@@ -49,7 +49,8 @@ def main() -> None:
       'dense loss + grads': (jax.jit(lambda p: jax.value_and_grad(
           train_step.loss_fn, has_aux=True)(p, x, tsf, sc)[0][0]), params),
       'sparse l2 + grads (xla)': (jax.jit(lambda p: kernels.sparse_l2_and_grads(
-          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='xla')), params),
+          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='xla',
+          capacity=kernels.entry_capacity(B, k, kc))), params),
   }
   if jax.default_backend() in kernels.GPU_BACKENDS or a.interpret_pallas:
     dec = jax.jit(lambda p: kernels_pallas.decode(p, x, sel_vals, idx, sc.group_sizes,
