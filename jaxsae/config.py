@@ -17,6 +17,9 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or impossible; the message says which and why."""
 
 
+# sae.kernel: the implementations of the training step's selection, decode and gradients.
+KERNELS = ('auto', 'dense', 'xla', 'pallas', 'cpu')
+
 # What each exported token is (jaxsae.store's `kind` column holds the index into this tuple).
 TOKEN_KINDS = ('image', 'prompt', 'boilerplate', 'report')
 
@@ -42,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sae.threshold_beta = 0.999
   c.sae.threshold_start_step = 1000
   c.sae.candidates_per_row = 4        # per-row top-(c*k) candidates for exact BatchTopK selection
-  c.sae.kernel = 'auto'               # 'dense' | 'xla' | 'pallas' (jaxsae.kernels) | 'auto' (fastest)
+  c.sae.kernel = 'auto'               # 'dense' | 'xla' | 'pallas' | 'cpu' (jaxsae.kernels) | 'auto'
   c.sae.dtype = 'float32'
 
   c.optim = ml_collections.ConfigDict()
@@ -249,8 +252,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     raise ConfigError(f'sae.candidates_per_row must be >= 1, got {c.sae.candidates_per_row}.')
   if not 0 < top_k_aux(c):
     raise ConfigError(f'sae.top_k_aux must be positive, got {top_k_aux(c)}.')
-  if c.sae.kernel not in ('auto', 'dense', 'xla', 'pallas'):
-    raise ConfigError("sae.kernel must be 'auto', 'dense', 'xla' or 'pallas', "
+  if c.sae.kernel not in KERNELS:
+    raise ConfigError(f"sae.kernel must be one of {', '.join(map(repr, KERNELS))}, "
                       f"got {c.sae.kernel!r}.")
   if c.sae.dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"sae.dtype must be 'float32' or 'bfloat16', got {c.sae.dtype!r}.")

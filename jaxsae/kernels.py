@@ -58,15 +58,17 @@ def _pallas_triton_available() -> bool:
 
 def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
             num_devices: int | None = None) -> str:
-  """The implementation a step runs for `sae.kernel`: 'dense', 'xla' or 'pallas'.
+  """The implementation a step runs for `sae.kernel`: 'dense', 'xla', 'pallas' or 'cpu'.
 
   'auto' is the fastest measured path (see the module docstring): 'pallas' on a single GPU,
-  'xla' on a single CPU device, 'dense' everywhere else — a pallas_call is not partitioned over
-  a device mesh (XLA would replicate it), and the compaction of the 'xla' path is a global
-  prefix sum over the batch. The sparse paths need each token's latents on one device, so latent
-  sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
+  'cpu' (the native kernels, `jaxsae.kernels_cpu`; 'xla' if they cannot be built here) on a
+  single CPU device, 'dense' everywhere else — neither a pallas_call nor a native custom call is
+  partitioned over a device mesh (XLA would replicate it), and the compaction of the 'xla' path
+  is a global prefix sum over the batch. The sparse paths need each token's latents on one
+  device, so latent sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
   (exact, very slow: for tests); on TPU, which has no Pallas kernels yet, it falls back to 'xla';
-  both say so in the log.
+  both say so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU
+  devices it is 'dense', with a warning.
   """
   backend = backend or jax.default_backend()
   if mesh_model_axis > 1:
@@ -74,9 +76,19 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
   if kernel == 'auto':
     num_devices = jax.device_count() if num_devices is None else num_devices
     if num_devices == 1 and backend == 'cpu':
-      return 'xla'
+      from jaxsae import kernels_cpu  # pylint: disable=import-outside-toplevel (imports us)
+      return 'cpu' if kernels_cpu.available() else 'xla'
     fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
     return 'pallas' if fast else 'dense'
+  if kernel == 'cpu':
+    if backend != 'cpu':
+      raise ValueError(f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
+                       "use 'auto', 'pallas' or 'xla'.")
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    if num_devices > 1:
+      logging.warning("sae.kernel='cpu' runs on one device; with %d devices the step is the "
+                      "sharded 'dense' one.", num_devices)
+      return 'dense'
   if kernel == 'pallas':
     if backend == 'tpu':
       logging.warning("sae.kernel='pallas' has no TPU kernels yet; using the 'xla' sparse path.")

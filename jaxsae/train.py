@@ -11,6 +11,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxsae import config as config_lib
+from jaxsae import host_memory
 from jaxsae import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
@@ -21,6 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()   # before JAX's thread pools start (see its docstring)
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-save INFO lines
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:

@@ -18,6 +18,7 @@ import optax
 
 from jaxsae import config as config_lib
 from jaxsae import kernels
+from jaxsae import kernels_cpu
 from jaxsae import model
 from jaxsae import selection
 
@@ -38,15 +39,22 @@ class StepConfig:
   threshold_start_step: int
   candidates_per_row: int
   skip_nonfinite: bool
-  kernel: str = 'dense'   # resolved (kernels.resolve): 'dense' | 'xla' | 'pallas'
+  kernel: str = 'dense'   # resolved (kernels.resolve): 'dense' | 'xla' | 'pallas' | 'cpu'
+  # The optimizer's constants, for the 'cpu' path's native update (`make_optimizer` otherwise).
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
     return cls(kernel=kernels.resolve(c.sae.kernel, c.mesh.model), k=c.sae.k,
-               group_sizes=config_lib.group_sizes(c), group_weights=config_lib.group_weights(c), auxk_alpha=c.sae.auxk_alpha,
-               top_k_aux=config_lib.top_k_aux(c), dead_tokens_threshold=c.sae.dead_tokens_threshold,
+               group_sizes=config_lib.group_sizes(c), group_weights=config_lib.group_weights(c),
+               auxk_alpha=c.sae.auxk_alpha, top_k_aux=config_lib.top_k_aux(c),
+               dead_tokens_threshold=c.sae.dead_tokens_threshold,
                threshold_beta=c.sae.threshold_beta, threshold_start_step=c.sae.threshold_start_step,
-               candidates_per_row=c.sae.candidates_per_row, skip_nonfinite=c.train.skip_nonfinite)
+               candidates_per_row=c.sae.candidates_per_row, skip_nonfinite=c.train.skip_nonfinite,
+               b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, grad_clip=c.optim.grad_clip)
 
 
 def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
@@ -126,7 +134,8 @@ class StepStats(NamedTuple):
   auxk_loss: jax.Array
   l0: jax.Array         # mean selected latents per token
   smallest: jax.Array   # smallest selected activation (inf if none), for the threshold EMA
-  sparse_path: jax.Array  # 1.0 when a sparse kernel (xla/pallas) computed this step, 0.0 if dense
+  sparse_path: jax.Array  # 1.0 when a sparse kernel (xla/pallas/cpu) ran this step, 0.0 if dense
+  ties_dropped: jax.Array  # 'cpu' only: entries tied at the threshold beyond its capacity
 
 
 def _dense_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
@@ -136,7 +145,8 @@ def _dense_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
   acts = jax.lax.stop_gradient(aux.acts)
   stats = StepStats(aux.recon_sq_err, aux.l2_loss, aux.auxk_loss,
                     jnp.mean(jnp.sum(acts > 0, axis=-1).astype(jnp.float32)),
-                    jnp.min(jnp.where(acts > 0, acts, jnp.inf)), jnp.zeros((), jnp.float32))
+                    jnp.min(jnp.where(acts > 0, acts, jnp.inf)), jnp.zeros((), jnp.float32),
+                    jnp.zeros((), jnp.float32))
   return loss, stats, tokens_since_fired, grads
 
 
@@ -164,23 +174,81 @@ def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
     dead = silence >= sc.dead_tokens_threshold
     residual = x - r.x_hat
 
-    def with_auxk():
-      # AuxK on the pre-activations already computed: no second encoder forward.
-      aux, (g_direct, g_pre) = jax.value_and_grad(
-          lambda p, pre: model.auxk_loss(p, pre, residual, dead, sc.top_k_aux),
-          argnums=(0, 1))(params, pre)
-      g_enc = model.pre_activations_pullback(params, x, pre, g_pre)
-      return aux, jax.tree.map(lambda g, a, b: g + sc.auxk_alpha * (a + b), r.grads, g_direct,
-                               g_enc)
-
-    aux, grads = jax.lax.cond(jnp.any(dead), with_auxk,
-                              lambda: (jnp.zeros((), x.dtype), r.grads))
+    aux, grads = jax.lax.cond(
+        jnp.any(dead), lambda: _add_auxk(r.grads, *_dense_auxk(params, x, pre, residual, dead, sc),
+                                         sc),
+        lambda: (jnp.zeros((), x.dtype), r.grads))
     stats = StepStats(r.sq_err, r.l2, aux, jnp.sum(sel).astype(jnp.float32) / x.shape[0],
-                      jnp.min(jnp.where(sel, vals, jnp.inf)), jnp.ones((), jnp.float32))
+                      jnp.min(jnp.where(sel, vals, jnp.inf)), jnp.ones((), jnp.float32),
+                      jnp.zeros((), jnp.float32))
     return r.l2 + sc.auxk_alpha * aux, stats, silence, grads
 
   return jax.lax.cond(proven & fits, sparse,
                       lambda: _dense_loss_and_grads(params, x, tokens_since_fired, sc))
+
+
+def _dense_auxk(params, x, pre, residual, dead, sc: StepConfig):
+  """AuxK and its gradients by autodiff, on pre-activations already computed."""
+  aux, (g_direct, g_pre) = jax.value_and_grad(
+      lambda p, pre: model.auxk_loss(p, pre, residual, dead, sc.top_k_aux),
+      argnums=(0, 1))(params, pre)
+  g_enc = model.pre_activations_pullback(params, x, pre, g_pre)
+  return aux, jax.tree.map(jnp.add, g_direct, g_enc)
+
+
+def _add_auxk(grads, aux, aux_grads, sc: StepConfig):
+  return aux, jax.tree.map(lambda g, a: g + sc.auxk_alpha * a, grads, aux_grads)
+
+
+def _cpu_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
+  """The native CPU kernels (`jaxsae.kernels_cpu`): the encoder matmul, then selection, decode,
+  gradients and AuxK over the selected entries only. relu(z + c) is never stored, and no other
+  [B, F] array exists: there is no dense fallback (ties beyond the capacity, which only
+  degenerate batches have, are dropped and counted instead, see `kernels_cpu.select`)."""
+  B, F = x.shape[0], params['W_dec'].shape[0]
+  z, c = kernels_cpu.encoder_parts(params, x)
+  sel = kernels_cpu.select(z, c, B * sc.k, kernels_cpu.capacity(B, sc.k))
+  e = sel.entries
+  r = kernels_cpu.l2_and_grads(params, x, e, sc.group_sizes, sc.group_weights)
+  valid = e.valid()
+  fired = jnp.zeros((F,), bool).at[e.lat].max(valid)
+  silence = _count_silence(tokens_since_fired, fired, B)
+  dead = silence >= sc.dead_tokens_threshold
+  residual = x - r.x_hat
+  aux, grads = jax.lax.cond(
+      jnp.any(dead),
+      lambda: _add_auxk(r.grads, *kernels_cpu.auxk_loss_and_grads(
+          params, z, c, x, residual, dead, sc.top_k_aux), sc),
+      lambda: (jnp.zeros((), x.dtype), r.grads))
+  stats = StepStats(r.sq_err, r.l2, aux, e.count.astype(jnp.float32) / B,
+                    jnp.min(jnp.where(valid, e.val, jnp.inf)), jnp.ones((), jnp.float32),
+                    sel.ties_dropped.astype(jnp.float32))
+  return r.l2 + sc.auxk_alpha * aux, stats, silence, grads
+
+
+def _native_update(state: TrainState, grads: model.Params, grad_norm: jax.Array,
+                   finite: jax.Array, sc: StepConfig, schedule: optax.Schedule):
+  """`make_optimizer`'s update (clip by global norm, Adam, learning-rate schedule) and the
+  decoder renormalisation, natively and in place for the two weight matrices; the same state
+  layout as optax's, so checkpoints move between kernels. Nothing changes unless `finite`."""
+  clip_state, (adam, sched) = state['opt_state']
+  params = state['params']
+  count = jnp.where(adam.count < jnp.iinfo(jnp.int32).max, adam.count + 1, adam.count)
+  hyper = kernels_cpu.AdamHyper(lr=schedule(sched.count), b1=sc.b1, b2=sc.b2, eps=sc.eps,
+                                count=count, grad_norm=grad_norm, max_norm=sc.grad_clip,
+                                apply=finite)
+  new_params, mu, nu = {}, {}, {}
+  for name in ('W_enc', 'W_dec'):
+    new_params[name], mu[name], nu[name] = kernels_cpu.adam_update(
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper,
+        unit_rows=name == 'W_dec')
+  for name in ('b_enc', 'b_dec'):
+    new_params[name], mu[name], nu[name] = kernels_cpu.adam_reference(
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper)
+  sched_count = jnp.where(sched.count < jnp.iinfo(jnp.int32).max, sched.count + 1, sched.count)
+  opt_state = (clip_state, (adam._replace(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu),
+                            sched._replace(count=jnp.where(finite, sched_count, sched.count))))
+  return new_params, opt_state
 
 
 def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
@@ -188,14 +256,17 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
                schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
   params, step = state['params'], state['step']
-  loss_and_grads = (_dense_loss_and_grads if sc.kernel == 'dense' else _sparse_loss_and_grads)
+  loss_and_grads = {'dense': _dense_loss_and_grads, 'cpu': _cpu_loss_and_grads}.get(
+      sc.kernel, _sparse_loss_and_grads)
   loss, stats, tokens_since_fired, grads = loss_and_grads(
       params, x, state['tokens_since_fired'], sc)
-  grads['W_dec'] = remove_parallel_component(params['W_dec'], grads['W_dec'])
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-  new_params = optax.apply_updates(params, updates)
-  new_params['W_dec'] = model.unit_norm_rows(new_params['W_dec'])
+  if sc.kernel == 'cpu':   # in place, with each row's squared norm for the global norm
+    grads['W_dec'], row_sq = kernels_cpu.project_rows(params['W_dec'], grads['W_dec'])
+    grad_norm = jnp.sqrt(jnp.sum(row_sq) + sum(jnp.sum(grads[n] ** 2)
+                                               for n in ('W_enc', 'b_enc', 'b_dec')))
+  else:
+    grads['W_dec'] = remove_parallel_component(params['W_dec'], grads['W_dec'])
+    grad_norm = optax.tree.norm(grads)
 
   # Inference threshold: EMA of the smallest kept activation, from threshold_start_step on.
   smallest = jnp.where(jnp.isfinite(stats.smallest), stats.smallest, 0.0)
@@ -203,13 +274,27 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
                   sc.threshold_beta * state['threshold'] + (1 - sc.threshold_beta) * smallest)
   threshold = jnp.where(step > sc.threshold_start_step, ema, state['threshold'])
 
-  finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updated = {'params': new_params, 'opt_state': opt_state, 'threshold': threshold,
-             'tokens_since_fired': tokens_since_fired}
-  kept = {key: state[key] for key in updated}
   # A non-finite batch never reaches the weights: the update is dropped and counted, and the
-  # training loop stops (or, with train.skip_nonfinite, carries on) when it next looks.
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  # training loop stops (or, with train.skip_nonfinite, carries on) when it next looks. A cond
+  # (or, natively, a flag), not a select per array: the update then runs in place on the
+  # donated state.
+  finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if sc.kernel == 'cpu':
+    new_params, opt_state = _native_update(state, grads, grad_norm, finite, sc, schedule)
+    new_state = {'params': new_params, 'opt_state': opt_state,
+                 'threshold': jnp.where(finite, threshold, state['threshold']),
+                 'tokens_since_fired': jnp.where(finite, tokens_since_fired,
+                                                 state['tokens_since_fired'])}
+  else:
+    def update():
+      updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+      new_params = optax.apply_updates(params, updates)
+      new_params['W_dec'] = model.unit_norm_rows(new_params['W_dec'])
+      return {'params': new_params, 'opt_state': opt_state, 'threshold': threshold,
+              'tokens_since_fired': tokens_since_fired}
+
+    new_state = jax.lax.cond(finite, update, lambda: {
+        key: state[key] for key in ('params', 'opt_state', 'threshold', 'tokens_since_fired')})
   new_state.update(
       step=step + 1,
       nonfinite_count=state['nonfinite_count'] + (~finite).astype(jnp.int32),
@@ -224,7 +309,7 @@ def train_step(state: TrainState, x: jax.Array, *, sc: StepConfig,
       'dead_fraction': jnp.mean((tokens_since_fired >= sc.dead_tokens_threshold)
                                 .astype(jnp.float32)),
       'threshold': threshold, 'lr': schedule(step), 'grad_norm': grad_norm,
-      'finite': finite, 'sparse_path': stats.sparse_path,
+      'finite': finite, 'sparse_path': stats.sparse_path, 'ties_dropped': stats.ties_dropped,
   }
   return new_state, metrics
 

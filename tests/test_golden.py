@@ -56,7 +56,7 @@ def test_geometric_median_matches(golden):
   np.testing.assert_allclose(median, golden['b_dec_median'], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel', ['dense', 'xla', 'pallas'])
+@pytest.mark.parametrize('kernel', ['dense', 'xla', 'pallas', 'cpu'])
 def test_training_matches_reference_step_by_step(golden, kernel):
   c = config_from(golden)
   c.sae.kernel = kernel
@@ -81,7 +81,10 @@ def test_training_matches_reference_step_by_step(golden, kernel):
     np.testing.assert_allclose(state['params'][name], golden[f'final_{name}'], rtol=1e-4, atol=2e-5,
                                err_msg=name)
   np.testing.assert_allclose(state['threshold'], golden['final_threshold'], rtol=1e-5)
-  if kernel != 'dense':
+  if kernel == 'cpu':   # no dense fallback: every step sparse, AuxK on the sparse path too
+    assert paths == [1.0] * len(paths)
+    assert any(golden['num_dead'] > 0)
+  elif kernel != 'dense':
     # Both branches ran: the sparse kernel (with AuxK active on one of its steps) and, when a
     # token held more than 4k of the budget, the exact dense fallback.
     sparse_steps = [i for i, p in enumerate(paths) if p == 1.0]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import kernels, model, selection, train_step
+from jaxsae import kernels, kernels_cpu, model, selection, train_step
 
 GROUPS = (8, 8, 16, 32, 64)   # F = 128
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
@@ -113,8 +113,10 @@ def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
 
 def test_resolve():
   assert kernels.resolve('dense') == 'dense' and kernels.resolve('xla') == 'xla'
-  # 'auto' is the measured fastest path (see kernels.py): Pallas on one GPU, xla on one CPU.
-  assert kernels.resolve('auto', backend='cpu', num_devices=1) == 'xla'
+  # 'auto' is the measured fastest path (see kernels.py): Pallas on one GPU, the native kernels
+  # on one CPU device ('xla' where they cannot be built).
+  native = 'cpu' if kernels_cpu.available() else 'xla'
+  assert kernels.resolve('auto', backend='cpu', num_devices=1) == native
   assert kernels.resolve('auto', backend='cpu', num_devices=8) == 'dense'
   assert kernels.resolve('auto', backend='gpu', num_devices=1) == 'pallas'
   assert kernels.resolve('auto', backend='gpu', num_devices=8) == 'dense'
@@ -125,6 +127,11 @@ def test_resolve():
   assert kernels.resolve('pallas', backend='gpu') == 'pallas'
   assert kernels.resolve('pallas', backend='cpu') == 'pallas'   # interpreted, with a warning
   assert kernels.resolve('pallas', backend='tpu') == 'xla'      # no TPU kernels yet
+  assert kernels.resolve('cpu', backend='cpu', num_devices=1) == 'cpu'
+  assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'   # with a warning
+  assert kernels.resolve('cpu', mesh_model_axis=2) == 'dense'
+  with pytest.raises(ValueError, match='CPU backend only'):
+    kernels.resolve('cpu', backend='gpu')
 
 
 def test_unknown_kernel_is_rejected():

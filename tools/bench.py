@@ -1,7 +1,8 @@
 """Training-step throughput of jaxsae vs the one-matmul floor and the peer libraries, in one run.
 
-    python tools/bench.py [--d 1024 --F 8192 --k 32 --batch 2048] [--kernels dense,xla,pallas]
+    python tools/bench.py [--d 1024 --F 8192 --k 32 --batch 2048] [--kernels dense,xla,cpu,pallas]
         [--paper [--paper-batch 4096]] [--peers-python .venv-peers/bin/python | --no-peers]
+        [--no-reuse-host-memory]
 
 Prints a table: tokens/s and seconds per step of our compiled step for each `sae.kernel`, of one
 B x d x F float32 matmul (the floor of a step, ../shared/DESIGN.md section 7) and our step as a
@@ -10,7 +11,10 @@ exact step must do, so a lower bound no step can beat), the device memory each c
 outputs - donated aliases + temporaries), and, when the peer venv exists (see tools/bench_peers.py
 for how to create it), dictionary_learning's and SAELens's Matryoshka BatchTopK steps on the same
 shapes. --paper adds a second table at the paper's width (d=4096, F=16384, k=64). kernel=pallas is
-timed only on a GPU (elsewhere it would run interpreted). Machines are noisy: compare within a run.
+timed only on a GPU (elsewhere it would run interpreted), kernel=cpu only on the CPU backend.
+Both this process and the peers' run with freed host memory kept for reuse
+(`jaxsae/host_memory.py`, as `python -m jaxsae.train` does), unless --no-reuse-host-memory.
+Machines are noisy: compare within a run.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxsae import config as config_lib  # pylint: disable=wrong-import-position
+from jaxsae import host_memory  # pylint: disable=wrong-import-position
 from jaxsae import kernels, model, train_step  # pylint: disable=wrong-import-position
 
 GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -114,10 +119,13 @@ def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: 
   return timed(run, x, steps=steps)
 
 
-def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int) -> dict:
+def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int,
+                reuse_host_memory: bool) -> dict:
   cmd = [python, os.path.join(REPO, 'tools', 'bench_peers.py'), '--d', str(d), '--F', str(F),
          '--k', str(k), '--batch', str(B), '--groups', ','.join(str(g) for g in GROUPS),
          '--steps', str(steps), '--warmup', '1']
+  if reuse_host_memory:
+    cmd.append('--reuse-host-memory')
   r = subprocess.run(cmd, capture_output=True, text=True)
   if r.returncode != 0 or not r.stdout.strip():
     return {'error': (r.stderr or 'no output')[-500:]}
@@ -135,6 +143,9 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
       print('(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
             '--interpret-pallas times it anyway)')
       continue
+    if kernel == 'cpu' and jax.default_backend() != 'cpu':
+      print('(kernel=cpu skipped: it runs on the CPU backend only)')
+      continue
     res = bench_jaxsae(d, F, k, B, args.steps, kernel)
     ours = ours or res
     rows.append((f'jaxsae step, kernel={kernel}', res['step_s'], res['step_bytes']))
@@ -146,7 +157,7 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
   rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s'], ours['matmul_bytes']))
   rows.insert(1, ('floor + Adam update (lower bound)', ours['bound_s'], -1))
   if args.peers and os.path.exists(args.peers_python):
-    peers = bench_peers(args.peers_python, d, F, k, B, args.steps)
+    peers = bench_peers(args.peers_python, d, F, k, B, args.steps, args.reuse_host_memory)
     for lib, res in peers.items():
       if 'error' in res:
         print(f'{lib}: failed: {res["error"]}')
@@ -157,12 +168,16 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
           'see tools/bench_peers.py to create .venv-peers)')
 
   best = min(s for name, s, _ in rows if name.startswith('jaxsae step'))
+  peer_s = {name.split()[0]: s for name, s, _ in rows if name.endswith(' step')
+            and not name.startswith('jaxsae')}
   print(f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s} '
         f'{"memory GB":>10s}')
   for name, s, mem in rows:
     mem_s = f'{mem / 1e9:10.3f}' if mem >= 0 else f'{"-":>10s}'
     print(f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x '
           f'{mem_s}', flush=True)
+  for lib, s in peer_s.items():
+    print(f'best jaxsae step: {s / best:.2f}x the tokens/s of {lib}')
 
 
 def main() -> None:
@@ -172,9 +187,9 @@ def main() -> None:
   p.add_argument('--k', type=int, default=32)
   p.add_argument('--batch', type=int, default=2048)
   p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--kernels', default='dense,xla,pallas',
-                 help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas; pallas is "
-                 'skipped without a GPU unless --interpret-pallas)')
+  p.add_argument('--kernels', default='dense,xla,cpu,pallas',
+                 help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas, cpu; pallas "
+                 'is skipped without a GPU unless --interpret-pallas, cpu off the CPU backend)')
   p.add_argument('--interpret-pallas', action='store_true',
                  help='time kernel=pallas without a GPU too (interpret mode: very slow)')
   p.add_argument('--paper', action='store_true',
@@ -184,7 +199,12 @@ def main() -> None:
   p.add_argument('--no-peers', dest='peers', action='store_false',
                  help='skip dictionary_learning / SAELens even if .venv-peers exists')
   p.add_argument('--peers-python', default=os.path.join(REPO, '.venv-peers', 'bin', 'python'))
+  p.add_argument('--no-reuse-host-memory', dest='reuse_host_memory', action='store_false',
+                 help="glibc's default malloc for both sides (see jaxsae/host_memory.py)")
   args = p.parse_args()
+  if args.reuse_host_memory:
+    args.reuse_host_memory = host_memory.reuse_freed_memory()
+  print(f'freed host memory kept for reuse: {args.reuse_host_memory}')
 
   bench_block(args.d, args.F, args.k, args.batch, args)
   if args.paper:

@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-host-memory", action="store_true",
+                   help="keep freed host memory for reuse (jaxsae/host_memory.py), as bench.py "
+                        "does for jaxsae, so both sides run with the same malloc settings")
     return p.parse_args()
 
 
@@ -170,6 +173,11 @@ def bench_lib(name: str, args: argparse.Namespace, fractions: list[float],
 
 def main() -> None:
     args = parse_args()
+    if args.reuse_host_memory:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from jaxsae import host_memory  # no jax/torch imports: a ctypes call into glibc
+
+        host_memory.reuse_freed_memory()
     fractions = [float(f) for f in args.groups.split(",")]
     libs = [lib.strip() for lib in args.libs.split(",") if lib.strip()]
     if unknown := [lib for lib in libs if lib not in SETUPS]:

@@ -10,3 +10,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -e '.[torch,test]'
+# The native CPU kernels (sae.kernel='cpu', what 'auto' picks on one CPU device): compiled now, for
+# this machine, so the first training step does not wait for the compiler. Without a C++ compiler
+# this says so and training uses the 'xla' path.
+.venv/bin/python -c "from jaxsae import kernels_cpu; print('native CPU kernels:', kernels_cpu.build())" \
+  || echo "native CPU kernels not built (no working C++ compiler?): sae.kernel='auto' uses 'xla'"

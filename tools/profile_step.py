@@ -3,7 +3,9 @@
     python tools/profile_step.py [--d 1024 --F 8192 --k 32 --batch 2048]
 
 Where the time of `tools/bench.py`'s step goes, part by part, on whatever backend JAX runs. The
-Pallas kernels (`jaxsae.kernels_pallas`) are timed on a GPU only, unless --interpret-pallas.
+Pallas kernels (`jaxsae.kernels_pallas`) are timed on a GPU only, unless --interpret-pallas; the
+native CPU kernels (`jaxsae.kernels_cpu`) on the CPU backend. Freed host memory is kept for
+reuse, as in training (`jaxsae/host_memory.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxsae import config as config_lib, kernels, kernels_pallas  # noqa: E402
+from jaxsae import config as config_lib, host_memory, kernels, kernels_cpu, kernels_pallas  # noqa: E402
 from jaxsae import model, selection, train_step  # noqa: E402
 from tools.bench import GROUPS, timed  # noqa: E402
 
@@ -28,6 +30,7 @@ def main() -> None:
   p.add_argument('--interpret-pallas', action='store_true',
                  help='time the Pallas kernels without a GPU too (interpret mode: slow)')
   a = p.parse_args()
+  host_memory.reuse_freed_memory()
   d, F, k, B = a.d, a.F, a.k, a.batch
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
@@ -61,6 +64,26 @@ def main() -> None:
         '  pallas decode kernel': (dec, params),
         '  pallas backward (sort + kernel)': (jax.jit(lambda p, r: kernels_pallas.backward(
             p, x, r, sc.group_sizes)), params, dec(params)),
+    })
+  if jax.default_backend() == 'cpu' and kernels_cpu.available():
+    z, c = jax.jit(kernels_cpu.encoder_parts)(params, x)
+    cap = kernels_cpu.capacity(B, k)
+    entries = jax.jit(lambda z, c: kernels_cpu.select(z, c, B * k, cap))(z, c).entries
+    g = {n: 1e-3 * v for n, v in params.items()}
+    hyper = kernels_cpu.AdamHyper(lr=jnp.float32(1e-4), b1=0.9, b2=0.999, eps=1e-8,
+                                  count=jnp.int32(10), grad_norm=jnp.float32(0.5), max_norm=1.0,
+                                  apply=jnp.bool_(True))
+    parts.update({
+        'cpu: z = x @ W_enc, c': (jax.jit(kernels_cpu.encoder_parts), params, x),
+        'cpu: select': (jax.jit(lambda z, c: kernels_cpu.select(z, c, B * k, cap)), z, c),
+        'cpu: l2 + grads': (jax.jit(lambda p, e: kernels_cpu.l2_and_grads(
+            p, x, e, sc.group_sizes, sc.group_weights)), params, entries),
+        'cpu: decoder gradient projection': (jax.jit(kernels_cpu.project_rows),
+                                             params['W_dec'], g['W_dec']),
+        'cpu: Adam, W_dec (+ unit rows)': (jax.jit(lambda p, g: kernels_cpu.adam_update(
+            p, g, g, g, hyper, unit_rows=True)), params['W_dec'], g['W_dec']),
+        'cpu: Adam, W_enc': (jax.jit(lambda p, g: kernels_cpu.adam_update(p, g, g, g, hyper)),
+                             params['W_enc'], g['W_enc']),
     })
   print(f'{jax.devices()[0].device_kind}: d={d} F={F} k={k} B={B}')
   for name, (fn, *args) in parts.items():

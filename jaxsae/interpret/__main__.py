@@ -14,6 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxsae import host_memory
 from jaxsae.config import ConfigError
 from jaxsae.interpret import llm, pipeline
 
@@ -26,6 +27,7 @@ flags.mark_flags_as_required(['config', 'weights'])
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()   # before JAX's thread pools start (see its docstring)
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:

@@ -1,0 +1,340 @@
+"""Native CPU kernels (`sae.kernel = 'cpu'`): exact BatchTopK selection, sparse Matryoshka decode
+and gradients, and the AuxK selection, as C++ handlers called through XLA's FFI.
+
+Why: on XLA:CPU the 'xla' path spends most of a step outside the encoder matmul, in TopK (a
+per-row partial sort for the selection's candidates) and in scatter-adds emitted as scalar loops.
+`csrc/cpu_kernels.cc` does the same maths with vectorised row loops on XLA's intra-op thread pool:
+
+  select      z = x @ W_enc and c = b_enc - b_dec @ W_enc in; relu(z + c) is never stored. The
+              exact (B*k)-th largest value: a sampled estimate t, one pass collecting every
+              entry >= t, the budget-th largest of those (exact whenever at least B*k were
+              collected; else a 16-bit radix histogram gives a bound that is). Out: CSR by token.
+  decode      per token: all G prefix reconstructions, their squared errors, the upstream
+              R_g = sum_{i>=g} coef_i (target - x_hat_i) and dv = <R_group(f), W_dec[f]> per entry.
+  backward    per latent (entries counting-sorted by latent): dW_dec, dW_enc (in its [d, F]
+              layout) and db_enc over the selected entries only.
+  aux_select  per token, the top k_aux dead latents' pre-activations (AuxK), CSR.
+
+Work after the matmul is O(B*k*d) and no [B, F] array besides z is written. Every reduction has a
+fixed order, so results do not depend on thread timing (bit-identical resumes). The C++ is
+compiled on first use with the machine's C++ compiler (`CXX`, else c++/g++) into a cache keyed by
+the source, jaxlib and the CPU (`JAXSAE_KERNEL_CACHE`, default ~/.cache/jaxsae); `tools/install.sh`
+builds it ahead. `available()` says whether it built; `kernels.resolve('auto')` falls back to the
+'xla' path when it did not. The references the tests compare against: `train_step.loss_fn`
+(dense autodiff), `selection.reference_threshold`, and the 'xla' path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from jaxsae import kernels
+from jaxsae import model
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp-simd',
+         '-fno-math-errno')
+_TARGETS = {'jaxsae_select': 'JaxsaeSelect', 'jaxsae_aux_select': 'JaxsaeAuxSelect',
+            'jaxsae_l2_grads': 'JaxsaeL2Grads', 'jaxsae_project_rows': 'JaxsaeProjectRows',
+            'jaxsae_adam': 'JaxsaeAdam'}
+
+
+class KernelBuildError(RuntimeError):
+  """The native kernels could not be compiled or loaded; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Build and registration
+# --------------------------------------------------------------------------------------------------
+
+
+def _compiler() -> str:
+  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise KernelBuildError("sae.kernel='cpu' needs a C++17 compiler (set CXX, or install g++: "
+                         "'apt-get install g++'); sae.kernel='xla' runs without one.")
+
+
+def _cpu_flags() -> str:
+  """-march=native builds for this CPU: its feature flags belong in the cache key."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith(('flags', 'Features')):
+          return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def cache_dir() -> str:
+  root = os.environ.get('JAXSAE_KERNEL_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'jaxsae')
+  return os.path.join(root, 'kernels')
+
+
+def library_path() -> str:
+  """Where the shared library for this source, jaxlib, compiler and CPU lives (built or not)."""
+  with open(SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read())
+  compiler = _compiler()
+  key.update('\0'.join((jaxlib.__version__, compiler, ' '.join(FLAGS), platform.machine(),
+                        _cpu_flags())).encode())
+  return os.path.join(cache_dir(), f'cpu_kernels-{key.hexdigest()[:16]}.so')
+
+
+def build() -> str:
+  """Compile the kernels if this machine has no current build; returns the library's path.
+
+  Written to a temporary file and renamed into place, so concurrent processes never load a
+  half-written library."""
+  path = library_path()
+  if os.path.exists(path):
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  cmd = [_compiler(), *FLAGS, '-I', jax.ffi.include_dir(), SOURCE, '-o', tmp]
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+      raise KernelBuildError(f'compiling {SOURCE} failed ({" ".join(cmd)}):\n{r.stderr[-4000:]}')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.cache
+def _register() -> None:
+  lib = ctypes.cdll.LoadLibrary(build())
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+
+
+def available() -> bool:
+  """Whether the native kernels are built and registered here (building them if needed)."""
+  try:
+    _register()
+    return True
+  except (KernelBuildError, OSError) as e:
+    logging.warning('native CPU kernels unavailable (%s)', str(e).splitlines()[0])
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels as JAX functions
+# --------------------------------------------------------------------------------------------------
+
+
+class Entries(NamedTuple):
+  """Selected entries as CSR by token: token b owns slots row_ptr[b]:row_ptr[b+1] of lat/val,
+  latents ascending. Slots past the count hold latent 0, value 0."""
+  row_ptr: jax.Array   # [B + 1] int32
+  lat: jax.Array       # [capacity] int32
+  val: jax.Array       # [capacity] float32
+
+  @property
+  def count(self) -> jax.Array:
+    return self.row_ptr[-1]
+
+  def valid(self) -> jax.Array:
+    return jnp.arange(self.lat.shape[0]) < self.row_ptr[-1]
+
+
+class Selection(NamedTuple):
+  entries: Entries
+  tau: jax.Array          # the exact (B*k)-th largest pre-activation (0: fewer are positive)
+  ties_dropped: jax.Array  # entries == tau beyond the capacity (kept: the earliest rows')
+  path: jax.Array         # 0: the sampled estimate sufficed; 1, 2: loosened; 3: radix select
+  collected: jax.Array    # candidates gathered before the exact selection (diagnostics)
+
+
+def capacity(batch: int, k: int) -> int:
+  """Room for the B*k selected entries plus 1/16 for ties at the threshold."""
+  return batch * k + max(batch * k // 16, 16)
+
+
+def select(z: jax.Array, c: jax.Array, budget: int, cap: int) -> Selection:
+  """BatchTopK of relu(z + c[None]) (z [B, F] float32), as CSR: every entry > 0 and > tau, the
+  budget-th largest value, and the entries == tau that fit `cap` (earliest rows first). Without
+  dropped ties this is `pre >= selection.reference_threshold(pre, budget)` (and > 0) exactly."""
+  if not 1 <= budget <= cap:
+    raise ValueError(f'select needs 1 <= budget <= capacity, got budget {budget}, '
+                     f'capacity {cap}')
+  _register()
+  B, _ = z.shape
+  row_ptr, lat, val, tau, status = jax.ffi.ffi_call('jaxsae_select', (
+      jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
+      jax.ShapeDtypeStruct((cap,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+      jax.ShapeDtypeStruct((4,), jnp.int32)))(z.astype(jnp.float32), c.astype(jnp.float32),
+                                              budget=np.int64(budget))
+  return Selection(Entries(row_ptr, lat, val), tau, status[1], status[2], status[3])
+
+
+def aux_select(z: jax.Array, c: jax.Array, dead: jax.Array, k_aux: int) -> Entries:
+  """Per token, the k_aux largest positive relu(z + c) among `dead` latents (all of them when
+  fewer; ties at the k_aux-th value broken towards lower latent ids), as CSR of capacity
+  B * k_aux."""
+  _register()
+  B, _ = z.shape
+  cap = B * k_aux
+  row_ptr, lat, val, _ = jax.ffi.ffi_call('jaxsae_aux_select', (
+      jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
+      jax.ShapeDtypeStruct((cap,), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)))(
+          z.astype(jnp.float32), c.astype(jnp.float32), dead.astype(jnp.int32),
+          k_aux=np.int64(k_aux))
+  return Entries(row_ptr, lat, val)
+
+
+class L2Grads(NamedTuple):
+  resid: jax.Array     # [B, d] target - full reconstruction
+  sq: jax.Array        # [B, G] ||target - x_hat_g||^2 per token
+  up0: jax.Array       # [d] sum over tokens of R_0 (the decodes' share of b_dec's gradient)
+  dW_dec: jax.Array    # [F, d]
+  dW_enc: jax.Array    # [d, F]
+  db_enc: jax.Array    # [F]
+
+
+def l2_grads_kernel(target: jax.Array, xc: jax.Array, W_dec: jax.Array, e: Entries,
+                    group_ends: Sequence[int], coef: jax.Array) -> L2Grads:
+  """Prefix reconstructions of `target` [B, d] from the entries (x_hat_g sums v * W_dec[f] over
+  entries with latent < group_ends[g]), their squared errors, and the gradients of
+  L = -sum_g coef_g / 2 * sum_b ||target_b - x_hat_g||^2 with respect to W_dec and, through the
+  values v = xc[b] . W_enc[:, f] + b_enc[f], to W_enc and b_enc (R_g = sum_{i>=g} coef_i err_i)."""
+  _register()
+  (B, d), G, F = target.shape, len(group_ends), int(group_ends[-1])
+  f32 = jnp.float32
+  return L2Grads(*jax.ffi.ffi_call('jaxsae_l2_grads', (
+      jax.ShapeDtypeStruct((B, d), f32), jax.ShapeDtypeStruct((B, G), f32),
+      jax.ShapeDtypeStruct((d,), f32), jax.ShapeDtypeStruct((F, d), f32),
+      jax.ShapeDtypeStruct((d, F), f32), jax.ShapeDtypeStruct((F,), f32)))(
+          target, xc, W_dec, e.row_ptr, e.lat, e.val, coef.astype(f32),
+          group_ends=np.asarray(group_ends, np.int64)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The training step's pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def encoder_parts(params: model.Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """z = x @ W_enc and c = b_enc - b_dec @ W_enc: pre_activations = relu(z + c)."""
+  W_enc = params['W_enc']
+  return x @ W_enc, params['b_enc'] - params['b_dec'] @ W_enc
+
+
+def _encoder_grads(params: model.Params, db_enc: jax.Array) -> jax.Array:
+  # b_dec enters the selected values as -b_dec @ W_enc (W_enc's own share is already in the
+  # kernel's dW_enc, computed against x - b_dec).
+  return -(params['W_enc'] @ db_enc)
+
+
+def l2_and_grads(params: model.Params, x: jax.Array, e: Entries, group_sizes: Sequence[int],
+                 group_weights: Sequence[float]) -> kernels.L2Result:
+  """`kernels.sparse_l2_and_grads` (same result) from CSR entries of the selected values."""
+  B = x.shape[0]
+  G = len(group_sizes)
+  ends = np.cumsum(group_sizes)
+  xc = x - params['b_dec']
+  # l2 = mean_g w_g MSE_g: dl2/dx_hat_g = -2 w_g / (G B) (x - x_hat_g), so coef_g = -2 w_g/(G B).
+  coef = jnp.asarray(-2.0 * np.asarray(group_weights) / (G * B), jnp.float32)
+  r = l2_grads_kernel(xc, xc, params['W_dec'], e, ends, coef)
+  sq_err = jnp.sum(r.sq, axis=0) / B
+  grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
+           'b_dec': r.up0 + _encoder_grads(params, r.db_enc)}
+  return kernels.L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, jnp.float32)), sq_err,
+                          x - r.resid, grads)
+
+
+def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax.Array,
+                        residual: jax.Array, dead: jax.Array,
+                        top_k_aux: int) -> tuple[jax.Array, model.Params]:
+  """AuxK (`model.auxk_loss`) and its gradients through the same sparse path: each token's top
+  dead latents reconstruct the (constant) residual without the decoder bias."""
+  B, F = z.shape
+  e = aux_select(z, c, dead, min(top_k_aux, F))
+  denom = jnp.mean(jnp.sum((residual - residual.mean(0)) ** 2, -1))
+  # loss = mean_b ||r - r_hat||^2 / denom; nan_to_num as the reference (denom 0 -> loss 0).
+  scale = jnp.where(denom > 0, 1.0 / denom, 0.0)
+  coef = jnp.reshape(-2.0 * scale / B, (1,)).astype(jnp.float32)
+  r = l2_grads_kernel(residual, x - params['b_dec'], params['W_dec'], e, (F,), coef)
+  loss = jnp.nan_to_num(jnp.sum(r.sq) / B * scale)
+  grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
+           'b_dec': _encoder_grads(params, r.db_enc)}
+  return loss, grads
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimizer step for the weight matrices (in place)
+# --------------------------------------------------------------------------------------------------
+
+
+def project_rows(W: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(g minus each row's component along W's row, its squared norm per row):
+  `train_step.remove_parallel_component`, in place of g."""
+  _register()
+  F, _ = W.shape
+  return jax.ffi.ffi_call('jaxsae_project_rows', (
+      jax.ShapeDtypeStruct(g.shape, jnp.float32), jax.ShapeDtypeStruct((F,), jnp.float32)),
+      input_output_aliases={1: 0})(W, g)
+
+
+class AdamHyper(NamedTuple):
+  lr: jax.Array
+  b1: float
+  b2: float
+  eps: float
+  count: jax.Array      # the step's Adam count (after the increment)
+  grad_norm: jax.Array
+  max_norm: float
+  apply: jax.Array      # False: leave everything unchanged (a non-finite step)
+
+  def bias_corrections(self) -> tuple[jax.Array, jax.Array]:
+    return 1 - self.b1 ** self.count, 1 - self.b2 ** self.count   # as optax computes them
+
+  def array(self) -> jax.Array:
+    bc1, bc2 = self.bias_corrections()
+    return jnp.stack([jnp.asarray(v, jnp.float32) for v in (
+        self.lr, self.b1, self.b2, 1 - self.b1, 1 - self.b2, self.eps, bc1, bc2, self.grad_norm,
+        self.max_norm, self.apply)])
+
+
+def adam_reference(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
+                   hyper: AdamHyper) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What `adam_update` computes, in jnp with optax's order of operations (for small arrays
+  and for tests)."""
+  g = jnp.where(hyper.grad_norm < hyper.max_norm, g, (g / hyper.grad_norm) * hyper.max_norm)
+  m_new = (1 - hyper.b1) * g + hyper.b1 * m
+  v_new = (1 - hyper.b2) * (g ** 2) + hyper.b2 * v
+  bc1, bc2 = hyper.bias_corrections()
+  p_new = p + (-hyper.lr) * ((m_new / bc1) / (jnp.sqrt(v_new / bc2) + hyper.eps))
+  keep = lambda new, old: jnp.where(hyper.apply, new, old)  # noqa: E731
+  return keep(p_new, p), keep(m_new, m), keep(v_new, v)
+
+
+def adam_update(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, hyper: AdamHyper,
+                unit_rows: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """optax's clip_by_global_norm + adam + apply_updates on one array, in place of p, m and v;
+  with unit_rows, then `model.unit_norm_rows` on the updated [F, d] p."""
+  _register()
+  like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+  return jax.ffi.ffi_call('jaxsae_adam', (like, like, like),
+                          input_output_aliases={0: 0, 2: 1, 3: 2})(
+                              p, g, m, v, hyper.array(), unit_rows=np.int64(unit_rows))
