@@ -9,17 +9,20 @@ chunks so the gathered rows stay in cache and no [B*k, d] buffer is ever materia
 
 Which implementation a step uses is `sae.kernel`:
   'dense'  the plain reference: autodiff of the dense training loss, `train_step.loss_fn` (the
-           same maths as dictionary_learning). Every fast path is tested against it.
+           same maths as dictionary_learning). Every fast path is tested against it. Also the
+           step on meshes of several devices (sharded by `jaxsae.sharding`).
   'xla'    this module's gathers and scatter-adds, on any backend.
-  'pallas' the fused kernels of `jaxsae.kernels_pallas` (GPU; interpreted, slowly, on CPU; TPU
-           falls back to 'xla').
-  'auto'   the fastest measured path: 'pallas' on a single GPU, 'xla' on a single CPU device,
-           else 'dense'.
-Measured (tools/bench.py, float32, default matmul precision), one step, dense / xla / pallas:
-  H100, d=1024 F=8192 k=32 B=2048:     3.7-4.0 ms / 6.7-7.1 ms / 3.3-3.7 ms
-  H100, d=4096 F=16384 k=64 B=4096:    17.0 ms / 78 ms / 15.0 ms (of which the sparse l2 and
-                                       gradients: 68 ms xla, 4.0 ms pallas; tools/profile_step.py)
-  2 CPU cores, d=1024 F=8192 B=2048:   2.04 s / 0.85 s / (interpreted: not a contender)
+  'pallas' the fused kernels of `jaxsae.kernels_pallas` (GPU, Triton; interpreted, slowly, on
+           CPU) or, on a TPU, `jaxsae.kernels_pallas_tpu` (Mosaic: row gathers as DMAs).
+  'cpu'    the native CPU kernels of `jaxsae.kernels_cpu` (selection, loss, gradients, AuxK and
+           the optimizer update, through XLA's FFI).
+  'auto'   the fastest measured path: 'pallas' on a single GPU, 'cpu' on a single CPU device
+           ('xla' where the native kernels cannot be built), else 'dense'.
+Measured (tools/bench.py, float32, default matmul precision), one step:
+  2 CPU cores, d=1024 F=8192 k=32 B=2048:  dense 0.72 s, xla 0.42 s, cpu 0.134 s (floor 0.087 s)
+  H100, d=1024 F=8192 k=32 B=2048:         dense 3.7-4.0 ms, xla 6.7-7.1 ms, pallas 3.3-3.7 ms
+  H100, d=4096 F=16384 k=64 B=4096:        dense 17.0 ms, xla 78 ms, pallas 15.0 ms (of which the
+                                           sparse l2 and gradients: 68 ms xla, 4.0 ms pallas)
 (the H100 'xla' figures predate the chunked, compacted form below: re-measure before changing
 'auto' there). On a GPU the XLA scatter-adds dominate; the Pallas kernels are bound by the bytes
 of the gathered rows (kernels_pallas.py).
@@ -66,8 +69,9 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
   partitioned over a device mesh (XLA would replicate it), and the compaction of the 'xla' path
   is a global prefix sum over the batch. The sparse paths need each token's latents on one
   device, so latent sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
-  (exact, very slow: for tests); on TPU, which has no Pallas kernels yet, it falls back to 'xla';
-  both say so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU
+  (exact, very slow: for tests); on TPU it runs the Mosaic kernels (`jaxsae.kernels_pallas_tpu`),
+  so far tested only in interpret mode, which is why 'auto' does not pick them there; both say
+  so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU
   devices it is 'dense', with a warning.
   """
   backend = backend or jax.default_backend()
@@ -91,8 +95,8 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
       return 'dense'
   if kernel == 'pallas':
     if backend == 'tpu':
-      logging.warning("sae.kernel='pallas' has no TPU kernels yet; using the 'xla' sparse path.")
-      return 'xla'
+      logging.warning("sae.kernel='pallas' on TPU runs the Mosaic kernels of "
+                      "jaxsae.kernels_pallas_tpu, so far tested only in interpret mode.")
     if backend not in GPU_BACKENDS:
       logging.warning("sae.kernel='pallas' on %s runs the Pallas kernels in interpret mode: exact "
                       "but very slow, meant for tests. Use 'auto' or 'xla' to train here.",
@@ -140,8 +144,12 @@ def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx
   upstream gradients R_g = sum_{i>=g} dl2/dx_hat_i follow densely on [G, B, d]; pass 2 gathers
   W_dec[f] and R at each entry and scatter-adds the W_dec and W_enc gradients.
   """
-  if kernel == 'pallas':
-    from jaxsae import kernels_pallas  # pylint: disable=import-outside-toplevel (imports us)
+  if kernel == 'pallas':   # the TPU (Mosaic) kernels on a TPU, else the Triton ones
+    # pylint: disable=import-outside-toplevel (both import this module)
+    if jax.default_backend() == 'tpu':
+      from jaxsae import kernels_pallas_tpu
+      return kernels_pallas_tpu.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
+    from jaxsae import kernels_pallas
     return kernels_pallas.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
   if kernel != 'xla':
     raise ValueError(f"kernel must be 'xla' or 'pallas', got {kernel!r}")

@@ -1,27 +1,37 @@
-"""Native CPU kernels (`sae.kernel = 'cpu'`): exact BatchTopK selection, sparse Matryoshka decode
-and gradients, and the AuxK selection, as C++ handlers called through XLA's FFI.
+"""Native CPU kernels (`sae.kernel = 'cpu'`): the exact BatchTopK selection, the sparse Matryoshka
+loss and gradients, AuxK, and the optimizer's update of the weight matrices, as C++ handlers
+(`csrc/cpu_kernels.cc`) called through XLA's FFI on XLA's own intra-op thread pool.
 
 Why: on XLA:CPU the 'xla' path spends most of a step outside the encoder matmul, in TopK (a
-per-row partial sort for the selection's candidates) and in scatter-adds emitted as scalar loops.
-`csrc/cpu_kernels.cc` does the same maths with vectorised row loops on XLA's intra-op thread pool:
+per-row partial sort for the selection's candidates), in scatter-adds emitted as scalar loops,
+and in optax's update, which XLA runs as several passes over the weights and moments.
 
-  select      z = x @ W_enc and c = b_enc - b_dec @ W_enc in; relu(z + c) is never stored. The
-              exact (B*k)-th largest value: a sampled estimate t, one pass collecting every
-              entry >= t, the budget-th largest of those (exact whenever at least B*k were
-              collected; else a 16-bit radix histogram gives a bound that is). Out: CSR by token.
-  decode      per token: all G prefix reconstructions, their squared errors, the upstream
-              R_g = sum_{i>=g} coef_i (target - x_hat_i) and dv = <R_group(f), W_dec[f]> per entry.
-  backward    per latent (entries counting-sorted by latent): dW_dec, dW_enc (in its [d, F]
-              layout) and db_enc over the selected entries only.
-  aux_select  per token, the top k_aux dead latents' pre-activations (AuxK), CSR.
+  select         z = x @ W_enc and c = b_enc - b_dec @ W_enc in; relu(z + c) is never stored. The
+                 exact (B*k)-th largest value tau: a histogram of a sample of rows estimates it,
+                 one pass collects every entry above the estimate, and the budget-th largest of
+                 those is tau whenever at least B*k were collected (else the estimate is loosened,
+                 and at last a two-level radix select over the batch gives tau). Out: the entries
+                 > tau and, up to the capacity, those == tau, as CSR by token.
+  l2_grads       token pass: all G prefix reconstructions, their squared errors, the upstream
+                 R_g = sum_{i>=g} coef_i (target - x_hat_i) and dv = <R_group(f), W_dec[f]> per
+                 entry; latent pass (entries counting-sorted by latent): dW_dec, dW_enc (in its
+                 [d, F] layout) and db_enc over the selected entries only.
+  aux_select     per token, the top k_aux dead latents' pre-activations (AuxK), as CSR; AuxK's
+                 loss and gradients then run through l2_grads with one group.
+  project_rows,  the decoder-gradient projection, then clip + Adam (+ the decoder's row
+  adam_update    renormalisation) in place: one pass per matrix. optax's maths and order.
 
-Work after the matmul is O(B*k*d) and no [B, F] array besides z is written. Every reduction has a
-fixed order, so results do not depend on thread timing (bit-identical resumes). The C++ is
-compiled on first use with the machine's C++ compiler (`CXX`, else c++/g++) into a cache keyed by
-the source, jaxlib and the CPU (`JAXSAE_KERNEL_CACHE`, default ~/.cache/jaxsae); `tools/install.sh`
-builds it ahead. `available()` says whether it built; `kernels.resolve('auto')` falls back to the
-'xla' path when it did not. The references the tests compare against: `train_step.loss_fn`
-(dense autodiff), `selection.reference_threshold`, and the 'xla' path.
+Work after the matmul is O(B*k*d) and no [B, F] array besides z exists: the 'cpu' step has no
+dense fallback (ties at tau beyond the capacity, which only degenerate batches have, are dropped
+and counted in the step's `ties_dropped` metric). Every reduction has a fixed order, so results
+do not depend on thread timing (bit-identical resumes).
+
+The C++ is compiled on first use with the machine's C++ compiler (`CXX`, else c++/g++) into a
+cache keyed by the source, jaxlib, compiler and CPU (`JAXSAE_KERNEL_CACHE`, default
+~/.cache/jaxsae); `tools/install.sh` builds it ahead. `available()` says whether it built, and
+`kernels.resolve('auto')` takes the 'xla' path when it did not. The references the tests compare
+against: `train_step.loss_fn` (dense autodiff), `model.auxk_loss`, `selection.reference_threshold`
+and optax.
 """
 
 from __future__ import annotations

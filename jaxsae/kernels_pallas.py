@@ -37,9 +37,8 @@ masked load), with the same result.
 JAX 0.11 warns that Pallas's Triton lowering is deprecated in favour of Mosaic GPU; when it goes,
 `kernels.resolve('auto')` stops choosing this path (it checks the module is there).
 
-TPU: not implemented. A Mosaic version needs the row gathers as manual DMAs driven by
-scalar-prefetched indices (a different kernel structure), and no TPU was available to test it, so
-`kernels.resolve('pallas')` falls back to the XLA path on TPU with a warning.
+TPU: a Mosaic version with the row gathers as DMAs driven by indices in SMEM is
+`jaxsae.kernels_pallas_tpu`; `kernels.sparse_l2_and_grads` picks it on a TPU backend.
 """
 
 from __future__ import annotations

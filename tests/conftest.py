@@ -55,6 +55,43 @@ def repo():
 
 
 # --------------------------------------------------------------------------------------------------
+# Kernel tests (tests/test_kernels*.py): a random SAE with non-zero biases, its selected codes
+# --------------------------------------------------------------------------------------------------
+
+
+def random_sae(group_sizes, B, d, seed=0):
+  """(params, x): unit decoder rows, small random biases, a standard-normal batch."""
+  import jax  # pylint: disable=import-outside-toplevel (the CLI tests need no JAX here)
+  from jaxsae import model  # pylint: disable=import-outside-toplevel
+  kp, kx, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = model.init_params(kp, d, sum(group_sizes))
+  params['b_dec'] = 0.1 * jax.random.normal(kb, (d,))
+  params['b_enc'] = 0.05 * jax.random.normal(kb, (sum(group_sizes),))
+  return params, jax.random.normal(kx, (B, d))
+
+
+def selected_candidates(params, x, k, kc):
+  """The sparse kernels' input: each token's top-kc candidates, zero where BatchTopK drops them
+  (asserting the candidates provably hold the whole selection), and the threshold."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jaxsae import model, selection  # pylint: disable=import-outside-toplevel
+  pre = model.pre_activations(params, x)
+  vals, idx, tau, proven = selection.candidates_and_threshold(pre, k, kc)
+  assert bool(proven)
+  return jnp.where((vals >= tau) & (vals > 0), vals, 0.0), idx, tau
+
+
+def step_config(group_sizes, group_weights, **overrides):
+  """A StepConfig with AuxK effectively off (nothing goes dead) unless overridden."""
+  from jaxsae import train_step  # pylint: disable=import-outside-toplevel
+  fields = dict(k=4, group_sizes=tuple(group_sizes), group_weights=tuple(group_weights),
+                auxk_alpha=1 / 32, top_k_aux=12, dead_tokens_threshold=10**9,
+                threshold_beta=0.999, threshold_start_step=0, candidates_per_row=8,
+                skip_nonfinite=False)
+  return train_step.StepConfig(**{**fields, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------
 # Activation stores and the export (tests/test_store.py, test_input_pipeline.py,
 # test_export_activations.py)
 # --------------------------------------------------------------------------------------------------

@@ -8,29 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsae import kernels, kernels_cpu, model, selection, train_step
+from conftest import random_sae, selected_candidates, step_config
+from jaxsae import kernels, kernels_cpu, model, train_step
 
 GROUPS = (8, 8, 16, 32, 64)   # F = 128
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
 
 
 def setup(B=64, d=24, k=4, kc=32, seed=0):
-  kp, kx, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = model.init_params(kp, d, sum(GROUPS))
-  params['b_dec'] = 0.1 * jax.random.normal(kb, (d,))
-  params['b_enc'] = 0.05 * jax.random.normal(kb, (sum(GROUPS),))
-  x = jax.random.normal(kx, (B, d))
-  pre = model.pre_activations(params, x)
-  vals, idx, tau, proven = selection.candidates_and_threshold(pre, k, kc)
-  assert bool(proven)
-  sel_vals = jnp.where((vals >= tau) & (vals > 0), vals, 0.0)
-  return params, x, sel_vals, idx, tau
+  params, x = random_sae(GROUPS, B, d, seed)
+  return (params, x, *selected_candidates(params, x, k, kc))
 
 
 def dense_reference(params, x, k):
-  sc = train_step.StepConfig(k=k, group_sizes=GROUPS, group_weights=WEIGHTS, auxk_alpha=1 / 32,
-                             top_k_aux=12, dead_tokens_threshold=10**9, threshold_beta=0.999,
-                             threshold_start_step=0, candidates_per_row=8, skip_nonfinite=False)
+  sc = step_config(GROUPS, WEIGHTS, k=k)
   (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
       params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
   assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
@@ -126,7 +117,7 @@ def test_resolve():
   assert kernels.resolve('pallas', mesh_model_axis=2) == 'dense'
   assert kernels.resolve('pallas', backend='gpu') == 'pallas'
   assert kernels.resolve('pallas', backend='cpu') == 'pallas'   # interpreted, with a warning
-  assert kernels.resolve('pallas', backend='tpu') == 'xla'      # no TPU kernels yet
+  assert kernels.resolve('pallas', backend='tpu') == 'pallas'   # Mosaic kernels, with a warning
   assert kernels.resolve('cpu', backend='cpu', num_devices=1) == 'cpu'
   assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'   # with a warning
   assert kernels.resolve('cpu', mesh_model_axis=2) == 'dense'

@@ -2,7 +2,6 @@
 selections against sorts, the sparse loss and gradients and AuxK against autodiff of the dense
 formulation, the in-place Adam against optax, and whole training steps against kernel='dense'."""
 
-import dataclasses
 import os
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import random_sae, step_config
 from jaxsae import kernels_cpu, model, selection, train_step
 
 pytestmark = pytest.mark.skipif(not kernels_cpu.available(),
@@ -117,27 +117,20 @@ def test_aux_select_is_each_tokens_top_dead_latents():
 
 
 def sparse_setup(B=40, d=20, k=4, seed=0):
-  kp, kx, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = model.init_params(kp, d, sum(GROUPS))
-  params['b_dec'] = 0.1 * jax.random.normal(kb, (d,))
-  params['b_enc'] = 0.05 * jax.random.normal(kb, (sum(GROUPS),))
-  x = jax.random.normal(kx, (B, d))
+  params, x = random_sae(GROUPS, B, d, seed)
   z, c = kernels_cpu.encoder_parts(params, x)
   return params, x, z, c, kernels_cpu.select(z, c, B * k, kernels_cpu.capacity(B, k))
 
 
-def step_config(**overrides):
-  fields = dict(k=4, group_sizes=GROUPS, group_weights=WEIGHTS, auxk_alpha=1 / 32, top_k_aux=6,
-                dead_tokens_threshold=10**9, threshold_beta=0.999, threshold_start_step=0,
-                candidates_per_row=8, skip_nonfinite=False)
-  return train_step.StepConfig(**{**fields, **overrides})
+def cpu_step_config(**overrides):
+  return step_config(GROUPS, WEIGHTS, top_k_aux=6, **overrides)
 
 
 def test_sparse_loss_and_gradients_equal_autodiff_of_the_dense_loss():
   params, x, _, _, sel = sparse_setup()
   got = kernels_cpu.l2_and_grads(params, x, sel.entries, GROUPS, WEIGHTS)
   (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
-      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), step_config())
+      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), cpu_step_config())
   assert float(aux.auxk_loss) == 0.0
   np.testing.assert_allclose(got.l2, loss, rtol=1e-5)
   np.testing.assert_allclose(got.sq_err, aux.recon_sq_err, rtol=1e-5)
@@ -211,7 +204,7 @@ def test_native_adam_equals_optax(norm, apply):
 def run_steps(kernel, steps=8, B=64, d=20, dead_after=128):
   """`steps` training steps from one start; AuxK engages once latents go `dead_after` tokens
   without firing."""
-  sc = dataclasses.replace(step_config(dead_tokens_threshold=dead_after), kernel=kernel)
+  sc = cpu_step_config(dead_tokens_threshold=dead_after, kernel=kernel)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lambda _: 3e-3))
   params = model.init_params(jax.random.PRNGKey(5), d, sum(GROUPS))
   state = train_step.init_state(params, optimizer)
@@ -252,7 +245,7 @@ def test_cpu_training_steps_are_bit_identical_run_to_run():
 
 
 def test_a_non_finite_batch_leaves_the_state_unchanged():
-  sc = dataclasses.replace(step_config(), kernel='cpu')
+  sc = cpu_step_config(kernel='cpu')
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lambda _: 3e-3))
   state = train_step.init_state(model.init_params(jax.random.PRNGKey(5), 20, sum(GROUPS)),
                                 optimizer)

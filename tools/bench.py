@@ -7,8 +7,9 @@
 Prints a table: tokens/s and seconds per step of our compiled step for each `sae.kernel`, of one
 B x d x F float32 matmul (the floor of a step, ../shared/DESIGN.md section 7) and our step as a
 multiple of it, of that matmul plus the optimizer's clipped Adam update in one call (work every
-exact step must do, so a lower bound no step can beat), the device memory each compiled call holds (XLA's memory analysis: arguments +
-outputs - donated aliases + temporaries), and, when the peer venv exists (see tools/bench_peers.py
+exact step must do: with optax's update, and with the native in-place one kernel=cpu uses, the
+lower bound of that step), the device memory each compiled call holds (XLA's memory analysis:
+arguments + outputs - donated aliases + temporaries), and, when the peer venv exists (see tools/bench_peers.py
 for how to create it), dictionary_learning's and SAELens's Matryoshka BatchTopK steps on the same
 shapes. --paper adds a second table at the paper's width (d=4096, F=16384, k=64). kernel=pallas is
 timed only on a GPU (elsewhere it would run interpreted), kernel=cpu only on the CPU backend.
@@ -94,18 +95,27 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto
   matmul_s = timed(matmul, x, W, steps=steps)
   return {'step_s': step_s, 'matmul_s': matmul_s, 'sparse_fraction': sparse_fraction,
           'step_bytes': memory_bytes(step), 'matmul_bytes': memory_bytes(matmul),
-          'resolved': sc.kernel, 'bound_s': matmul_plus_adam(holder['state'], x, W, optimizer,
-                                                             steps)}
+          'resolved': sc.kernel,
+          'bound_s': matmul_plus_adam(holder['state'], x, W, optimizer, steps),
+          'native_bound_s': (matmul_plus_adam(holder['state'], x, W, optimizer, steps, sc, schedule)
+                             if sc.kernel == 'cpu' else None)}
 
 
-def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: int) -> float:
+def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: int,
+                     sc: train_step.StepConfig | None = None, schedule=None) -> float:
   """Seconds of the encoder matmul plus the clipped Adam update of all parameters, in one
-  donated call: work every exact step of the method must do, so no step can beat it."""
+  donated call: work every exact step of the method must do. With `sc`, the update is the
+  'cpu' path's native in-place one (`train_step._native_update`), else optax's."""
   grads = jax.tree.map(lambda p: 1e-3 * p, state['params'])
 
   def bound(params, opt_state, x, W):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return x @ W, optax.apply_updates(params, updates), opt_state
+    if sc is None:
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return x @ W, optax.apply_updates(params, updates), opt_state
+    params, opt_state = train_step._native_update(  # pylint: disable=protected-access
+        {'params': params, 'opt_state': opt_state}, grads, optax.tree.norm(grads),
+        jnp.bool_(True), sc, schedule)
+    return x @ W, params, opt_state
 
   fn = jax.jit(bound, donate_argnums=(0, 1)).lower(
       state['params'], state['opt_state'], x, W).compile()
@@ -137,7 +147,7 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
   print(f'\njax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32', flush=True)
   on_gpu = jax.default_backend() in kernels.GPU_BACKENDS
-  rows, ours = [], None
+  rows, ours, results = [], None, []
   for kernel in args.kernels.split(','):
     if kernel == 'pallas' and not on_gpu and not args.interpret_pallas:
       print('(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
@@ -147,6 +157,7 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
       print('(kernel=cpu skipped: it runs on the CPU backend only)')
       continue
     res = bench_jaxsae(d, F, k, B, args.steps, kernel)
+    results.append(res)
     ours = ours or res
     rows.append((f'jaxsae step, kernel={kernel}', res['step_s'], res['step_bytes']))
     if res['resolved'] != 'dense':
@@ -155,7 +166,10 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
   if ours is None:
     return
   rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s'], ours['matmul_bytes']))
-  rows.insert(1, ('floor + Adam update (lower bound)', ours['bound_s'], -1))
+  rows.insert(1, ('floor + Adam (optax)', ours['bound_s'], -1))
+  native = next((r['native_bound_s'] for r in results if r['native_bound_s']), None)
+  if native:
+    rows.insert(2, ('floor + Adam (native, in place)', native, -1))
   if args.peers and os.path.exists(args.peers_python):
     peers = bench_peers(args.peers_python, d, F, k, B, args.steps, args.reuse_host_memory)
     for lib, res in peers.items():
