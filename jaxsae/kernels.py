@@ -19,7 +19,7 @@ Which implementation a step uses is `sae.kernel`:
   'auto'   the fastest measured path: 'pallas' on a single GPU, 'cpu' on a single CPU device
            ('xla' where the native kernels cannot be built), else 'dense'.
 Measured (tools/bench.py, float32, default matmul precision), one step:
-  2 CPU cores, d=1024 F=8192 k=32 B=2048:  dense 0.72 s, xla 0.42 s, cpu 0.134 s (floor 0.087 s)
+  2 CPU cores, d=1024 F=8192 k=32 B=2048:  dense 0.66 s, xla 0.36 s, cpu 0.123 s (floor 0.080 s)
   H100, d=1024 F=8192 k=32 B=2048:         dense 3.7-4.0 ms, xla 6.7-7.1 ms, pallas 3.3-3.7 ms
   H100, d=4096 F=16384 k=64 B=4096:        dense 17.0 ms, xla 78 ms, pallas 15.0 ms (of which the
                                            sparse l2 and gradients: 68 ms xla, 4.0 ms pallas)
