@@ -123,7 +123,10 @@ def build() -> str:
   try:
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
-      raise KernelBuildError(f'compiling {SOURCE} failed ({" ".join(cmd)}):\n{r.stderr[-4000:]}')
+      # The FFI headers warn at length even in a good build: lead with the errors.
+      errors = [line for line in r.stderr.splitlines() if 'error' in line][:20]
+      raise KernelBuildError(f'compiling {SOURCE} failed ({" ".join(cmd)}):\n' +
+                             '\n'.join(errors or r.stderr.splitlines()[-40:]))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -138,8 +141,10 @@ def _register() -> None:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
 
 
+@functools.cache
 def available() -> bool:
-  """Whether the native kernels are built and registered here (building them if needed)."""
+  """Whether the native kernels are built and registered here (building them if needed; a
+  failure is logged once, not retried on every call)."""
   try:
     _register()
     return True

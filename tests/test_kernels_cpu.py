@@ -270,6 +270,7 @@ def test_a_failing_build_names_the_source_and_the_error(monkeypatch, tmp_path):
   bad.write_text('this is not C++\n')
   monkeypatch.setattr(kernels_cpu, 'SOURCE', str(bad))
   monkeypatch.setenv('JAXSAE_KERNEL_CACHE', str(tmp_path / 'cache'))
-  with pytest.raises(kernels_cpu.KernelBuildError, match='bad.cc failed'):
+  with pytest.raises(kernels_cpu.KernelBuildError, match='bad.cc failed') as excinfo:
     kernels_cpu.build()
+  assert 'error' in str(excinfo.value).split('\n', 1)[1]   # the compiler's own error lines
   assert not [f for f in os.listdir(tmp_path / 'cache' / 'kernels')]   # nothing half-written
