@@ -12,16 +12,11 @@ from typing import Sequence
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config value is missing, unknown or impossible; the message says which and why."""
-
+from jaxsae.errors import ConfigError  # noqa: F401 (raised here, and by callers as config.ConfigError)
+from jaxsae.formats.tokens import TOKEN_KINDS
 
 # sae.kernel: the implementations of the training step's selection, decode and gradients.
 KERNELS = ('auto', 'dense', 'xla', 'pallas', 'cpu')
-
-# What each exported token is (jaxsae.store's `kind` column holds the index into this tuple).
-TOKEN_KINDS = ('image', 'prompt', 'boilerplate', 'report')
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -32,18 +32,18 @@ flags.mark_flags_as_required(['config', 'weights'])
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  from jaxsae.bridge import evaluation, interventions  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge import in_model_metrics, interventions  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   kinds = _SPLICE_KINDS.value or list(c.export.keep_kinds)
   try:
-    studies, source = evaluation.held_out(_MANIFEST.value or c.export.manifest,
+    studies, source = in_model_metrics.held_out(_MANIFEST.value or c.export.manifest,
                                           c.data.store_path, _NUM_STUDIES.value, _STUDY.value)
     site, processor = interventions.load_site(c, _WEIGHTS.value)
     print(f'evaluating {os.path.abspath(_WEIGHTS.value)} at {site.path} on {source}')
     if site.sae.threshold.ndim == 0 and float(site.sae.threshold) < 0:
       print('warning: the SAE has no inference threshold yet (trained for fewer than '
             'threshold_start_step steps): every positive pre-activation counts.', file=sys.stderr)
-    results = evaluation.evaluate(
+    results = in_model_metrics.evaluate(
         site, processor, studies, kinds, _DENSE.value,
         progress=lambda i: print(f'\revaluate: {i}/{len(studies)} studies', end='',
                                  file=sys.stderr, flush=True))
@@ -54,7 +54,7 @@ def main(argv):
   results['held_out'] = source
   results['weights'] = os.path.abspath(_WEIGHTS.value)
   results['site'] = site.path
-  json_path, png_path = evaluation.write(_OUT.value, results, f'{c.model.name} {site.path}')
+  json_path, png_path = in_model_metrics.write(_OUT.value, results, f'{c.model.name} {site.path}')
   print(f'{results["studies"]} studies, {results["tokens"]} tokens spliced ({", ".join(kinds)}), '
         f'{results["report_tokens"]} report tokens scored')
   print(f'FVU {results["fvu"]:.4f}  L0 {results["l0"]:.2f}  dead {results["dead_latents"]} '

@@ -26,7 +26,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
   from jaxsae.bridge import export  # pylint: disable=import-outside-toplevel  (torch)
-  from jaxsae import store  # pylint: disable=import-outside-toplevel
+  from jaxsae.formats import store  # pylint: disable=import-outside-toplevel
   c = _CONFIG.value
   try:
     meta = export.export(c, skip_bad=_SKIP_BAD.value)

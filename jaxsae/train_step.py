@@ -18,7 +18,8 @@ import optax
 
 from jaxsae import config as config_lib
 from jaxsae import kernels
-from jaxsae import kernels_cpu
+from jaxsae.kernels import sparse, xla
+from jaxsae.kernels import cpu as kernels_cpu
 from jaxsae import model
 from jaxsae import selection
 
@@ -162,12 +163,12 @@ def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
   pre = model.pre_activations(params, x)
   vals, idx, tau, proven = selection.candidates_and_threshold(pre, sc.k, kc)
   sel = (vals >= tau) & (vals > 0)
-  capacity = kernels.entry_capacity(B, sc.k, kc) if sc.kernel == 'xla' else B * kc
+  capacity = sparse.entry_capacity(B, sc.k, kc) if sc.kernel == 'xla' else B * kc
   fits = jnp.sum(sel) <= capacity   # ties at the threshold may select more than B*k entries
 
-  def sparse():
+  def run_sparse():
     sel_vals = jnp.where(sel, vals, 0.0)
-    r = kernels.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights,
+    r = xla.sparse_l2_and_grads(params, x, sel_vals, idx, sc.group_sizes, sc.group_weights,
                                     kernel=sc.kernel, capacity=capacity)
     fired = jnp.zeros((F,), bool).at[idx.reshape(-1)].max(sel.reshape(-1))
     silence = _count_silence(tokens_since_fired, fired, x.shape[0])
@@ -183,7 +184,7 @@ def _sparse_loss_and_grads(params, x, tokens_since_fired, sc: StepConfig):
                       jnp.zeros((), jnp.float32))
     return r.l2 + sc.auxk_alpha * aux, stats, silence, grads
 
-  return jax.lax.cond(proven & fits, sparse,
+  return jax.lax.cond(proven & fits, run_sparse,
                       lambda: _dense_loss_and_grads(params, x, tokens_since_fired, sc))
 
 

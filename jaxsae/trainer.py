@@ -200,7 +200,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   state = {key: state[key] for key in ('params', 'threshold', 'step')}
   if jax.process_count() > 1:  # every process gets the whole (possibly sharded) SAE, on the host
     state = multihost_utils.process_allgather(state, tiled=True)
-  summary = evaluate(state, source, scale, sc, first_batch=c.train.steps)
+  summary = end_of_training_metrics(state, source, scale, sc, first_batch=c.train.steps)
   if hasattr(source, 'features'):
     summary.update(_synthetic_recovery(state, source))
   summary['step'] = int(state['step'])
@@ -212,8 +212,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return summary
 
 
-def evaluate(state: dict, source: data.ActivationSource, scale: float, sc: train_step.StepConfig,
-             first_batch: int, n_batches: int = 8) -> dict[str, Any]:
+def end_of_training_metrics(state: dict, source: data.ActivationSource, scale: float,
+                            sc: train_step.StepConfig,
+                            first_batch: int, n_batches: int = 8) -> dict[str, Any]:
   """Inference-mode (learned threshold) FVU and L0, and per-feature firing density."""
   params, threshold = state['params'], state['threshold']
   use_threshold = float(threshold) >= 0  # before threshold_start_step there is none yet
@@ -241,7 +242,7 @@ def evaluate(state: dict, source: data.ActivationSource, scale: float, sc: train
 
 
 def _synthetic_recovery(state: dict, source) -> dict[str, float]:
-  from jaxsae import synthetic
+  from jaxsae.data import synthetic
   return synthetic.recovery(state['params']['W_dec'], source.features)
 
 

@@ -3,14 +3,14 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_core_training_never_imports_torch(tmp_path):
   code = f'''
 import sys
 sys.path.insert(0, {REPO!r})
-from conftest import tiny_config
+from helpers import tiny_config
 from jaxsae import trainer, weights
 trainer.train_and_evaluate(tiny_config(**{{"train.steps": 10, "optim.decay_start": 8}}), {str(tmp_path)!r})
 weights.export({str(tmp_path)!r}, {str(tmp_path / "w")!r}, "saelens")

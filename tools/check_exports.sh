@@ -15,7 +15,8 @@ for fmt in dictionary_learning saelens; do
 import sys
 import numpy as np
 from experiments.synthetic import get_config
-from jaxsae import synthetic, weights
+from jaxsae import weights
+from jaxsae.data import synthetic
 sae, _ = weights.load(sys.argv[1])
 x = np.asarray(synthetic.SyntheticSource.from_config(get_config()).batch(10**6))[:256]
 np.savez(sys.argv[2], x=x, expected_encode=np.asarray(sae.encode(x)), expected_decode=np.asarray(sae(x)))

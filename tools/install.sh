@@ -13,5 +13,5 @@ fi
 # The native CPU kernels (sae.kernel='cpu', what 'auto' picks on one CPU device): compiled now, for
 # this machine, so the first training step does not wait for the compiler. Without a C++ compiler
 # this says so and training uses the 'xla' path.
-.venv/bin/python -c "from jaxsae import kernels_cpu; print('native CPU kernels:', kernels_cpu.build())" \
+.venv/bin/python -c "from jaxsae.kernels import cpu_build; print('native CPU kernels:', cpu_build.build())" \
   || echo "native CPU kernels not built (no working C++ compiler?): sae.kernel='auto' uses 'xla'"

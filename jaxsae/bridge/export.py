@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 import torch
 
-from jaxsae import store as store_lib
+from jaxsae.formats import store as store_lib
 from jaxsae.bridge import loading, manifest, prompt
-from jaxsae.config import TOKEN_KINDS, ConfigError, validate_export
+from jaxsae.config import ConfigError, validate_export
+from jaxsae.formats.tokens import TOKEN_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from jaxsae.bridge import manifest
-from jaxsae.config import TOKEN_KINDS, ConfigError
+from jaxsae.config import ConfigError
+from jaxsae.formats.tokens import TOKEN_KINDS
 
 MISSING = 'N/A'
 IMAGE, PROMPT, BOILERPLATE, REPORT = (TOKEN_KINDS.index(k) for k in

@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 
 from jaxsae import model
-from jaxsae.config import TOKEN_KINDS
 from jaxsae.interpret import records as rec
 from jaxsae.interpret.stats import Result, histogram_edges
-from jaxsae.store import TOKEN_COLUMNS, ActivationStore
+from jaxsae.formats.store import ActivationStore
+from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
 log = logging.getLogger(__name__)
 COL = {name: i for i, name in enumerate(TOKEN_COLUMNS)}

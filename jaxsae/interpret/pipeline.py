@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxsae import store, weights
+from jaxsae import weights
+from jaxsae.formats import store
 from jaxsae.config import ConfigError
 from jaxsae.interpret import browser, examples, explain, llm, records, stats
 

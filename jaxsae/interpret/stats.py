@@ -37,8 +37,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsae import model, sharding
-from jaxsae.config import TOKEN_KINDS, ConfigError
-from jaxsae.store import TOKEN_COLUMNS, ActivationStore
+from jaxsae.config import ConfigError
+from jaxsae.formats.store import ActivationStore
+from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,76 @@
+"""Where training batches come from, checked before any compute.
+
+A source gives batch i as an array [B, d] and is deterministic in i. Training reads it through a
+grain iterator (`batches`) whose state, a position, is saved in every checkpoint, so a resumed run
+continues at the exact batch: the activation store's own pipeline (jaxsae.input_pipeline), or for
+other sources a plain in-order one.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxsae.data import store_source
+from jaxsae.data import synthetic
+from jaxsae.config import ConfigError
+
+
+class ActivationSource(Protocol):
+  d: int
+  batch_size: int
+
+  def batch(self, index: int) -> jax.Array:
+    ...
+
+
+def open_source(c: ml_collections.ConfigDict) -> ActivationSource:
+  """The configured source, after checking it exists and matches the config's width."""
+  if c.data.source == 'synthetic':
+    source = synthetic.SyntheticSource.from_config(c)
+  else:
+    source = store_source.StoreSource.from_config(c)  # checks path, width, dtype, size
+  if source.d != c.sae.d:
+    raise ConfigError(f'the data has width d={source.d} but the config says sae.d={c.sae.d}; '
+                      'set --config.sae.d to the data width.')
+  return source
+
+
+def batches(source: ActivationSource) -> grain.DatasetIterator:
+  """The source's batches 0, 1, 2, ... as a grain iterator (get_state / set_state)."""
+  if hasattr(source, 'iterator'):
+    return source.iterator()
+  ds = grain.MapDataset.range(sys.maxsize).map(source.batch)  # generated on demand, in order
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def to_device(batch: np.ndarray | jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The global batch: host arrays are this process's rows (the store's per-process slice);
+  device arrays (synthetic) are the whole batch, which every process generates alike and from
+  which each contributes the rows of its own devices."""
+  if isinstance(batch, np.ndarray):
+    return jax.make_array_from_process_local_data(sharding, batch)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  host = np.asarray(batch)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def activation_scale(source: ActivationSource, n_batches: int) -> float:
+  """s with E||x/s||^2 = d (dictionary_learning's norm factor up to the sqrt(d) target recommended
+  by Anthropic's April 2024 update): the activation store's, measured over all its rows at export,
+  or else measured on the first batches."""
+  if getattr(source, 'scale', None) is not None:
+    return float(source.scale)
+  sq = [jnp.mean(jnp.sum(source.batch(i) ** 2, axis=-1)) for i in range(n_batches)]
+  mean_sq = float(jnp.mean(jnp.stack(sq)))
+  if not mean_sq > 0 or not jnp.isfinite(mean_sq):
+    raise ConfigError(f'cannot normalise the data: the mean squared norm of the first {n_batches} '
+                      f'batches is {mean_sq}. Check the source for zeros or NaN/Inf.')
+  return (mean_sq / source.d) ** 0.5

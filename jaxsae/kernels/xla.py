@@ -1,0 +1,99 @@
+"""The sparse Matryoshka decode and gradients in plain XLA (`sae.kernel = 'xla'`), for any backend.
+
+After BatchTopK only B*k entries of the [B, F] activations are non-zero, yet a dense step spends
+four more B x d x F matmuls on them (decode, its two gradients, and the encoder-weight gradient).
+Here the selected entries are compacted into flat (token, latent, value) lists; every prefix
+reconstruction is a gather-weighted sum of W_dec rows split by group, and the gradients of W_dec,
+W_enc, b_enc and b_dec are scatter-adds over the selected entries only. Entries are walked in
+chunks so the gathered rows stay in cache and no [B*k, d] buffer is ever materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae import model
+from jaxsae.kernels.common import L2Result
+from jaxsae.kernels.sparse import compact
+
+
+def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
+                        group_sizes: Sequence[int], group_weights: Sequence[float],
+                        chunk: int = 256, kernel: str = 'xla',
+                        capacity: int | None = None) -> L2Result:
+  """Matryoshka reconstruction loss and its exact gradients from sparse codes.
+
+  vals/idx [B, kc]: the selected activation values (0 where not selected) and their latent ids;
+  they must hold every selected entry (the proven-candidates case of the BatchTopK selection).
+  kernel: 'xla' (below) or 'pallas' (`jaxsae.kernels_pallas`).
+
+  The 'xla' path first compacts the selected entries into `capacity` (default: room for every
+  candidate) flat slots, which must hold them all, then walks them `chunk` entries at a time so
+  that the gathered decoder rows stay in cache: never a [B*k, d] buffer, never a B x F x d matmul.
+  Pass 1 scatter-adds v * W_dec[f] into per-(group, token) decodes; the prefix errors and their
+  upstream gradients R_g = sum_{i>=g} dl2/dx_hat_i follow densely on [G, B, d]; pass 2 gathers
+  W_dec[f] and R at each entry and scatter-adds the W_dec and W_enc gradients.
+  """
+  if kernel == 'pallas':   # the TPU (Mosaic) kernels on a TPU, else the Triton ones
+    # pylint: disable=import-outside-toplevel (both import this module)
+    if jax.default_backend() == 'tpu':
+      from jaxsae.kernels import pallas_tpu as kernels_pallas_tpu
+      return kernels_pallas_tpu.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
+    from jaxsae.kernels import pallas_gpu as kernels_pallas
+    return kernels_pallas.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
+  if kernel != 'xla':
+    raise ValueError(f"kernel must be 'xla' or 'pallas', got {kernel!r}")
+  B, d = x.shape
+  F = params['W_dec'].shape[0]
+  G = len(group_sizes)
+  capacity = vals.size if capacity is None else capacity
+  chunk = min(chunk, capacity)
+  capacity = -(-capacity // chunk) * chunk
+  W_dec, b_dec = params['W_dec'], params['b_dec']
+  tok, lat, val = compact(vals, idx, capacity)
+  group = jnp.searchsorted(jnp.asarray(np.cumsum(group_sizes), jnp.int32), lat, side='right')
+  slot = group.astype(jnp.int32) * B + tok                   # row of the [G*B, d] decodes
+  blocks = tuple(a.reshape(capacity // chunk, chunk) for a in (slot, lat, val))
+
+  def decode_chunk(parts, blk):
+    s, f, v = blk
+    return parts.at[s].add(v[:, None] * W_dec[f]), None
+
+  parts, _ = jax.lax.scan(decode_chunk, jnp.zeros((G * B, d), x.dtype), blocks)
+  parts = parts.reshape(G, B, d)
+  # Unrolled over the few groups: a cumsum over a length-G axis is a slow reduce-window on CPU.
+  errs, err = [], x - b_dec
+  for g in range(G):
+    err = err - parts[g]                                     # x - x_hat_g
+    errs.append(err)
+  sq_err = jnp.stack([jnp.sum(e ** 2) for e in errs]) / B
+  # l2 is the mean over G prefixes of w_g * MSE_g: dl2/dx_hat_g = -2 w_g / (G B) (x - x_hat_g).
+  coef = -2.0 * np.asarray(group_weights) / (G * B)
+  upstream, acc = [], jnp.zeros_like(x)
+  for g in reversed(range(G)):
+    acc = acc + coef[g] * errs[g]
+    upstream.append(acc)
+  R = jnp.concatenate(upstream[::-1], axis=0)               # [G*B, d]: R_g, token-major
+  xc = x - b_dec
+
+  def grad_chunk(carry, blk):
+    dW_dec, dW_encT, db_enc = carry
+    s, f, v = blk
+    R_e = R[s]
+    dv = jnp.where(v > 0, jnp.sum(R_e * W_dec[f], axis=-1), 0.0)   # dl2/d(value), selected only
+    return (dW_dec.at[f].add(v[:, None] * R_e), dW_encT.at[f].add(dv[:, None] * xc[s % B]),
+            db_enc.at[f].add(dv)), None
+
+  zeros = jnp.zeros((F, d), x.dtype)
+  (dW_dec, dW_encT, db_enc), _ = jax.lax.scan(
+      grad_chunk, (zeros, zeros, jnp.zeros((F,), x.dtype)), blocks)
+  grads = {'W_enc': dW_encT.T, 'b_enc': db_enc, 'W_dec': dW_dec,
+           # b_dec reaches the loss through every decode (sum of the upstream gradients, R_0)
+           # and, as -b_dec @ W_enc, through the encoder.
+           'b_dec': jnp.sum(upstream[-1], axis=0) - params['W_enc'] @ db_enc}
+  return L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1],
+                  grads)
