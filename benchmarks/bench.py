@@ -1,18 +1,21 @@
 """Training-step throughput of jaxsae vs the one-matmul floor and the peer libraries, in one run.
 
-    python tools/bench.py [--d 1024 --F 8192 --k 32 --batch 2048] [--kernels dense,xla,cpu,pallas]
+    python benchmarks/bench.py [--d 1024 --F 8192 --k 32 --batch 2048]
+        [--kernels dense,xla,cpu,pallas]
         [--paper [--paper-batch 4096]] [--peers-python .venv-peers/bin/python | --no-peers]
         [--no-reuse-host-memory]
 
 Prints a table: tokens/s and seconds per step of our compiled step for each `sae.kernel`, of one
-B x d x F float32 matmul (the floor of a step, ../shared/DESIGN.md section 7) and our step as a
-multiple of it, of that matmul plus the optimizer's clipped Adam update in one call (work every
-exact step must do: with optax's update, and with the native in-place one kernel=cpu uses, the
-lower bound of that step), the device memory each compiled call holds (XLA's memory analysis:
-arguments + outputs - donated aliases + temporaries), and, when the peer venv exists (see tools/bench_peers.py
-for how to create it), dictionary_learning's and SAELens's Matryoshka BatchTopK steps on the same
-shapes. --paper adds a second table at the paper's width (d=4096, F=16384, k=64). kernel=pallas is
-timed only on a GPU (elsewhere it would run interpreted), kernel=cpu only on the CPU backend.
+B x d x F float32 matmul and our step as a multiple of it (the floor of a step: the encoder
+matmul is unavoidable, while after the batch top-k only B*k activations are non-zero, so decoding
+and the gradients need only O(B*k*d) work), of that matmul plus the optimizer's clipped Adam
+update in one call (work every exact step must do: with optax's update, and with the native
+in-place one kernel=cpu uses, the lower bound of that step), the device memory each compiled call
+holds (XLA's memory analysis: arguments + outputs - donated aliases + temporaries), and, when the
+peer venv exists (benchmarks/peers/bench_peers.py says how to create it), dictionary_learning's
+and SAELens's Matryoshka BatchTopK steps on the same shapes. --paper adds a second table at the
+paper's width (d=4096, F=16384, k=64). kernel=pallas is timed only on a GPU (elsewhere it would
+run interpreted), kernel=cpu only on the CPU backend.
 Both this process and the peers' run with freed host memory kept for reuse
 (`jaxsae/host_memory.py`, as `python -m jaxsae.train` does), unless --no-reuse-host-memory.
 Machines are noisy: compare within a run.
@@ -24,49 +27,22 @@ import argparse
 import json
 import os
 import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from jaxsae import config as config_lib
+from jaxsae import host_memory
+from jaxsae import kernels, model, train_step
+from timing import GROUPS, memory_bytes, timed
 
-from jaxsae import config as config_lib  # pylint: disable=wrong-import-position
-from jaxsae import host_memory  # pylint: disable=wrong-import-position
-from jaxsae import kernels, model, train_step  # pylint: disable=wrong-import-position
-
-GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-
-
-def timed(fn, *args, steps: int, warmup: int = 1) -> float:
-  """Median seconds of fn(*args) after warmup (compilation) calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
-def memory_bytes(compiled) -> int:
-  """Device bytes a compiled call holds at once: arguments + outputs (less donated aliases) + temps.
-
-  From XLA's buffer assignment (`compile().memory_analysis()`), so it is the same on CPU and GPU
-  and needs no allocator statistics.
-  """
-  m = compiled.memory_analysis()
-  if m is None:
-    return -1
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-
-
-def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto') -> dict[str, float]:
+def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int,
+                 kernel: str = 'auto') -> dict[str, float]:
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
   c.sae.kernel = kernel
@@ -105,16 +81,16 @@ def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: 
                      sc: train_step.StepConfig | None = None, schedule=None) -> float:
   """Seconds of the encoder matmul plus the clipped Adam update of all parameters, in one
   donated call: work every exact step of the method must do. With `sc`, the update is the
-  'cpu' path's native in-place one (`train_step._native_update`), else optax's."""
+  'cpu' backend's native in-place one (`kernels.get('cpu').update`), else optax's."""
   grads = jax.tree.map(lambda p: 1e-3 * p, state['params'])
 
   def bound(params, opt_state, x, W):
     if sc is None:
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return x @ W, optax.apply_updates(params, updates), opt_state
-    params, opt_state = train_step._native_update(  # pylint: disable=protected-access
-        {'params': params, 'opt_state': opt_state}, grads, optax.tree.norm(grads),
-        jnp.bool_(True), sc, schedule)
+    params, opt_state = kernels.get(sc.kernel).update(
+        params, opt_state, grads, optax.tree.norm(grads), jnp.bool_(True), sc, optimizer,
+        schedule)
     return x @ W, params, opt_state
 
   fn = jax.jit(bound, donate_argnums=(0, 1)).lower(
@@ -131,7 +107,7 @@ def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: 
 
 def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int,
                 reuse_host_memory: bool) -> dict:
-  cmd = [python, os.path.join(REPO, 'tools', 'bench_peers.py'), '--d', str(d), '--F', str(F),
+  cmd = [python, os.path.join(HERE, 'peers', 'bench_peers.py'), '--d', str(d), '--F', str(F),
          '--k', str(k), '--batch', str(B), '--groups', ','.join(str(g) for g in GROUPS),
          '--steps', str(steps), '--warmup', '1']
   if reuse_host_memory:
@@ -179,7 +155,7 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
         rows.append((f'{lib} step', res['step_s'], -1))
   elif args.peers:
     print(f'(peer libraries not timed: no interpreter at {args.peers_python}; '
-          'see tools/bench_peers.py to create .venv-peers)')
+          'see benchmarks/peers/bench_peers.py to create .venv-peers)')
 
   best = min(s for name, s, _ in rows if name.startswith('jaxsae step'))
   peer_s = {name.split()[0]: s for name, s, _ in rows if name.endswith(' step')

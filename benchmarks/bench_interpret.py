@@ -1,6 +1,6 @@
 """Throughput and peak memory of the feature-statistics pass (python -m jaxsae.interpret, stage 1).
 
-    python tools/bench_interpret.py [--tokens 1000000] [--d 1024] [--F 16384] [--k 32]
+    python benchmarks/bench_interpret.py [--tokens 1000000] [--d 1024] [--F 16384] [--k 32]
 
 Writes (once, then reuses) a store of `tokens` random rows, builds a random SAE whose threshold
 lets about k features fire per token, and times `jaxsae.interpret.stats.compute` over the whole
@@ -15,7 +15,6 @@ import os
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -23,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxsae.formats import store  # noqa: E402  pylint: disable=wrong-import-position
-from jaxsae.config import default_config  # noqa: E402  pylint: disable=wrong-import-position
-from jaxsae.interpret import stats  # noqa: E402  pylint: disable=wrong-import-position
+from jaxsae.config import default_config
+from jaxsae.formats import store
+from jaxsae.interpret import stats
+from timing import timed
 
 
 def make_store(path: str, tokens: int, d: int) -> store.ActivationStore:
@@ -56,7 +54,8 @@ def make_store(path: str, tokens: int, d: int) -> store.ActivationStore:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--tokens', type=int, default=1_000_000)
   p.add_argument('--d', type=int, default=1024)
   p.add_argument('--F', type=int, default=16384)
@@ -86,14 +85,9 @@ def main() -> None:
   x = jnp.asarray(s.read_range(0, a.batch))
   mm = jax.jit(lambda x, W: x @ W)
   Wj = jnp.asarray(W)
-  jax.block_until_ready(mm(x, Wj))
 
   def floor() -> float:
-    reps = 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      jax.block_until_ready(mm(x, Wj))
-    return reps * a.batch / (time.perf_counter() - t0)
+    return a.batch / timed(mm, x, Wj, steps=5, stat=statistics.fmean)
 
   floor_before = floor()
 

@@ -1,7 +1,8 @@
 """Activation-store I/O, in one run: the store vs raw disk, the grain loader vs the training step,
 and the export's cost on the model's forward pass.
 
-    python tools/bench_io.py [--rows 1000000 --d 1024] [--dir /tmp/jaxsae_bench_io] [--skip-export]
+    python benchmarks/bench_io.py [--rows 1000000 --d 1024] [--dir /tmp/jaxsae_bench_io]
+        [--skip-export]
 
 1. Store write and read (sequential, and random rows as training reads them) of a rows x d
    float32 array, next to raw disk for the same bytes (one flat file, fsync'd as the store is).
@@ -9,7 +10,7 @@ and the export's cost on the model's forward pass.
    from the disk, not from memory.
 2. The grain loader (seeded global shuffle, B rows per batch, threads + prefetch, as training runs
    it) in rows/s, as a multiple of what the training step consumes at d=1024, F=8192, k=32,
-   B=2048 (the step timed here by tools/bench.py's bench_jaxsae), and the step's time when the
+   B=2048 (the step timed here by benchmarks/bench.py's bench_jaxsae), and the step's time when the
    loader feeds it vs a batch already in memory.
 3. The export's forward pass with and without the hook and the store writes (a random LLaVA of
    width --export-hidden on the demo studies; all token kinds kept, so the most rows are written).
@@ -19,22 +20,28 @@ Needs about 2 x rows x d x 4 bytes of free disk in --dir, which is deleted after
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
-import sys
+import statistics
 import tempfile
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, 'tools'))
-
 from jaxsae.data import store_source
-from jaxsae.formats import store  # pylint: disable=wrong-import-position
+from jaxsae.formats import store
 
 BLOCK = 16384  # rows per write call (an exporter's buffered commit)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tools_script(name: str):
+  """A script of the repository's tools/ (not part of the installed package), imported by path."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'tools', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _evict(path: str) -> None:
@@ -130,10 +137,10 @@ def bench_loader(store_path: str, batch: int, threads: int, prefetch: int, n: in
 def bench_fed_step(store_path: str, d: int, F: int, k: int, B: int, steps: int,
                    threads: int, prefetch: int) -> tuple[float, float]:
   """Seconds per training step fed from memory, and fed by the loader (both compete for cores)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from bench import GROUPS  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
+  import jax
   from jaxsae import config as config_lib, model, train_step
+  from timing import GROUPS, timed
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
   c.data.batch_size, c.optim.warmup_steps, c.train.steps = B, 10, 10_000
@@ -144,21 +151,17 @@ def bench_fed_step(store_path: str, d: int, F: int, k: int, B: int, steps: int,
                                                     schedule=schedule), donate_argnums=0)
   src = store_source.StoreSource(store.open_store(store_path), B, seed=0, num_threads=threads,
                                    prefetch=prefetch)
-  x0 = src.batch(0)
-  state, m = step(state, x0)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, x0)
-    jax.block_until_ready(m)
-  mem = (time.perf_counter() - t) / steps
+  holder = {'state': state}
+
+  def run(x):
+    holder['state'], m = step(holder['state'], x)
+    return m
+
+  # Means, not medians: a step left waiting for the loader must count.
+  mem = timed(run, src.batch(0), steps=steps, stat=statistics.fmean)  # warmup call compiles
   it = src.iterator()
   next(it)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, next(it))
-    jax.block_until_ready(m)
-  fed = (time.perf_counter() - t) / steps
+  fed = timed(lambda: run(next(it)), steps=steps, warmup=0, stat=statistics.fmean)
   it.close()
   return mem, fed
 
@@ -167,7 +170,7 @@ def bench_export(root: str, hidden: int, layers: int, studies: int, batch: int,
                  repeats: int) -> dict[str, float]:
   """Median seconds per forward batch: plain, with hook + store writes, and stopping at layer L."""
   import torch  # pylint: disable=import-outside-toplevel
-  import make_demo_data  # pylint: disable=import-outside-toplevel
+  make_demo_data = _tools_script('make_demo_data')
   from jaxsae.bridge import export, loading, manifest, prompt, tiny_model  # noqa
   from jaxsae.config import default_config  # pylint: disable=import-outside-toplevel
   data = os.path.join(root, 'demo')
@@ -202,7 +205,8 @@ def bench_export(root: str, hidden: int, layers: int, studies: int, batch: int,
                       'row_start': 0, 'rows': 0} for p in group])
     return run
 
-  def timed(fn):
+  def per_batch(fn):
+    """Mean seconds per batch of one pass over all batches, the last store commit included."""
     t = time.perf_counter()
     for i, inputs in enumerate(batches):
       fn(i, inputs)
@@ -212,10 +216,10 @@ def bench_export(root: str, hidden: int, layers: int, studies: int, batch: int,
 
   times = {'plain': [], 'hook + write': [], 'hook + write, stop at L': []}
   for _ in range(repeats):  # interleaved, so drift hits all three alike
-    times['plain'].append(timed(plain))  # no hook attached
+    times['plain'].append(per_batch(plain))  # no hook attached
     for name, stop in (('hook + write', False), ('hook + write, stop at L', True)):
       capture = export.Capture(module, stop=stop)
-      times[name].append(timed(hooked(capture)))
+      times[name].append(per_batch(hooked(capture)))
       capture.remove()
   writer.close()
   tokens = sum(len(p.input_ids) for p in prepared) / len(batches)

@@ -1,27 +1,24 @@
 """Time the parts of a training step (encoder matmul, candidate top-k, bisections, gradients).
 
-    python tools/profile_step.py [--d 1024 --F 8192 --k 32 --batch 2048]
+    python benchmarks/profile_step.py [--d 1024 --F 8192 --k 32 --batch 2048]
 
-Where the time of `tools/bench.py`'s step goes, part by part, on whatever backend JAX runs. The
-Pallas kernels (`jaxsae.kernels_pallas`) are timed on a GPU only, unless --interpret-pallas; the
-native CPU kernels (`jaxsae.kernels_cpu`) on the CPU backend. Freed host memory is kept for
-reuse, as in training (`jaxsae/host_memory.py`).
+Where the time of `benchmarks/bench.py`'s step goes, part by part, on whatever backend JAX runs.
+The Pallas kernels (`jaxsae.kernels.pallas_gpu`) are timed on a GPU only, unless
+--interpret-pallas; the native CPU kernels (`jaxsae.kernels.cpu`) on the CPU backend. Freed host
+memory is kept for reuse, as in training (`jaxsae/host_memory.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxsae import config as config_lib, host_memory, kernels  # noqa: E402
-from jaxsae.kernels import cpu as kernels_cpu, cpu_build, pallas_gpu as kernels_pallas, sparse, xla  # noqa: E402
-from jaxsae import model, selection, train_step  # noqa: E402
-from tools.bench import GROUPS, timed  # noqa: E402
+from jaxsae import config as config_lib, host_memory, kernels
+from jaxsae.kernels import cpu as kernels_cpu, cpu_build, pallas_gpu as kernels_pallas, sparse, xla
+from jaxsae import model, selection, train_step
+from timing import GROUPS, timed
 
 
 def main() -> None:
@@ -51,17 +48,17 @@ def main() -> None:
       'prefix decode (dense)': (jax.jit(lambda p, a: model.prefix_reconstructions(
           p, a, sc.group_sizes)), params, jnp.where(pre >= tau, pre, 0.0)),
       'dense loss + grads': (jax.jit(lambda p: jax.value_and_grad(
-          train_step.loss_fn, has_aux=True)(p, x, tsf, sc)[0][0]), params),
-      'sparse l2 + grads (xla)': (jax.jit(lambda p: xla.sparse_l2_and_grads(
-          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='xla',
+          model.loss_fn, has_aux=True)(p, x, tsf, sc)[0][0]), params),
+      'sparse l2 + grads (xla)': (jax.jit(lambda p: xla.l2_and_grads(
+          p, x, sel_vals, idx, sc.group_sizes, sc.group_weights,
           capacity=sparse.entry_capacity(B, k, kc))), params),
   }
   if jax.default_backend() in kernels.GPU_BACKENDS or a.interpret_pallas:
     dec = jax.jit(lambda p: kernels_pallas.decode(p, x, sel_vals, idx, sc.group_sizes,
                                                   sc.group_weights))
     parts.update({
-        'sparse l2 + grads (pallas)': (jax.jit(lambda p: xla.sparse_l2_and_grads(
-            p, x, sel_vals, idx, sc.group_sizes, sc.group_weights, kernel='pallas')), params),
+        'sparse l2 + grads (pallas)': (jax.jit(lambda p: kernels_pallas.l2_and_grads(
+            p, x, sel_vals, idx, sc.group_sizes, sc.group_weights)), params),
         '  pallas decode kernel': (dec, params),
         '  pallas backward (sort + kernel)': (jax.jit(lambda p, r: kernels_pallas.backward(
             p, x, r, sc.group_sizes)), params, dec(params)),

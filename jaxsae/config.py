@@ -7,7 +7,9 @@ names the key, not after an hour of training.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from typing import Sequence
 
 import ml_collections
@@ -17,6 +19,19 @@ from jaxsae.formats.tokens import TOKEN_KINDS
 
 # sae.kernel: the implementations of the training step's selection, decode and gradients.
 KERNELS = ('auto', 'dense', 'xla', 'pallas', 'cpu')
+
+
+def load_experiment(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of an experiment file (`experiments/X.py`'s `get_config([arg])`), as the commands'
+  `--config=path[:arg]` flag reads it; for scripts and notebooks that have no flags."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'no experiment file at {path!r}; pass the path of a file such as '
+                      'experiments/demo.py.')
+  spec = importlib.util.spec_from_file_location(
+      f'jaxsae_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -108,8 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.manifest = ''              # JSONL or CSV, a study per row (jaxsae/bridge/manifest.py)
   c.export.batch_size = 4             # studies per forward pass
   c.export.teacher_forcing = True     # findings as assistant text; False: the prompt only
-  # Token kinds kept (image, prompt, boilerplate, report). The paper drops image tokens and the
-  # prompt boilerplate (DESIGN.md section 4).
+  # Token kinds kept (image, prompt, boilerplate, report). The paper filters out the image tokens
+  # and the prompt boilerplate before training its SAE.
   c.export.keep_kinds = ('prompt', 'report')
   c.export.rows_per_chunk = 4         # the unit of a read: small, as training reads rows at random
   c.export.rows_per_shard = 4096      # one file per shard; also the rows buffered per commit

@@ -5,9 +5,9 @@ pre-activations, gradients, optimizer intermediates: hundreds of MB per SAE step
 glibc serves blocks this large with fresh mmaps that it unmaps on free. Each step then touches
 every page anew: ~60,000 minor page faults per step at d=1024, F=8192, B=2048, at several
 microseconds each in a VM. `reuse_freed_memory()` makes glibc keep such blocks on its heap
-(one arena, no mmap for large blocks, no trimming), so later steps reuse pages already mapped:
-on this project's 2-core VM the training step went from ~330 to ~225 ms and the bare encoder
-matmul from ~120 to ~95 ms (`python tools/bench.py` measures with it, on both sides).
+(one arena, no mmap for large blocks, no trimming), so later steps reuse pages already mapped,
+which makes CPU training steps markedly faster (figures in README's Performance section;
+`python benchmarks/bench.py --no-reuse-host-memory` measures without it).
 
 The cost: the process keeps its peak heap (nothing is returned to the OS until exit) and all
 threads share one malloc arena. Training, interpretation and the benchmarks call it first thing;

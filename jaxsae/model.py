@@ -1,15 +1,16 @@
 """The Matryoshka BatchTopK sparse autoencoder (Bussmann et al. 2025), as pure functions plus a
 small Flax NNX module for users.
 
-Math follows dictionary_learning's MatryoshkaBatchTopKTrainer (see ../shared/DESIGN.md section 5),
-so weights and losses agree with it; `tests/test_golden.py` checks that against a fixture it wrote.
-The training step (`jaxsae.train_step`) uses the pure functions on a dict of parameters; the NNX
-module wraps the same functions for inference and for loading exported weights.
+Math follows dictionary_learning's MatryoshkaBatchTopKTrainer, so weights and losses agree with it;
+`tests/kernels/test_golden.py` checks that against a fixture it wrote. `loss_fn` below is the dense
+training loss: the reference every kernel backend (`jaxsae.kernels`) is tested against. The training
+step (`jaxsae.train_step`) uses the pure functions on a dict of parameters; the NNX module wraps the
+same functions for inference and for loading exported weights.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from flax import nnx
 from jaxsae import selection
 
 Params = dict[str, jax.Array]  # W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d]
+COUNTER_CAP = 2**30  # tokens-since-fired saturate here instead of overflowing int32
 
 # --------------------------------------------------------------------------------------------------
 # Pure functions
@@ -136,6 +138,53 @@ def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Arr
 
   return jax.lax.cond(jnp.any(dead), loss, lambda *_: jnp.zeros((), pre.dtype),
                       params, pre, residual)
+
+
+# --------------------------------------------------------------------------------------------------
+# The dense training loss: the reference for every kernel backend
+# --------------------------------------------------------------------------------------------------
+
+
+class LossHyper(Protocol):
+  """The hyper-parameters `loss_fn` reads (`jaxsae.kernels.common.StepConfig` has them)."""
+  k: int
+  group_sizes: tuple[int, ...]
+  group_weights: tuple[float, ...]
+  auxk_alpha: float
+  top_k_aux: int
+  dead_tokens_threshold: int
+  candidates_per_row: int
+
+
+def count_silence(tokens_since_fired: jax.Array, fired: jax.Array, tokens: int) -> jax.Array:
+  """The dead-latent counters after a batch of `tokens`: reset where a latent fired."""
+  return jnp.where(fired, 0, jnp.minimum(tokens_since_fired + tokens, COUNTER_CAP))
+
+
+def loss_fn(params: Params, x: jax.Array, tokens_since_fired: jax.Array,
+            sc: LossHyper) -> tuple[jax.Array, tuple[LossAux, jax.Array]]:
+  """dictionary_learning's loss: mean over prefixes of w_i * MSE_i, + auxk_alpha * AuxK.
+
+  Also returns the tokens-since-fired counters updated with this batch: like the reference, the
+  dead set that AuxK sees already counts this batch.
+  """
+  pre = pre_activations(params, x)
+  acts = batch_topk(pre, sc.k, sc.candidates_per_row)
+  x_hats = prefix_reconstructions(params, acts, sc.group_sizes)
+  sq_err = jnp.mean(jnp.sum((x[None] - x_hats) ** 2, axis=-1), axis=-1)  # [G]
+  l2 = jnp.mean(sq_err * jnp.asarray(sc.group_weights, sq_err.dtype))
+  fired = jax.lax.stop_gradient(jnp.any(acts > 0, axis=0))
+  tokens_since_fired = count_silence(tokens_since_fired, fired, x.shape[0])
+  dead = tokens_since_fired >= sc.dead_tokens_threshold
+  residual = jax.lax.stop_gradient(x - x_hats[-1])
+  aux = auxk_loss(params, pre, residual, dead, sc.top_k_aux)
+  return l2 + sc.auxk_alpha * aux, (LossAux(acts, sq_err, l2, aux), tokens_since_fired)
+
+
+def remove_parallel_component(W_dec: jax.Array, grad: jax.Array) -> jax.Array:
+  """Project each decoder row's gradient off the row, so the step keeps rows near unit norm."""
+  unit = W_dec / (jnp.linalg.norm(W_dec, axis=1, keepdims=True) + 1e-6)
+  return grad - jnp.sum(grad * unit, axis=1, keepdims=True) * unit
 
 
 # --------------------------------------------------------------------------------------------------

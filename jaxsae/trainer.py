@@ -201,7 +201,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if jax.process_count() > 1:  # every process gets the whole (possibly sharded) SAE, on the host
     state = multihost_utils.process_allgather(state, tiled=True)
   summary = end_of_training_metrics(state, source, scale, sc, first_batch=c.train.steps)
-  if hasattr(source, 'features'):
+  if source.features is not None:  # planted ground truth: how much of it was recovered
     summary.update(_synthetic_recovery(state, source))
   summary['step'] = int(state['step'])
   if distributed.is_primary():

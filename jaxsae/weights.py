@@ -1,4 +1,8 @@
-"""Trained SAEs as safetensors, in dictionary_learning's and SAELens's layouts, and back.
+"""Trained SAEs from a JAX checkpoint to safetensors, and back into jaxsae.model.
+
+The layouts themselves (dictionary_learning's and SAELens's file and tensor names, reading,
+writing, checks) are jaxsae.formats.weights, shared with the torch bridge; this module adds the
+JAX ends: the checkpoint read on export and the model built on load.
 
 The activation scale s used in training (inputs divided by s so that E||x||^2 = d) is folded into
 the biases and the threshold on export: relu((x - s b_dec) W_enc + s b_enc) = s relu((x/s - b_dec)
@@ -8,23 +12,24 @@ W_enc + b_enc), so the exported SAE works on raw activations, as the peers' load
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from jaxsae import checkpointing
 from jaxsae import config as config_lib
 from jaxsae import model
 from jaxsae import train_step
 from jaxsae.config import ConfigError
+from jaxsae.formats import weights as weights_format
+from jaxsae.formats.weights import DL_CONFIG, DL_WEIGHTS, SL_CONFIG, SL_WEIGHTS
 
-FORMATS = ('dictionary_learning', 'saelens')
-DL_WEIGHTS, DL_CONFIG = 'ae.safetensors', 'config.json'
-SL_WEIGHTS, SL_CONFIG = 'sae_weights.safetensors', 'cfg.json'
+__all__ = ['FORMATS', 'DL_WEIGHTS', 'DL_CONFIG', 'SL_WEIGHTS', 'SL_CONFIG', 'fold_scale',
+           'load_checkpoint', 'export', 'load']
+
+FORMATS = weights_format.LAYOUTS
 
 
 def fold_scale(params: model.Params, threshold: float, scale: float) -> tuple[dict, float]:
@@ -58,93 +63,29 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, d
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
   """Write the checkpoint's SAE to `out` in layout `fmt`; returns the weights file's path."""
-  if fmt not in FORMATS:
-    raise ConfigError(f'unknown export format {fmt!r}; choose one of {FORMATS}.')
+  weights_format.check_layout(fmt)
   s, state, meta, c = load_checkpoint(workdir, step)
   params, threshold = fold_scale(state['params'], float(state['threshold']), meta['scale'])
-  os.makedirs(out, exist_ok=True)
-  writer = _write_dictionary_learning if fmt == 'dictionary_learning' else _write_saelens
-  return writer(out, params, threshold, c, s, meta['scale'])
+  return weights_format.write(out, fmt, params, threshold, _metadata(c, s, meta['scale']))
 
 
-def _write_dictionary_learning(out, params, threshold, c, step, scale) -> str:
-  sizes = config_lib.group_sizes(c)
-  tensors = {**params, 'k': np.array(c.sae.k, np.int32), 'threshold': np.array(threshold, np.float32),
-             'group_sizes': np.array(sizes, np.int64)}
-  trainer = {
-      'trainer_class': 'MatryoshkaBatchTopKTrainer', 'dict_class': 'MatryoshkaBatchTopKSAE',
-      'activation_dim': c.sae.d, 'dict_size': config_lib.dict_size(c), 'k': c.sae.k,
-      'group_fractions': [s / sum(sizes) for s in sizes], 'group_weights':
-      list(config_lib.group_weights(c)), 'group_sizes': list(sizes),
-      'lr': config_lib.learning_rate(c), 'steps': step, 'auxk_alpha': c.sae.auxk_alpha,
-      'warmup_steps': c.optim.warmup_steps, 'decay_start': c.optim.decay_start,
-      'threshold_beta': c.sae.threshold_beta, 'threshold_start_step': c.sae.threshold_start_step,
-      'top_k_aux': config_lib.top_k_aux(c), 'seed': c.seed, 'layer': c.model.layer,
-      'lm_name': c.model.name, 'submodule_name': c.model.hook_name, 'norm_factor': scale,
+def _metadata(c: ml_collections.ConfigDict, step: int, scale: float) -> weights_format.Metadata:
+  """What the files record beside the tensors, from the training config."""
+  training = {
+      'group_weights': list(config_lib.group_weights(c)), 'lr': config_lib.learning_rate(c),
+      'auxk_alpha': c.sae.auxk_alpha, 'warmup_steps': c.optim.warmup_steps,
+      'decay_start': c.optim.decay_start, 'threshold_beta': c.sae.threshold_beta,
+      'threshold_start_step': c.sae.threshold_start_step, 'top_k_aux': config_lib.top_k_aux(c),
+      'seed': c.seed,
   }
-  return _write(out, DL_WEIGHTS, tensors, DL_CONFIG, {'trainer': trainer})
-
-
-def _write_saelens(out, params, threshold, c, step, scale) -> str:
-  F = config_lib.dict_size(c)
-  tensors = {**params, 'threshold': np.full((F,), max(threshold, 0.0), np.float32)}
-  cfg = {
-      'architecture': 'jumprelu', 'd_in': c.sae.d, 'd_sae': F, 'dtype': 'float32',
-      'device': 'cpu', 'apply_b_dec_to_input': True, 'normalize_activations': 'none',
-      'hook_name': c.model.hook_name, 'model_name': c.model.name,
-      'metadata': {'hook_name': c.model.hook_name, 'model_name': c.model.name,
-                   'jaxsae': {'k': c.sae.k, 'group_sizes': list(config_lib.group_sizes(c)),
-                              'trained_steps': step, 'activation_scale': scale,
-                              'layer': c.model.layer}},
-  }
-  return _write(out, SL_WEIGHTS, tensors, SL_CONFIG, cfg)
-
-
-def _write(out, weights_name, tensors, config_name, cfg) -> str:
-  """Config first, weights last, each via a temporary file and a rename: never half a file."""
-  for name, payload in ((config_name, None), (weights_name, tensors)):
-    tmp = os.path.join(out, name + '.tmp')
-    if payload is None:
-      with open(tmp, 'w') as f:
-        json.dump(cfg, f, indent=2)
-    else:
-      save_file({k: np.array(v, order='C') for k, v in payload.items()}, tmp)  # keeps 0-d
-    os.replace(tmp, os.path.join(out, name))
-  return os.path.join(out, weights_name)
+  return weights_format.Metadata(
+      k=c.sae.k, group_sizes=tuple(config_lib.group_sizes(c)), step=step, scale=scale,
+      layer=c.model.layer, model_name=c.model.name, hook_name=c.model.hook_name,
+      training=training)
 
 
 def load(path: str) -> tuple[model.MatryoshkaSAE, dict[str, Any]]:
   """An exported SAE (either layout, detected from the files in `path`) and its config dict."""
-  if os.path.exists(os.path.join(path, DL_WEIGHTS)):
-    t = load_file(os.path.join(path, DL_WEIGHTS))
-    cfg = _read_json(os.path.join(path, DL_CONFIG))
-    k, sizes, threshold = int(t['k']), t['group_sizes'].tolist(), t['threshold']
-  elif os.path.exists(os.path.join(path, SL_WEIGHTS)):
-    t = load_file(os.path.join(path, SL_WEIGHTS))
-    cfg = _read_json(os.path.join(path, SL_CONFIG))
-    if cfg.get('architecture') != 'jumprelu':
-      raise ConfigError(f'{path}/{SL_CONFIG}: architecture {cfg.get("architecture")!r} is not '
-                        'supported; jaxsae loads SAELens "jumprelu" SAEs.')
-    extra = cfg.get('metadata', {}).get('jaxsae', {})
-    F = t['W_enc'].shape[1]
-    k, sizes = int(extra.get('k', 1)), extra.get('group_sizes', [F])
-    threshold = t['threshold'] if np.ptp(t['threshold']) > 0 else t['threshold'][0]
-  else:
-    raise ConfigError(f'no SAE weights in {path!r}: expected {DL_WEIGHTS} (dictionary_learning) '
-                      f'or {SL_WEIGHTS} (SAELens). Export with `python -m jaxsae.export_weights`.')
-  missing = [n for n in ('W_enc', 'b_enc', 'W_dec', 'b_dec') if n not in t]
-  if missing:
-    raise ConfigError(f'{path}: the weights file lacks {missing}.')
-  params = {n: t[n] for n in ('W_enc', 'b_enc', 'W_dec', 'b_dec')}
-  d, F = params['W_enc'].shape
-  if params['W_dec'].shape != (F, d) or params['b_enc'].shape != (F,) or params['b_dec'].shape != (d,):
-    raise ConfigError(f'{path}: inconsistent shapes ' +
-                      str({n: v.shape for n, v in params.items()}) + f' for d={d}, F={F}.')
-  return model.MatryoshkaSAE.from_params(params, k, sizes, threshold), cfg
-
-
-def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    raise ConfigError(f'{path} is missing: the weights come with their config file.')
-  with open(path) as f:
-    return json.load(f)
+  w = weights_format.read(path)
+  k = w.k if w.k is not None else 1  # only BatchTopK encoding uses k; SAELens files may lack it
+  return model.MatryoshkaSAE.from_params(w.params, k, w.group_sizes, w.threshold), w.cfg

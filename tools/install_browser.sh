@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs Debian's chromium and chromium-driver for tests/test_browser.py (headless Chromium),
-# only when /usr/bin/chromium or /usr/bin/chromedriver is missing. Uses sudo only when not root.
+# Installs Debian's chromium and chromium-driver for tests/interpret/test_browser.py (headless
+# Chromium), only when /usr/bin/chromium or /usr/bin/chromedriver is missing. Uses sudo only when
+# not root.
 set -euo pipefail
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
   exit 0

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+DEMO_CONFIG = os.path.join(REPO, 'experiments', 'demo.py')
 
 SIZE = 128
 INDICATIONS = ('Shortness of breath.', 'Fever and cough.', 'Chest pain.', 'Evaluate for effusion.',
@@ -200,10 +199,10 @@ def finetune(model_dir: str, manifest_path: str, studies: int, steps: int, seed:
   the end token as labels), so that steering and loss recovered mean something in the demo;
   the remaining studies stay unseen for the held-out evaluation. Returns the last loss."""
   import torch  # pylint: disable=import-outside-toplevel
-  from experiments import demo  # pylint: disable=import-outside-toplevel
+  from jaxsae import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsae.bridge import export, loading, manifest, prompt  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)
-  c = demo.get_config()
+  c = config_lib.load_experiment(DEMO_CONFIG)
   c.model.name = model_dir
   model, processor = loading.load(c)
   image_token = model.config.image_token_id

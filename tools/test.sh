@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
-bash tools/install_browser.sh  # Debian chromium + chromedriver for tests/test_browser.py
+bash tools/install_browser.sh  # Debian chromium + chromedriver for tests/interpret/test_browser.py
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,11 +1,11 @@
 """Time one training step of the peer PyTorch Matryoshka BatchTopK SAE libraries.
 
-Why: jaxsae's ``tools/bench.py`` compares our tokens/s against the reference
-PyTorch implementations in a single run.  Those libraries (and torch) live in a
-separate virtualenv so they cannot disturb the JAX environment, so bench.py
-runs this script in a subprocess with the peer interpreter and parses the one
-JSON line it prints on stdout.  Everything else (library chatter, progress)
-goes to stderr.
+Why: jaxsae's ``benchmarks/bench.py`` compares our tokens/s against the
+reference PyTorch implementations in a single run.  Those libraries (and torch)
+live in a separate virtualenv so they cannot disturb the JAX environment, so
+bench.py runs this script in a subprocess with the peer interpreter and parses
+the one JSON line it prints on stdout.  Everything else (library chatter,
+progress) goes to stderr.
 
 Timed per library, on CPU in float32, with the same shapes and k:
 
@@ -29,9 +29,15 @@ Create the venv from scratch (from the repository root)::
     .venv-peers/bin/pip install --no-deps dictionary-learning einops
     .venv-peers/bin/pip install sae-lens   # keeps the installed torch 2.13.0
 
+dictionary_learning goes in with ``--no-deps`` because its dependencies (nnsight,
+torchvision) would replace the pinned torch with a newer one and gigabytes of CUDA
+wheels; its package ``__init__`` imports nnsight, so the trainer module is imported
+past it (``import_dictionary_learning_trainer``). ``benchmarks/bench.py`` finds
+the interpreter at ``.venv-peers/bin/python`` (or ``--peers-python``).
+
 Usage::
 
-    .venv-peers/bin/python tools/bench_peers.py --d 1024 --F 8192 --k 32 \\
+    .venv-peers/bin/python benchmarks/peers/bench_peers.py --d 1024 --F 8192 --k 32 \\
         --batch 2048 --groups 0.0625,0.0625,0.125,0.25,0.5 --steps 5 --warmup 2 \\
         [--libs dictionary_learning,saelens]
 
@@ -57,6 +63,7 @@ import torch
 
 StepFn = Callable[[int, torch.Tensor], None]
 LIBS = ("dictionary_learning", "saelens")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,12 +76,23 @@ def parse_args() -> argparse.Namespace:
                    help="comma-separated Matryoshka group fractions, summing to 1")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
+    p.add_argument("--libs", default=",".join(LIBS),
+                   help="comma-separated subset of " + ",".join(LIBS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse-host-memory", action="store_true",
                    help="keep freed host memory for reuse (jaxsae/host_memory.py), as bench.py "
                         "does for jaxsae, so both sides run with the same malloc settings")
     return p.parse_args()
+
+
+def load_host_memory() -> types.ModuleType:
+    """jaxsae/host_memory.py, loaded by path: jaxsae is not installed in the peer venv, and
+    this one module needs only the standard library (a ctypes call into glibc)."""
+    path = os.path.join(REPO, "jaxsae", "host_memory.py")
+    spec = importlib.util.spec_from_file_location("jaxsae_host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def group_sizes(F: int, fractions: list[float]) -> list[int]:
@@ -142,7 +160,8 @@ SETUPS: dict[str, Callable[[argparse.Namespace, list[float]], StepFn]] = {
 }
 
 
-def time_steps(step_fn: StepFn, batches: list[torch.Tensor], warmup: int, steps: int) -> list[float]:
+def time_steps(step_fn: StepFn, batches: list[torch.Tensor], warmup: int,
+               steps: int) -> list[float]:
     """Run `warmup` untimed then `steps` timed calls; the step index counts up from 0."""
     times = []
     for i in range(warmup + steps):
@@ -174,17 +193,15 @@ def bench_lib(name: str, args: argparse.Namespace, fractions: list[float],
 def main() -> None:
     args = parse_args()
     if args.reuse_host_memory:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from jaxsae import host_memory  # no jax/torch imports: a ctypes call into glibc
-
-        host_memory.reuse_freed_memory()
+        load_host_memory().reuse_freed_memory()
     fractions = [float(f) for f in args.groups.split(",")]
     libs = [lib.strip() for lib in args.libs.split(",") if lib.strip()]
     if unknown := [lib for lib in libs if lib not in SETUPS]:
         sys.exit(f"unknown --libs {unknown}; choose from {list(SETUPS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randn(args.batch, args.d, generator=gen, dtype=torch.float32) for _ in range(4)]
+    batches = [torch.randn(args.batch, args.d, generator=gen, dtype=torch.float32)
+               for _ in range(4)]
     results = {}
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON line only
         for lib in libs:

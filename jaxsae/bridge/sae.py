@@ -1,10 +1,11 @@
 """An exported SAE as a small torch module, for use inside the model (steering, splicing).
 
-Reads either layout that `jaxsae.weights` writes (dictionary_learning's `ae.safetensors` +
-`config.json`, or SAELens's `sae_weights.safetensors` + `cfg.json`) without importing JAX: the
+Reads either layout that `jaxsae.weights` writes through `jaxsae.formats.weights` (which documents
+them), the same reader the JAX side uses, so the two cannot disagree on a file; that reader speaks
+numpy, and this module only turns its arrays into torch tensors. Nothing here imports JAX: the
 bridge runs where the model runs, which need not have JAX. The math is `jaxsae.model`'s inference
 path, so encode/decode agree with `jaxsae.weights.load(dir)` to float tolerance
-(tests/test_bridge_sae.py):
+(tests/bridge/test_torch_sae.py):
 
     encode(x) = JumpReLU_theta(relu((x - b_dec) @ W_enc + b_enc)),  keep a > theta
     decode(a) = a @ W_dec + b_dec
@@ -14,20 +15,15 @@ theta is a scalar (dictionary_learning) or one value per latent (SAELens).
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Sequence
+from typing import Sequence
 
+import ml_dtypes
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from jaxsae.config import ConfigError
-
-# The file names of jaxsae.weights (not imported from there: that module imports JAX).
-DL_WEIGHTS, DL_CONFIG = 'ae.safetensors', 'config.json'
-SL_WEIGHTS, SL_CONFIG = 'sae_weights.safetensors', 'cfg.json'
-PARAMS = ('W_enc', 'b_enc', 'W_dec', 'b_dec')
+from jaxsae.errors import ConfigError
+from jaxsae.formats import weights as weights_format
+from jaxsae.formats.weights import PARAMS
 
 
 class TorchSAE(torch.nn.Module):
@@ -38,22 +34,15 @@ class TorchSAE(torch.nn.Module):
                group_sizes: Sequence[int] | None = None, layer: int | None = None,
                hook_name: str | None = None, source: str = ''):
     super().__init__()
-    d, F = W_enc.shape
-    if W_dec.shape != (F, d) or b_enc.shape != (F,) or b_dec.shape != (d,):
-      raise ConfigError(f'{source or "SAE"}: inconsistent shapes W_enc {tuple(W_enc.shape)}, '
-                        f'b_enc {tuple(b_enc.shape)}, W_dec {tuple(W_dec.shape)}, b_dec '
-                        f'{tuple(b_dec.shape)}; expected [d, F], [F], [F, d], [d].')
     threshold = torch.as_tensor(threshold, dtype=W_enc.dtype)
-    if threshold.ndim not in (0, 1) or (threshold.ndim == 1 and threshold.shape != (F,)):
-      raise ConfigError(f'{source or "SAE"}: threshold has shape {tuple(threshold.shape)}; '
-                        f'expected a scalar or [F={F}].')
-    sizes = [F] if group_sizes is None else [int(s) for s in group_sizes]
-    if sum(sizes) != F:
-      raise ConfigError(f'{source or "SAE"}: group sizes {sizes} sum to {sum(sizes)}, not F={F}.')
+    sizes = None if group_sizes is None else [int(s) for s in group_sizes]
+    d, F = weights_format.check_shapes(
+        {n: t.shape for n, t in zip(PARAMS, (W_enc, b_enc, W_dec, b_dec))}, threshold.shape, sizes,
+        source or 'SAE')
     for name, value in zip(PARAMS + ('threshold',), (W_enc, b_enc, W_dec, b_dec, threshold)):
       self.register_buffer(name, value.contiguous())
     self.d, self.F, self.k = int(d), int(F), k
-    self.group_sizes = tuple(sizes)
+    self.group_sizes = (int(F),) if sizes is None else tuple(sizes)
     self.layer, self.hook_name, self.source = layer, hook_name, source
 
   def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,50 +84,14 @@ class TorchSAE(torch.nn.Module):
 def load(path: str, device: str | torch.device = 'cpu',
          dtype: torch.dtype = torch.float32) -> TorchSAE:
   """The SAE exported to directory `path` (layout detected from its files)."""
-  tensors, cfg, layout = _read(path)
-  missing = [n for n in PARAMS if n not in tensors]
-  if missing:
-    raise ConfigError(f'{path}: the weights file lacks {missing}; it holds {sorted(tensors)}.')
-  F = tensors['W_enc'].shape[1]
-  if layout == 'dictionary_learning':
-    trainer = cfg.get('trainer', {})
-    k = int(tensors['k']) if 'k' in tensors else trainer.get('k')
-    sizes = (tensors['group_sizes'].tolist() if 'group_sizes' in tensors
-             else trainer.get('group_sizes', [F]))
-    threshold = tensors.get('threshold', torch.tensor(-1.0))
-    layer, hook = trainer.get('layer'), trainer.get('submodule_name')
-  else:
-    extra = cfg.get('metadata', {}).get('jaxsae', {})
-    k, sizes = extra.get('k'), extra.get('group_sizes', [F])
-    threshold = tensors['threshold']
-    if threshold.numel() and bool((threshold == threshold[0]).all()):
-      threshold = threshold[0]  # one value for all latents, as jaxsae.weights.load reads it
-    layer, hook = extra.get('layer'), cfg.get('hook_name')
-  params = [tensors[n].to(dtype) for n in PARAMS]
-  sae = TorchSAE(*params, threshold=threshold.to(dtype), k=None if k is None else int(k),
-                 group_sizes=sizes, layer=None if layer is None else int(layer), hook_name=hook,
-                 source=path)
+  w = weights_format.read(path)
+  params = [_tensor(w.params[n], dtype) for n in PARAMS]
+  sae = TorchSAE(*params, threshold=_tensor(w.threshold, dtype), k=w.k, group_sizes=w.group_sizes,
+                 layer=w.layer, hook_name=w.hook_name, source=path)
   return sae.to(device).eval()
 
 
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-  if os.path.exists(os.path.join(path, DL_WEIGHTS)):
-    return (load_file(os.path.join(path, DL_WEIGHTS)), _json(os.path.join(path, DL_CONFIG)),
-            'dictionary_learning')
-  if os.path.exists(os.path.join(path, SL_WEIGHTS)):
-    cfg = _json(os.path.join(path, SL_CONFIG))
-    if cfg.get('architecture') != 'jumprelu':
-      raise ConfigError(f'{path}/{SL_CONFIG}: architecture {cfg.get("architecture")!r} is not '
-                        'supported; the bridge loads SAELens "jumprelu" SAEs (what jaxsae '
-                        'exports).')
-    return load_file(os.path.join(path, SL_WEIGHTS)), cfg, 'saelens'
-  raise ConfigError(f'no SAE weights in {path!r}: expected {DL_WEIGHTS} (dictionary_learning) or '
-                    f'{SL_WEIGHTS} (SAELens). Export them with `python -m jaxsae.export_weights '
-                    '--workdir=... --out=DIR --format=dictionary_learning`.')
-
-
-def _json(path: str) -> dict:
-  if not os.path.exists(path):
-    raise ConfigError(f'{path} is missing: exported weights come with their config file.')
-  with open(path) as f:
-    return json.load(f)
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+  if a.dtype == ml_dtypes.bfloat16:  # numpy's bfloat16 (ml_dtypes) is not one torch shares
+    a = a.astype(np.float32)
+  return torch.from_numpy(a).to(dtype)

@@ -2,8 +2,8 @@
 
 A source gives batch i as an array [B, d] and is deterministic in i. Training reads it through a
 grain iterator (`batches`) whose state, a position, is saved in every checkpoint, so a resumed run
-continues at the exact batch: the activation store's own pipeline (jaxsae.input_pipeline), or for
-other sources a plain in-order one.
+continues at the exact batch: the activation store's own pipeline (jaxsae.data.store_source), or
+for other sources a plain in-order one.
 """
 
 from __future__ import annotations
@@ -21,12 +21,25 @@ from jaxsae.data import store_source
 from jaxsae.data import synthetic
 from jaxsae.config import ConfigError
 
+__all__ = ['ActivationSource', 'open_source', 'batches', 'to_device', 'activation_scale']
+
 
 class ActivationSource(Protocol):
-  d: int
-  batch_size: int
+  """What training reads. Every member is declared, the optional ones as None-able, so that
+  callers ask `is None` of a member that is always there instead of probing for it."""
 
-  def batch(self, index: int) -> jax.Array:
+  d: int
+  batch_size: int  # rows of one batch (this process's rows, for the store)
+  scale: float | None  # the activation scale if the data knows it (the store's); None: measure
+  features: jax.Array | None  # planted ground-truth features [n, d] (synthetic data); else None
+
+  def batch(self, index: int) -> jax.Array | np.ndarray:
+    """Batch `index`, deterministic in `index`."""
+    ...
+
+  def iterator(self) -> grain.DatasetIterator | None:
+    """The source's own checkpointable pipeline over batches 0, 1, ...; None for the plain
+    in-order one over `batch` (see `batches`)."""
     ...
 
 
@@ -44,8 +57,9 @@ def open_source(c: ml_collections.ConfigDict) -> ActivationSource:
 
 def batches(source: ActivationSource) -> grain.DatasetIterator:
   """The source's batches 0, 1, 2, ... as a grain iterator (get_state / set_state)."""
-  if hasattr(source, 'iterator'):
-    return source.iterator()
+  own = source.iterator()
+  if own is not None:
+    return own
   ds = grain.MapDataset.range(sys.maxsize).map(source.batch)  # generated on demand, in order
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
@@ -66,7 +80,7 @@ def activation_scale(source: ActivationSource, n_batches: int) -> float:
   """s with E||x/s||^2 = d (dictionary_learning's norm factor up to the sqrt(d) target recommended
   by Anthropic's April 2024 update): the activation store's, measured over all its rows at export,
   or else measured on the first batches."""
-  if getattr(source, 'scale', None) is not None:
+  if source.scale is not None:
     return float(source.scale)
   sq = [jnp.mean(jnp.sum(source.batch(i) ** 2, axis=-1)) for i in range(n_batches)]
   mean_sq = float(jnp.mean(jnp.stack(sq)))

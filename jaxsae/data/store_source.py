@@ -18,6 +18,8 @@ import numpy as np
 from jaxsae.formats import store as store_lib
 from jaxsae.config import ConfigError
 
+__all__ = ['StoreSource']
+
 
 class _ReadRows:
   """Row ids of a global batch -> this process's slice of the rows, float32 [B_local, d]."""
@@ -43,7 +45,8 @@ class StoreSource:
       raise ConfigError(f'the activation store at {store.path!r} has {store.rows} rows, fewer '
                         f'than one batch (data.batch_size={batch_size}); export more studies or '
                         'lower data.batch_size.')
-    self.store, self.d, self.scale = store, store.d, store.scale
+    self.store, self.d, self.scale = store, store.d, store.scale  # measured over all rows at export
+    self.features = None  # real activations: no planted ground truth
     self.batch_size = batch_size // shard.shard_count  # rows this process reads per step
     lo = shard.shard_index * self.batch_size
     self.num_threads, self.prefetch, self.worker_processes = num_threads, prefetch, worker_processes
@@ -74,6 +77,7 @@ class StoreSource:
     return self.dataset[index]
 
   def iterator(self) -> grain.DatasetIterator:
+    """The shuffled, prefetched batches; its state is the position a checkpoint saves."""
     ds = self.dataset.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
                                                         prefetch_buffer_size=self.prefetch))
     if self.worker_processes:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+__all__ = ['SyntheticSource', 'recovery']
+
 
 class SyntheticSource:
   """Batch i of planted-feature activations, generated on the device."""
@@ -27,6 +29,7 @@ class SyntheticSource:
                        f'{n_parents * (1 + children_per_parent)} features; only {n_features}.')
     self.d, self.batch_size, self.n_features = d, batch_size, n_features
     self.mean_active, self.noise_std = mean_active, noise_std
+    self.scale = None  # unknown in advance: training measures it on the first batches
     key = jax.random.PRNGKey(seed)
     k_feat, self._key = jax.random.split(key)
     feats = jax.random.normal(k_feat, (n_features, d), jnp.float32)
@@ -52,6 +55,10 @@ class SyntheticSource:
 
   def batch(self, index: int) -> jax.Array:
     return self._batch(jnp.asarray(index, jnp.uint32))
+
+  def iterator(self) -> None:
+    """None: batches are cheap and pure in their index, so the plain in-order pipeline serves."""
+    return None
 
   @functools.partial(jax.jit, static_argnums=0)
   def _batch(self, index: jax.Array) -> jax.Array:

@@ -1,2 +1,9 @@
-"""The on-disk contracts shared by the JAX core and the torch bridge: the activation store, its
-token metadata, and the SAE weights layouts. Nothing here imports JAX or torch."""
+"""The on-disk contracts shared by the JAX core and the torch bridge; nothing here imports JAX or
+torch, so each side reads and writes them without the other's framework.
+
+  store    the activation store: append-only TensorStore zarr3 arrays, committed length last
+  tokens   what each store row is: TOKEN_KINDS and the TOKEN_COLUMNS of its metadata
+  weights  trained SAEs as safetensors, in dictionary_learning's and SAELens's layouts
+"""
+
+__all__ = ['store', 'tokens', 'weights']

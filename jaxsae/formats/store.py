@@ -32,6 +32,9 @@ import tensorstore as ts
 from jaxsae.errors import ConfigError
 from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
+__all__ = ['FORMAT', 'COMMIT', 'REPORT', 'DTYPES', 'TOKEN_COLUMNS', 'TOKEN_KINDS', 'url', 'exists',
+           'ActivationStore', 'open_store', 'StoreWriter']
+
 FORMAT = 'jaxsae-activations/1'
 COMMIT = 'store.json'
 REPORT = 'skipped_studies.json'

@@ -4,6 +4,8 @@ Shared by the writer (the torch bridge's export), the readers (training, interpr
 config's validation, so it imports nothing of jaxsae's.
 """
 
+__all__ = ['TOKEN_KINDS', 'TOKEN_COLUMNS']
+
 # What each exported token is (the store's `kind` column holds the index into this tuple).
 TOKEN_KINDS = ('image', 'prompt', 'boilerplate', 'report')
 

@@ -18,7 +18,8 @@ Layout under `out_dir`:
 Dead features (count 0) get no page: the index lists them (behind "include dead features"),
 marked dead and without a link, and prev / next on feature pages skip them. Because records may
 arrive in any order and are never held together, prev / next are resolved in the browser from
-`static/nav.js` rather than baked into the pages.
+`static/nav.js` rather than baked into the pages. The first three static files are this
+package's own `static/` files (package data), copied byte for byte.
 
 Heatmap images are referenced, not copied: `image_file` is relative to `out_dir` (as in
 records.Heatmap); a missing file is dropped at write time (the grid is drawn alone) so pages never
@@ -29,6 +30,7 @@ image should be the one the model saw (after its resize / crop).
 from __future__ import annotations
 
 import html
+from importlib import resources
 import json
 import math
 import os
@@ -42,6 +44,8 @@ from jaxsae.interpret.records import Example, Explanation, FeatureRecord, Heatma
 INDEX = 'index.html'
 FEATURES_DIR = 'features'
 STATIC_DIR = 'static'
+# Copied verbatim from this package's static/ (package data) into the site's static/.
+STATIC_FILES = ('style.css', 'index.js', 'feature.js')
 MAX_PREVIEW_TOKENS = 8
 HIST_WIDTH, HIST_HEIGHT, HIST_AXIS = 600, 160, 18
 HEATMAP_WIDTH = 320  # CSS px; the height follows the image (or the grid's aspect ratio)
@@ -67,9 +71,10 @@ def write_site(out_dir: str, records: Iterable[FeatureRecord],
   static_dir = os.path.join(out_dir, STATIC_DIR)
   os.makedirs(features_dir, exist_ok=True)
   os.makedirs(static_dir, exist_ok=True)
-  _write(os.path.join(static_dir, 'style.css'), _CSS)
-  _write(os.path.join(static_dir, 'index.js'), _INDEX_JS)
-  _write(os.path.join(static_dir, 'feature.js'), _FEATURE_JS)
+  assets = resources.files('jaxsae.interpret').joinpath(STATIC_DIR)
+  for name in STATIC_FILES:
+    with open(os.path.join(static_dir, name), 'wb') as f:
+      f.write(assets.joinpath(name).read_bytes())
 
   rows, live, seen = [], [], set()
   for record in records:
@@ -406,274 +411,3 @@ def _write(path: str, text: str) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)
 
-
-# --------------------------------------------------------------------------------------------------
-# Static assets
-# --------------------------------------------------------------------------------------------------
-
-_CSS = """\
-:root { --accent: 255 110 0; --ink: #1d2330; --muted: #6b7280; --line: #e3e6ea; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
-       margin: 0 auto; padding: 16px 24px 48px; max-width: 1200px; background: #fff; }
-h1 { font-size: 22px; margin: 4px 0 8px; }
-h2 { font-size: 16px; margin: 24px 0 8px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 14px; margin: 12px 0 4px; }
-a { color: #1f5fbf; }
-.none { color: var(--muted); font-style: italic; }
-dl.meta { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; margin: 8px 0; }
-dl.meta dt { color: var(--muted); }
-dl.meta dd { margin: 0; font-family: ui-monospace, monospace; }
-.counts .count { margin-right: 16px; }
-.controls { display: flex; gap: 12px; align-items: center; margin: 12px 0; flex-wrap: wrap; }
-#search { width: 360px; padding: 6px 8px; font-size: 14px; }
-#status { color: var(--muted); }
-table#features { border-collapse: collapse; width: 100%; }
-#features th, #features td { border-bottom: 1px solid var(--line); padding: 4px 8px;
-                             text-align: left; vertical-align: top; }
-#features th { position: sticky; top: 0; background: #f6f7f9; white-space: nowrap; }
-#features th.sortable { cursor: pointer; user-select: none; }
-#features th.sortable:hover { background: #eceef2; }
-#features th[aria-sort="ascending"]::after { content: " \\25B2"; }
-#features th[aria-sort="descending"]::after { content: " \\25BC"; }
-#features td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-#features td.tokens { font-family: ui-monospace, monospace; font-size: 12px; color: #374151; }
-#features tr.dead { color: var(--muted); }
-.badge { font-size: 11px; background: #eee; border-radius: 3px; padding: 0 4px; margin-left: 4px; }
-nav.top a { margin-right: 16px; }
-table.stats th { text-align: left; font-weight: normal; color: var(--muted); padding-right: 16px; }
-p.explanation { font-size: 16px; margin: 8px 0 4px; }
-p.by, .confusion, .range { color: var(--muted); font-size: 12px; }
-svg.hist rect.bar { fill: rgb(var(--accent)); }
-svg.hist rect.bar:hover { fill: #b34700; }
-svg.hist .axis { stroke: #999; }
-svg.hist text { font-size: 11px; fill: var(--muted); }
-.heatmap-row { display: flex; flex-wrap: wrap; gap: 16px; }
-figure.heatmap { margin: 0; }
-.hm-wrap { position: relative; width: 320px; background: #111; }
-.hm-wrap img { display: block; width: 100%; height: auto; }
-.hm-grid { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
-.hm-grid rect { fill: rgb(255 60 0); }
-figcaption { color: var(--muted); font-size: 12px; margin-top: 4px; }
-.example { border-left: 3px solid var(--line); padding: 2px 8px; margin: 6px 0; }
-.ex-meta { color: var(--muted); font-size: 12px; }
-.ctx { font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.9; }
-.tok { white-space: pre; background: rgb(var(--accent) / var(--a, 0)); border-radius: 2px; }
-.tok.target { font-weight: bold; outline: 1.5px solid #222; }
-ol.promoted { columns: 3; font-family: ui-monospace, monospace; }
-ol.promoted .ptok { white-space: pre; background: #f1f3f5; }
-ol.promoted .num { color: var(--muted); font-size: 12px; }
-"""
-
-_INDEX_JS = """\
-// The index table: rows come from the inline JSON (#feature-data); only one page is in the DOM.
-// State (query, sort, dead toggle, page) lives in the URL fragment so "back" restores the view.
-(function () {
-  'use strict';
-  var data = JSON.parse(document.getElementById('feature-data').textContent);
-  var F = {};
-  data.fields.forEach(function (name, i) { F[name] = i; });
-  var rows = data.rows;
-  var pageSize = data.pageSize;
-  var text = rows.map(function (r) {
-    return ((r[F.explanation] || '') + ' \\n ' + r[F.tokens]).toLowerCase();
-  });
-  var DEFAULT_DIR = {id: 1, explanation: 1, density: -1, mean: -1, max: -1, score: -1};
-  var state = {q: '', sort: 'id', dir: 1, dead: false, page: 0};
-  var view = [];
-  var written = null;  // the fragment this script last wrote (its own hashchange is ignored)
-
-  var search = document.getElementById('search');
-  var showDead = document.getElementById('show-dead');
-  var status = document.getElementById('status');
-  var prev = document.getElementById('prev-page');
-  var next = document.getElementById('next-page');
-  var tbody = document.querySelector('#features tbody');
-  var headers = document.querySelectorAll('#features th.sortable');
-
-  function readHash() {
-    var p = new URLSearchParams(location.hash.slice(1));
-    var sort = p.get('sort');
-    state.q = p.get('q') || '';
-    state.sort = DEFAULT_DIR.hasOwnProperty(sort) ? sort : 'id';
-    state.dir = p.get('dir') === '-1' ? -1 : 1;
-    state.dead = p.get('dead') === '1';
-    state.page = Math.max(0, parseInt(p.get('page') || '0', 10) || 0);
-    search.value = state.q;
-    showDead.checked = state.dead;
-  }
-
-  function writeHash() {
-    var p = new URLSearchParams();
-    if (state.q) p.set('q', state.q);
-    if (state.sort !== 'id' || state.dir !== 1) {
-      p.set('sort', state.sort);
-      p.set('dir', state.dir);
-    }
-    if (state.dead) p.set('dead', '1');
-    if (state.page) p.set('page', state.page);
-    var h = p.toString();
-    if (h !== location.hash.slice(1)) location.replace('#' + h);
-    written = location.hash.slice(1);
-  }
-
-  // A term matches text containing it; a number also matches that feature id, '#12' only the id.
-  function matcher(q) {
-    var terms = q.toLowerCase().split(/\\s+/).filter(Boolean);
-    return function (i) {
-      var r = rows[i];
-      return terms.every(function (t) {
-        var m = /^#?(\\d+)$/.exec(t);
-        if (m && r[F.id] === parseInt(m[1], 10)) return true;
-        return t.charAt(0) !== '#' && text[i].indexOf(t) !== -1;
-      });
-    };
-  }
-
-  function compare(key, dir) {
-    var c = F[key];
-    var textual = key === 'explanation';
-    return function (a, b) {
-      var x = rows[a][c], y = rows[b][c];
-      if (x === null || y === null) {  // missing values last, whatever the direction
-        if (x !== y) return x === null ? 1 : -1;
-        return rows[a][F.id] - rows[b][F.id];
-      }
-      if (textual) { x = x.toLowerCase(); y = y.toLowerCase(); }
-      if (x < y) return -dir;
-      if (x > y) return dir;
-      return rows[a][F.id] - rows[b][F.id];
-    };
-  }
-
-  function refilter() {
-    var match = matcher(state.q);
-    view = [];
-    for (var i = 0; i < rows.length; i++) {
-      if ((state.dead || rows[i][F.count] > 0) && match(i)) view.push(i);
-    }
-    view.sort(compare(state.sort, state.dir));
-  }
-
-  function fmt(x) {
-    if (x === null) return '\\u2014';
-    if (x === 0) return '0';
-    var a = Math.abs(x);
-    return (a >= 1e-3 && a < 1e5) ? String(Number(x.toPrecision(3))) : x.toExponential(2);
-  }
-
-  function cell(tr, text, cls) {
-    var td = document.createElement('td');
-    if (cls) td.className = cls;
-    td.textContent = text;
-    tr.appendChild(td);
-    return td;
-  }
-
-  function render() {
-    var pages = Math.max(1, Math.ceil(view.length / pageSize));
-    state.page = Math.min(state.page, pages - 1);
-    var start = state.page * pageSize;
-    var end = Math.min(view.length, start + pageSize);
-    var frag = document.createDocumentFragment();
-    for (var k = start; k < end; k++) {
-      var r = rows[view[k]];
-      var tr = document.createElement('tr');
-      tr.dataset.id = r[F.id];
-      var dead = r[F.count] === 0;
-      if (dead) tr.className = 'dead';
-      var td = document.createElement('td');
-      td.className = 'num id';
-      if (dead) {
-        td.textContent = r[F.id];
-        var badge = document.createElement('span');
-        badge.className = 'badge';
-        badge.textContent = 'dead';
-        td.appendChild(badge);
-      } else {
-        var a = document.createElement('a');
-        a.href = 'features/' + r[F.id] + '.html';
-        a.textContent = r[F.id];
-        td.appendChild(a);
-      }
-      tr.appendChild(td);
-      cell(tr, fmt(r[F.density]), 'num density');
-      cell(tr, fmt(r[F.mean]), 'num mean');
-      cell(tr, fmt(r[F.max]), 'num max');
-      cell(tr, r[F.explanation] === null ? '' : r[F.explanation], 'explanation');
-      cell(tr, r[F.score] === null ? '\\u2014' : r[F.score].toFixed(3), 'num score');
-      cell(tr, r[F.tokens], 'tokens');
-      cell(tr, r[F.kind], 'kind');
-      frag.appendChild(tr);
-    }
-    tbody.replaceChildren(frag);
-    status.textContent = view.length
-        ? 'showing ' + (start + 1) + '\\u2013' + end + ' of ' + view.length + ' matching (' +
-          rows.length + ' features)'
-        : 'no matching features (' + rows.length + ' features)';
-    prev.disabled = state.page === 0;
-    next.disabled = state.page >= pages - 1;
-    headers.forEach(function (th) {
-      if (th.dataset.key === state.sort) {
-        th.setAttribute('aria-sort', state.dir === 1 ? 'ascending' : 'descending');
-      } else {
-        th.removeAttribute('aria-sort');
-      }
-    });
-    writeHash();
-  }
-
-  function update() { refilter(); render(); }
-
-  search.addEventListener('input', function () {
-    state.q = search.value; state.page = 0; update();
-  });
-  showDead.addEventListener('change', function () {
-    state.dead = showDead.checked; state.page = 0; update();
-  });
-  headers.forEach(function (th) {
-    th.addEventListener('click', function () {
-      var key = th.dataset.key;
-      state.dir = key === state.sort ? -state.dir : DEFAULT_DIR[key];
-      state.sort = key; state.page = 0; update();
-    });
-  });
-  prev.addEventListener('click', function () { state.page--; render(); });
-  next.addEventListener('click', function () { state.page++; render(); });
-
-  // A fragment typed or linked while the page is open (no reload happens) applies too.
-  window.addEventListener('hashchange', function () {
-    if (location.hash.slice(1) !== written) { readHash(); update(); }
-  });
-
-  readHash();
-  update();
-})();
-"""
-
-_FEATURE_JS = """\
-// Prev / next among live features (static/nav.js holds their sorted ids); arrow keys follow them.
-(function () {
-  'use strict';
-  var ids = window.LIVE_FEATURES || [];
-  var f = parseInt(document.body.dataset.feature, 10);
-  var lo = 0, hi = ids.length;
-  while (lo < hi) { var mid = (lo + hi) >> 1; if (ids[mid] < f) lo = mid + 1; else hi = mid; }
-  var before = lo > 0 ? ids[lo - 1] : null;
-  var after = ids[lo] === f ? (lo + 1 < ids.length ? ids[lo + 1] : null)
-                            : (lo < ids.length ? ids[lo] : null);
-  function link(id, target) {
-    var a = document.getElementById(id);
-    if (target === null) return null;
-    a.href = target + '.html';
-    a.hidden = false;
-    return a;
-  }
-  var prev = link('prev', before), next = link('next', after);
-  document.addEventListener('keydown', function (e) {
-    if (e.target.tagName === 'INPUT' || e.altKey || e.ctrlKey || e.metaKey) return;
-    if (e.key === 'ArrowLeft' && prev) location.href = prev.href;
-    if (e.key === 'ArrowRight' && next) location.href = next.href;
-  });
-})();
-"""

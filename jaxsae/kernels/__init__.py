@@ -1,41 +1,94 @@
-"""Sparse Matryoshka decode and gradients: O(B*k*d) work instead of dense B x F x d matmuls.
+"""Interchangeable backends for the training step's loss, gradients and optimizer update; this
+module is the one place a backend is chosen (`resolve`) and looked up (`get`).
 
 After BatchTopK only B*k entries of the [B, F] activations are non-zero, yet a dense step spends
 four more B x d x F matmuls on them (decode, its two gradients, and the encoder-weight gradient).
-Here the selected entries are compacted into flat (token, latent, value) lists; every prefix
-reconstruction is a gather-weighted sum of W_dec rows split by group, and the gradients of W_dec,
-W_enc, b_enc and b_dec are scatter-adds over the selected entries only. Entries are walked in
-chunks so the gathered rows stay in cache and no [B*k, d] buffer is ever materialised.
+The sparse backends compute every prefix reconstruction from the selected entries only, and the
+gradients of W_dec, W_enc, b_enc and b_dec over those entries: O(B*k*d) work after the encoder.
 
-Which implementation a step uses is `sae.kernel`:
-  'dense'  the plain reference: autodiff of the dense training loss, `train_step.loss_fn` (the
-           same maths as dictionary_learning). Every fast path is tested against it. Also the
-           step on meshes of several devices (sharded by `jaxsae.sharding`).
-  'xla'    this module's gathers and scatter-adds, on any backend.
-  'pallas' the fused kernels of `jaxsae.kernels_pallas` (GPU, Triton; interpreted, slowly, on
-           CPU) or, on a TPU, `jaxsae.kernels_pallas_tpu` (Mosaic: row gathers as DMAs).
-  'cpu'    the native CPU kernels of `jaxsae.kernels_cpu` (selection, loss, gradients, AuxK and
-           the optimizer update, through XLA's FFI).
-  'auto'   the fastest measured path: 'pallas' on a single GPU, 'cpu' on a single CPU device
-           ('xla' where the native kernels cannot be built), else 'dense'.
-Measured (tools/bench.py, float32, default matmul precision), one step:
-  2 CPU cores, d=1024 F=8192 k=32 B=2048:  dense 0.66 s, xla 0.36 s, cpu 0.123 s (floor 0.080 s)
-  H100, d=1024 F=8192 k=32 B=2048:         dense 3.7-4.0 ms, xla 6.7-7.1 ms, pallas 3.3-3.7 ms
-  H100, d=4096 F=16384 k=64 B=4096:        dense 17.0 ms, xla 78 ms, pallas 15.0 ms (of which the
-                                           sparse l2 and gradients: 68 ms xla, 4.0 ms pallas)
-(the H100 'xla' figures predate the chunked, compacted form below: re-measure before changing
-'auto' there). On a GPU the XLA scatter-adds dominate; the Pallas kernels are bound by the bytes
-of the gathered rows (kernels_pallas.py).
+The backends (`resolve` gives the name that runs):
+  dense       autodiff of the reference loss, `model.loss_fn` (dictionary_learning's maths). Every
+              other backend is tested against it. Also the step on meshes of several devices
+              (sharded by `jaxsae.sharding`).
+  xla         gathers and scatter-adds in plain XLA over compacted entries, on any platform.
+  pallas_gpu  fused Pallas kernels (Triton), no scatters; interpreted, slowly, off a GPU.
+  pallas_tpu  the same for a TPU (Mosaic: row gathers as DMAs); tested in interpret mode only.
+  cpu         native C++ kernels through XLA's FFI: selection, loss, gradients, AuxK and the
+              optimizer update (`cpu_build` compiles them on first use).
+The sparse three share `sparse.loss_and_grads` (candidates, the exactness proof, the dense
+fallback); the shared types and helpers are in `common`. Which backend is fastest where, and by
+how much, is measured in README's Performance section: 'auto' follows it.
+
+Imports run one way: `common` <- the backend modules <- this package; backends never import
+this module or `jaxsae.train_step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
+from typing import Callable
 
 import jax
+import optax
 
-from jaxsae.kernels.common import GPU_BACKENDS, L2Result
+from jaxsae import model
+from jaxsae.kernels.common import GPU_BACKENDS, L2Result, LossAndGrads, StepConfig, StepStats
+from jaxsae.kernels import common
+
+__all__ = ['BACKENDS', 'Backend', 'GPU_BACKENDS', 'L2Result', 'LossAndGrads', 'StepConfig',
+           'StepStats', 'get', 'resolve']
+
+BACKENDS = ('dense', 'xla', 'pallas_gpu', 'pallas_tpu', 'cpu')
+
+LossAndGradsFn = Callable[[model.Params, jax.Array, jax.Array, StepConfig], LossAndGrads]
+ProjectAndNormFn = Callable[[model.Params, model.Params], tuple[model.Params, jax.Array]]
+UpdateFn = Callable[[model.Params, optax.OptState, model.Params, jax.Array, jax.Array, StepConfig,
+                     optax.GradientTransformation, optax.Schedule],
+                    tuple[model.Params, optax.OptState]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """What `train_step` runs, in order:
+
+  loss_and_grads(params, x, tokens_since_fired, sc) -> LossAndGrads
+      the loss, its statistics, the updated dead-latent counters, and the gradients;
+  project_and_norm(params, grads) -> (grads, global norm)
+      the decoder gradient projected off the decoder rows, and the norm the clip uses;
+  update(params, opt_state, grads, grad_norm, finite, sc, optimizer, schedule)
+      -> (params, opt_state): the optimizer step and unit decoder rows, a no-op unless `finite`.
+  The last two default to the plain-JAX / optax ones; a backend with native versions (cpu) brings
+  its own, on the same state layout, so checkpoints move between backends.
+  """
+  name: str
+  loss_and_grads: LossAndGradsFn
+  project_and_norm: ProjectAndNormFn = common.project_and_norm
+  update: UpdateFn = common.optax_update
+
+
+def get(name: str) -> Backend:
+  """The backend called `name` (a `resolve` result). Imported on demand: the Pallas modules need
+  their lowering (Triton, Mosaic) importable, which only the backends that use them may."""
+  # pylint: disable=import-outside-toplevel
+  if name == 'dense':
+    from jaxsae.kernels import dense
+    return Backend(name, dense.loss_and_grads)
+  if name == 'xla':
+    from jaxsae.kernels import xla
+    return Backend(name, xla.loss_and_grads)
+  if name == 'pallas_gpu':
+    from jaxsae.kernels import pallas_gpu
+    return Backend(name, pallas_gpu.loss_and_grads)
+  if name == 'pallas_tpu':
+    from jaxsae.kernels import pallas_tpu
+    return Backend(name, pallas_tpu.loss_and_grads)
+  if name == 'cpu':
+    from jaxsae.kernels import cpu
+    return Backend(name, cpu.loss_and_grads, cpu.project_and_norm, cpu.update)
+  raise ValueError(f'unknown kernel backend {name!r}: one of {", ".join(BACKENDS)} '
+                   "(sae.kernel's 'auto' and 'pallas' go through kernels.resolve)")
 
 
 def _pallas_triton_available() -> bool:
@@ -48,18 +101,18 @@ def _pallas_triton_available() -> bool:
 
 def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
             num_devices: int | None = None) -> str:
-  """The implementation a step runs for `sae.kernel`: 'dense', 'xla', 'pallas' or 'cpu'.
+  """The backend a step runs for `sae.kernel`: 'dense', 'xla', 'pallas_gpu', 'pallas_tpu' or 'cpu'.
 
-  'auto' is the fastest measured path (see the module docstring): 'pallas' on a single GPU,
-  'cpu' (the native kernels, `jaxsae.kernels_cpu`; 'xla' if they cannot be built here) on a
-  single CPU device, 'dense' everywhere else — neither a pallas_call nor a native custom call is
-  partitioned over a device mesh (XLA would replicate it), and the compaction of the 'xla' path
-  is a global prefix sum over the batch. The sparse paths need each token's latents on one
-  device, so latent sharding forces 'dense'. An explicit 'pallas' on CPU runs interpreted
-  (exact, very slow: for tests); on TPU it runs the Mosaic kernels (`jaxsae.kernels_pallas_tpu`),
-  so far tested only in interpret mode, which is why 'auto' does not pick them there; both say
-  so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU
-  devices it is 'dense', with a warning.
+  'auto' is the fastest measured path (README's Performance section): 'pallas_gpu' on a single
+  GPU, 'cpu' (the native kernels; 'xla' if they cannot be built here) on a single CPU device,
+  'dense' everywhere else — neither a pallas_call nor a native custom call is partitioned over a
+  device mesh (XLA would replicate it), and the compaction of the 'xla' path is a global prefix
+  sum over the batch. The sparse paths need each token's latents on one device, so latent
+  sharding forces 'dense'. 'pallas' is the Mosaic kernels ('pallas_tpu') on a TPU, so far tested
+  only in interpret mode, which is why 'auto' does not pick them there, and the Triton ones
+  ('pallas_gpu') elsewhere: off a GPU they run interpreted (exact, very slow: for tests); both
+  say so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU devices it
+  is 'dense', with a warning.
   """
   backend = backend or jax.default_backend()
   if mesh_model_axis > 1:
@@ -70,7 +123,7 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
       from jaxsae.kernels import cpu_build  # pylint: disable=import-outside-toplevel (compiles)
       return 'cpu' if cpu_build.available() else 'xla'
     fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
-    return 'pallas' if fast else 'dense'
+    return 'pallas_gpu' if fast else 'dense'
   if kernel == 'cpu':
     if backend != 'cpu':
       raise ValueError(f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
@@ -83,11 +136,10 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
   if kernel == 'pallas':
     if backend == 'tpu':
       logging.warning("sae.kernel='pallas' on TPU runs the Mosaic kernels of "
-                      "jaxsae.kernels_pallas_tpu, so far tested only in interpret mode.")
-    if backend not in GPU_BACKENDS:
+                      "jaxsae.kernels.pallas_tpu, so far tested only in interpret mode.")
+    elif backend not in GPU_BACKENDS:
       logging.warning("sae.kernel='pallas' on %s runs the Pallas kernels in interpret mode: exact "
                       "but very slow, meant for tests. Use 'auto' or 'xla' to train here.",
                       backend)
+    return 'pallas_tpu' if backend == 'tpu' else 'pallas_gpu'
   return kernel
-
-

@@ -1,4 +1,4 @@
-"""Native CPU kernels (`sae.kernel = 'cpu'`): the exact BatchTopK selection, the sparse Matryoshka
+"""The 'cpu' backend: native CPU kernels for the exact BatchTopK selection, the sparse Matryoshka
 loss and gradients, AuxK, and the optimizer's update of the weight matrices, as C++ handlers
 (`csrc/cpu_kernels.cc`) called through XLA's FFI on XLA's own intra-op thread pool.
 
@@ -26,9 +26,11 @@ dense fallback (ties at tau beyond the capacity, which only degenerate batches h
 and counted in the step's `ties_dropped` metric). Every reduction has a fixed order, so results
 do not depend on thread timing (bit-identical resumes).
 
-Building and loading the C++ is `kernels.cpu_build`. The references the tests compare
-against: `train_step.loss_fn` (dense autodiff), `model.auxk_loss`, `selection.reference_threshold`
-and optax.
+The backend's hooks for `train_step`: `loss_and_grads`, `project_and_norm` (the projection in
+place, with the global norm from its row norms) and `update` (the native optimizer step, on
+optax's own state layout: `opt_state_parts` is the one place that knows it). Building and loading
+the C++ is `kernels.cpu_build`. The references the tests compare against: `model.loss_fn` (dense
+autodiff), `model.auxk_loss`, `selection.reference_threshold` and optax.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxsae import model
 from jaxsae.kernels import common
@@ -85,12 +88,12 @@ def select(z: jax.Array, c: jax.Array, budget: int, cap: int) -> Selection:
                      f'capacity {cap}')
   _register()
   B, _ = z.shape
-  row_ptr, lat, val, tau, status = jax.ffi.ffi_call('jaxsae_select', (
+  count = jax.ShapeDtypeStruct((), jnp.int32)   # ties_dropped, path, collected
+  row_ptr, lat, val, tau, ties_dropped, path, collected = jax.ffi.ffi_call('jaxsae_select', (
       jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
       jax.ShapeDtypeStruct((cap,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
-      jax.ShapeDtypeStruct((4,), jnp.int32)))(z.astype(jnp.float32), c.astype(jnp.float32),
-                                              budget=np.int64(budget))
-  return Selection(Entries(row_ptr, lat, val), tau, status[1], status[2], status[3])
+      count, count, count))(z.astype(jnp.float32), c.astype(jnp.float32), budget=np.int64(budget))
+  return Selection(Entries(row_ptr, lat, val), tau, ties_dropped, path, collected)
 
 
 def aux_select(z: jax.Array, c: jax.Array, dead: jax.Array, k_aux: int) -> Entries:
@@ -100,12 +103,11 @@ def aux_select(z: jax.Array, c: jax.Array, dead: jax.Array, k_aux: int) -> Entri
   _register()
   B, _ = z.shape
   cap = B * k_aux
-  row_ptr, lat, val, _ = jax.ffi.ffi_call('jaxsae_aux_select', (
+  return Entries(*jax.ffi.ffi_call('jaxsae_aux_select', (
       jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
-      jax.ShapeDtypeStruct((cap,), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)))(
+      jax.ShapeDtypeStruct((cap,), jnp.float32)))(
           z.astype(jnp.float32), c.astype(jnp.float32), dead.astype(jnp.int32),
-          k_aux=np.int64(k_aux))
-  return Entries(row_ptr, lat, val)
+          k_aux=np.int64(k_aux)))
 
 
 class L2Grads(NamedTuple):
@@ -145,25 +147,17 @@ def encoder_parts(params: model.Params, x: jax.Array) -> tuple[jax.Array, jax.Ar
   return x @ W_enc, params['b_enc'] - params['b_dec'] @ W_enc
 
 
-def _encoder_grads(params: model.Params, db_enc: jax.Array) -> jax.Array:
-  # b_dec enters the selected values as -b_dec @ W_enc (W_enc's own share is already in the
-  # kernel's dW_enc, computed against x - b_dec).
-  return -(params['W_enc'] @ db_enc)
-
-
 def l2_and_grads(params: model.Params, x: jax.Array, e: Entries, group_sizes: Sequence[int],
                  group_weights: Sequence[float]) -> common.L2Result:
-  """`kernels.sparse_l2_and_grads` (same result) from CSR entries of the selected values."""
+  """`kernels.xla.l2_and_grads` (same result) from CSR entries of the selected values."""
   B = x.shape[0]
-  G = len(group_sizes)
-  ends = np.cumsum(group_sizes)
   xc = x - params['b_dec']
-  # l2 = mean_g w_g MSE_g: dl2/dx_hat_g = -2 w_g / (G B) (x - x_hat_g), so coef_g = -2 w_g/(G B).
-  coef = jnp.asarray(-2.0 * np.asarray(group_weights) / (G * B), jnp.float32)
-  r = l2_grads_kernel(xc, xc, params['W_dec'], e, ends, coef)
+  coef = jnp.asarray(common.l2_coefficients(group_weights, B), jnp.float32)
+  r = l2_grads_kernel(xc, xc, params['W_dec'], e, common.group_ends(group_sizes), coef)
   sq_err = jnp.sum(r.sq, axis=0) / B
+  # W_enc's share of the b_dec path is already in the kernel's dW_enc (against x - b_dec).
   grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
-           'b_dec': r.up0 + _encoder_grads(params, r.db_enc)}
+           'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc, r.up0)}
   return common.L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, jnp.float32)), sq_err,
                           x - r.resid, grads)
 
@@ -182,8 +176,84 @@ def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax
   r = l2_grads_kernel(residual, x - params['b_dec'], params['W_dec'], e, (F,), coef)
   loss = jnp.nan_to_num(jnp.sum(r.sq) / B * scale)
   grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
-           'b_dec': _encoder_grads(params, r.db_enc)}
+           'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc)}   # no b_dec in AuxK's decode
   return loss, grads
+
+
+# --------------------------------------------------------------------------------------------------
+# The backend's hooks for `train_step`
+# --------------------------------------------------------------------------------------------------
+
+
+def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
+                   sc: common.StepConfig) -> common.LossAndGrads:
+  """The encoder matmul, then selection, decode, gradients and AuxK over the selected entries
+  only. relu(z + c) is never stored, and no other [B, F] array exists: there is no dense fallback
+  (ties beyond the capacity, which only degenerate batches have, are dropped and counted
+  instead, see `select`)."""
+  B, F = x.shape[0], params['W_dec'].shape[0]
+  z, c = encoder_parts(params, x)
+  sel = select(z, c, B * sc.k, capacity(B, sc.k))
+  e = sel.entries
+  r = l2_and_grads(params, x, e, sc.group_sizes, sc.group_weights)
+  valid = e.valid()
+  fired = jnp.zeros((F,), bool).at[e.lat].max(valid)
+  aux, grads, silence = common.with_auxk(
+      r, x, fired, tokens_since_fired, sc,
+      lambda residual, dead: auxk_loss_and_grads(params, z, c, x, residual, dead, sc.top_k_aux))
+  stats = common.StepStats(r.sq_err, r.l2, aux, e.count.astype(jnp.float32) / B,
+                           jnp.min(jnp.where(valid, e.val, jnp.inf)), jnp.ones((), jnp.float32),
+                           sel.ties_dropped.astype(jnp.float32))
+  return common.LossAndGrads(r.l2 + sc.auxk_alpha * aux, stats, silence, grads)
+
+
+def project_and_norm(params: model.Params, grads: model.Params) -> tuple[model.Params, jax.Array]:
+  """`common.project_and_norm` with the projection in place (`project_rows`), whose per-row
+  squared norms give the decoder's share of the global norm."""
+  g_dec, row_sq = project_rows(params['W_dec'], grads['W_dec'])
+  grads = {**grads, 'W_dec': g_dec}
+  grad_norm = jnp.sqrt(jnp.sum(row_sq) + sum(jnp.sum(grads[n] ** 2)
+                                             for n in ('W_enc', 'b_enc', 'b_dec')))
+  return grads, grad_norm
+
+
+def opt_state_parts(opt_state: optax.OptState):
+  """(clip state, Adam state, schedule state) of `train_step.make_optimizer`'s state, i.e. optax's
+  layout for chain(clip_by_global_norm, adam(schedule)): the one place that depends on it
+  (tests/kernels/test_cpu.py pins it)."""
+  clip_state, (adam, sched) = opt_state
+  if not (isinstance(adam, optax.ScaleByAdamState)
+          and isinstance(sched, optax.ScaleByScheduleState)):
+    raise TypeError('the cpu backend updates chain(clip_by_global_norm, adam(schedule)) state, '
+                    f'got {type(adam).__name__}, {type(sched).__name__}')
+  return clip_state, adam, sched
+
+
+def update(params: model.Params, opt_state: optax.OptState, grads: model.Params,
+           grad_norm: jax.Array, finite: jax.Array, sc: common.StepConfig,
+           optimizer: optax.GradientTransformation,
+           schedule: optax.Schedule) -> tuple[model.Params, optax.OptState]:
+  """`train_step.make_optimizer`'s update (clip by global norm, Adam, learning-rate schedule, from
+  the constants in `sc`) and the decoder renormalisation, natively and in place for the two
+  weight matrices; the same state layout as optax's, so checkpoints move between backends.
+  Nothing changes unless `finite` (a flag to the kernels, not a cond)."""
+  del optimizer   # its maths, natively
+  clip_state, adam, sched = opt_state_parts(opt_state)
+  count = jnp.where(adam.count < jnp.iinfo(jnp.int32).max, adam.count + 1, adam.count)
+  hyper = AdamHyper(lr=schedule(sched.count), b1=sc.b1, b2=sc.b2, eps=sc.eps, count=count,
+                    grad_norm=grad_norm, max_norm=sc.grad_clip, apply=finite)
+  new_params, mu, nu = {}, {}, {}
+  for name in ('W_enc', 'W_dec'):
+    new_params[name], mu[name], nu[name] = adam_update(
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper,
+        unit_rows=name == 'W_dec')
+  for name in ('b_enc', 'b_dec'):
+    new_params[name], mu[name], nu[name] = adam_reference(
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper)
+  sched_count = jnp.where(sched.count < jnp.iinfo(jnp.int32).max, sched.count + 1, sched.count)
+  return new_params, (clip_state, (
+      adam._replace(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu),
+      sched._replace(count=jnp.where(finite, sched_count, sched.count))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +263,7 @@ def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax
 
 def project_rows(W: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(g minus each row's component along W's row, its squared norm per row):
-  `train_step.remove_parallel_component`, in place of g."""
+  `model.remove_parallel_component`, in place of g."""
   _register()
   F, _ = W.shape
   return jax.ffi.ffi_call('jaxsae_project_rows', (
@@ -202,6 +272,8 @@ def project_rows(W: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class AdamHyper(NamedTuple):
+  """One step's optimizer settings. b1, b2, eps and max_norm are static Python floats (the
+  kernel takes them as attributes); lr, count, grad_norm and apply may be traced."""
   lr: jax.Array
   b1: float
   b2: float
@@ -213,12 +285,6 @@ class AdamHyper(NamedTuple):
 
   def bias_corrections(self) -> tuple[jax.Array, jax.Array]:
     return 1 - self.b1 ** self.count, 1 - self.b2 ** self.count   # as optax computes them
-
-  def array(self) -> jax.Array:
-    bc1, bc2 = self.bias_corrections()
-    return jnp.stack([jnp.asarray(v, jnp.float32) for v in (
-        self.lr, self.b1, self.b2, 1 - self.b1, 1 - self.b2, self.eps, bc1, bc2, self.grad_norm,
-        self.max_norm, self.apply)])
 
 
 def adam_reference(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
@@ -240,6 +306,13 @@ def adam_update(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, hyper: A
   with unit_rows, then `model.unit_norm_rows` on the updated [F, d] p."""
   _register()
   like = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  bc1, bc2 = hyper.bias_corrections()
+  # The static floats go as f64 attributes: the kernel forms 1 - b1 and 1 - b2 in double, as
+  # optax's Python arithmetic does, before rounding to float32.
   return jax.ffi.ffi_call('jaxsae_adam', (like, like, like),
                           input_output_aliases={0: 0, 2: 1, 3: 2})(
-                              p, g, m, v, hyper.array(), unit_rows=np.int64(unit_rows))
+                              p, g, m, v, f32(hyper.lr), f32(bc1), f32(bc2), f32(hyper.grad_norm),
+                              jnp.asarray(hyper.apply, jnp.bool_), b1=np.float64(hyper.b1),
+                              b2=np.float64(hyper.b2), eps=np.float64(hyper.eps),
+                              max_norm=np.float64(hyper.max_norm), unit_rows=np.int64(unit_rows))

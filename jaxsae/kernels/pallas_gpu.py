@@ -1,6 +1,7 @@
-"""Pallas (GPU, Triton lowering) kernels for the sparse Matryoshka decode and its gradients.
+"""The 'pallas_gpu' backend: Pallas (Triton lowering) kernels for the sparse Matryoshka decode and
+its gradients.
 
-The XLA sparse path (`kernels.sparse_l2_and_grads`) is exact but slow on a GPU: its gradients of
+The 'xla' backend (`kernels.xla.l2_and_grads`) is exact but slow on a GPU: its gradients of
 W_dec and W_enc are scatter-adds of B*kc rows into dense F x d buffers. Here the same maths runs in
 three kernels that never scatter:
 
@@ -21,12 +22,12 @@ three kernels that never scatter:
 
 Bytes, not FLOPs, bound all three: each selected entry reads one d-row three times (W_dec in the
 decode, R and x in the backward), 3 * B*k*d*4 bytes, about 13 GB at the paper's d=4096, F=16384,
-k=64, B=4096. Measured on an H100 there: decode 1.3 ms, sort + backward 3.6 ms (XLA path: 68 ms),
-and a training step 15.0 ms against the dense path's 17.0 ms (README.md, kernels.py).
+k=64, B=4096. For measured times see README's Performance section.
 
 `matryoshka_l2` wraps them as a `jax.custom_vjp` (forward = decode, backward = the CSR kernels);
-`l2_and_grads` runs them back to back for the training step (`sae.kernel = 'pallas'`). The plain
-references tests compare against are the XLA path and autodiff of `train_step.loss_fn`.
+`l2_and_grads` runs them back to back, and `loss_and_grads` is the training step's loss
+(`kernels.sparse.loss_and_grads` around them; `sae.kernel = 'pallas'` on a GPU). The plain
+references tests compare against are the 'xla' backend and autodiff of `model.loss_fn`.
 
 Interpret mode: off only on a GPU backend; on CPU (and wherever JAXSAE_PALLAS_INTERPRET=1) the
 same kernels run through Pallas's interpreter, exact but slow — that is how tests run without a
@@ -37,31 +38,30 @@ masked load), with the same result.
 JAX 0.11 warns that Pallas's Triton lowering is deprecated in favour of Mosaic GPU; when it goes,
 `kernels.resolve('auto')` stops choosing this path (it checks the module is there).
 
-TPU: a Mosaic version with the row gathers as DMAs driven by indices in SMEM is
-`jaxsae.kernels_pallas_tpu`; `kernels.sparse_l2_and_grads` picks it on a TPU backend.
+TPU: a Mosaic version with the row gathers as DMAs driven by indices in SMEM is the 'pallas_tpu'
+backend (`kernels.pallas_tpu`); `kernels.resolve('pallas')` picks it on a TPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxsae.kernels import common
 from jaxsae import model
+from jaxsae.kernels import common, sparse
 
 
 def interpret_mode() -> bool:
-  """Whether to run the kernels through the interpreter: not on a GPU, unless overridden."""
-  env = os.environ.get('JAXSAE_PALLAS_INTERPRET', '').strip().lower()
-  if env:
-    return env not in ('0', 'false', 'no')
+  """Whether to run the kernels through the interpreter: not on a GPU, unless
+  JAXSAE_PALLAS_INTERPRET says otherwise (`common.interpret_override`)."""
+  override = common.interpret_override()
+  if override is not None:
+    return override
   return jax.default_backend() not in common.GPU_BACKENDS
 
 
@@ -71,14 +71,6 @@ def _pow2_divisor(n: int, cap: int) -> int:
   while b * 2 <= cap and n % (b * 2) == 0:
     b *= 2
   return b
-
-
-def _group_of(f: jax.Array, ends: Sequence[int]) -> jax.Array:
-  """Matryoshka group of latent ids `f`: how many group ends (but the last) are <= f."""
-  g = jnp.zeros(f.shape, jnp.int32)
-  for e in ends[:-1]:
-    g = g + (f >= e).astype(jnp.int32)
-  return g
 
 
 def _gather_rows(ref, rows: jax.Array, cols: pl.Slice, mask: jax.Array, masked: bool):
@@ -109,7 +101,7 @@ def _decode_kernel(jmax_ref, vals_ref, idx_ref, x_ref, bdec_ref, w_ref,
   def accumulate(j, prefix):
     v, f = vals_ref[j, :], idx_ref[j, :]    # [bt]
     c = v[:, None] * _gather_rows(w_ref, f, cols, v != 0, masked)
-    g = _group_of(f, ends)
+    g = common.group_of(f, ends)
     # Prefix i holds every entry of groups <= i: the cumulative sum over index ranges.
     return tuple(p + jnp.where((g <= i)[:, None], c, 0.0) for i, p in enumerate(prefix))
 
@@ -148,11 +140,10 @@ def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
   B, d = x.shape
   kc = vals.shape[1]
   G = len(group_sizes)
-  ends = tuple(int(e) for e in np.cumsum(group_sizes))
-  w = np.asarray(group_weights, np.float64)
-  coefs = tuple(float(c) for c in -2.0 * w / (G * B))
+  ends = common.group_ends(group_sizes)
+  coefs = tuple(float(c) for c in common.l2_coefficients(group_weights, B))
   bt = block_tokens
-  Bp = -(-B // bt) * bt
+  Bp = common.cdiv(B, bt) * bt
   bd = _pow2_divisor(d, block_d)
   nb, nd = Bp // bt, d // bd
 
@@ -190,7 +181,7 @@ def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
   )(jmax, vals_t, idx_t, xp, params['b_dec'].astype(f32), params['W_dec'].astype(f32))
 
   sq_err = jnp.sum(sq, axis=0)[:, :B].sum(axis=1) / B
-  l2 = jnp.mean(sq_err * jnp.asarray(w, f32))
+  l2 = jnp.mean(sq_err * jnp.asarray(group_weights, f32))
   return Decoded(l2, sq_err, xhat[:B].astype(x.dtype), up, vals_t, idx_t)
 
 
@@ -206,7 +197,7 @@ def _segment_bounds(starts_ref, block_entries):
   """
   f = pl.program_id(0)
   lo, hi = starts_ref[f], starts_ref[f + 1]
-  return lo, hi, (hi - lo + block_entries - 1) // block_entries
+  return lo, hi, common.cdiv(hi - lo, block_entries)
 
 
 def _chunk(lo, hi, c, block_entries):
@@ -267,7 +258,6 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   F = params['W_dec'].shape[0]
   kc, Bp = dec.vals_t.shape
   G = len(group_sizes)
-  ends = np.cumsum(group_sizes).astype(np.int32)
   bd = _pow2_divisor(d, block_d)
   nd = d // bd
   be = block_entries
@@ -281,8 +271,8 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   starts = jnp.searchsorted(s_key, jnp.arange(F + 1, dtype=jnp.int32), side='left')
   starts = starts.astype(jnp.int32)
   tok = order % Bp
-  group = jnp.minimum(jnp.searchsorted(jnp.asarray(ends), s_key, side='right'), G - 1)
-  urow = group.astype(jnp.int32) * Bp + tok               # row of R_{group(f)}[b] in [G*Bp, d]
+  group = common.group_of(s_key, common.group_ends(group_sizes))   # sentinels: the last group
+  urow = group * Bp + tok              # row of R_{group(f)}[b] in [G*Bp, d]
   pad = lambda a: jnp.pad(a, (0, be))
   s_val = dec.vals_t.reshape(-1)[order]
   xp = jnp.pad(x.astype(f32), ((0, Bp - B), (0, 0)))
@@ -314,15 +304,14 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   dtype = params['W_dec'].dtype
   return {'W_enc': dwenc_t.T.astype(dtype), 'b_enc': db_enc.astype(dtype),
           'W_dec': dwdec.astype(dtype),
-          # b_dec reaches the loss through the decoder (sum of every prefix's signal) and, as
-          # -b_dec @ W_enc, the encoder.
-          'b_dec': (dec.up[0, :B].sum(axis=0) - params['W_enc'] @ db_enc).astype(dtype)}
+          'b_dec': common.b_dec_grad(params['W_enc'], db_enc,
+                                     dec.up[0, :B].sum(axis=0)).astype(dtype)}
 
 
 def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
                  group_sizes: Sequence[int], group_weights: Sequence[float], *,
                  interpret: bool | None = None) -> common.L2Result:
-  """`kernels.sparse_l2_and_grads` (same contract and result) by the two Pallas kernels."""
+  """`kernels.xla.l2_and_grads` (same contract and result) by the Pallas kernels."""
   dec = decode(params, x, vals, idx, group_sizes, group_weights, interpret=interpret)
   grads = backward(params, x, dec, group_sizes, interpret=interpret)
   return common.L2Result(dec.l2, dec.sq_err, dec.x_hat, grads)
@@ -353,3 +342,14 @@ def _matryoshka_l2_bwd(group_sizes, group_weights, res, ct):
 
 
 matryoshka_l2.defvjp(_matryoshka_l2_fwd, _matryoshka_l2_bwd)
+
+
+def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
+                   sc: common.StepConfig) -> common.LossAndGrads:
+  """The sparse step (`sparse.loss_and_grads`) with these kernels, which walk the candidates in
+  place (room for all of them)."""
+  return sparse.loss_and_grads(
+      params, x, tokens_since_fired, sc,
+      lambda p, xs, vals, idx, sc, room: l2_and_grads(p, xs, vals, idx, sc.group_sizes,
+                                                      sc.group_weights),
+      sparse.every_candidate)

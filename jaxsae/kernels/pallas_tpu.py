@@ -1,6 +1,7 @@
-"""Pallas TPU (Mosaic) kernels for the sparse Matryoshka decode and its gradients.
+"""The 'pallas_tpu' backend: Pallas TPU (Mosaic) kernels for the sparse Matryoshka decode and its
+gradients.
 
-The same maths and contract as the GPU kernels (`kernels_pallas`, `kernels.sparse_l2_and_grads`),
+The same maths and contract as the GPU kernels (`kernels.pallas_gpu`, `kernels.xla.l2_and_grads`),
 shaped for a TPU: no vector gathers there, so every gathered row is a DMA from HBM into VMEM,
 driven by indices read from SMEM, and the small dense products run on the MXU.
 
@@ -18,26 +19,25 @@ driven by indices read from SMEM, and the small dense products run on the MXU.
    dW_enc[:, f] += dv xc_row accumulate in registers. db_enc and b_dec's gradient are XLA
    reductions over dv and R.
 
-Bytes bound both kernels, as on a GPU (README "Where the time goes"): three rows of d floats per
-selected entry. Tested here in Pallas's TPU interpret mode (`pltpu.InterpretParams`) against the
-XLA path and the dense reference; no TPU was available to compile or time them, so
+Bytes bound both kernels, as on a GPU (see README's Performance section): three rows of d floats
+per selected entry. Tested here in Pallas's TPU interpret mode (`pltpu.InterpretParams`) against
+the 'xla' backend and the dense reference; no TPU was available to compile or time them, so
 `kernels.resolve('auto')` does not pick them: ask for `sae.kernel='pallas'` on a TPU.
+`loss_and_grads` is the training step's loss (`kernels.sparse.loss_and_grads` around them).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxsae.kernels import common
 from jaxsae import model
+from jaxsae.kernels import common, sparse
 
 _TOKENS = 8     # tokens per decode program (a TPU block's second-minor dimension)
 _LATENTS = 8    # latents per backward program
@@ -46,16 +46,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def interpret_params():
-  """False on a TPU (compile), else TPU interpret mode; JAXSAE_PALLAS_INTERPRET=1/0 overrides."""
-  env = os.environ.get('JAXSAE_PALLAS_INTERPRET', '').strip().lower()
-  on_tpu = jax.default_backend() == 'tpu'
-  if env:
-    on_tpu = env in ('0', 'false', 'no')
-  return False if on_tpu else pltpu.InterpretParams()
+  """False on a TPU (compile), else TPU interpret mode; JAXSAE_PALLAS_INTERPRET=1/0 overrides
+  (`common.interpret_override`)."""
+  override = common.interpret_override()
+  interpret = jax.default_backend() != 'tpu' if override is None else override
+  return pltpu.InterpretParams() if interpret else False
 
 
 def _padded_groups(G: int) -> int:
-  return -(-G // 8) * 8
+  return common.cdiv(G, 8) * 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,9 +100,7 @@ def _decode_kernel(idx_s, val_s, val_ref, idx_ref, x_ref, bdec_ref, w_hbm,
 
     v = val_ref[t:t + 1, :]                                   # [1, kc]
     f = idx_ref[t:t + 1, :]
-    group = jnp.zeros_like(f)
-    for e in ends[:-1]:
-      group = group + (f >= e).astype(jnp.int32)
+    group = common.group_of(f, ends)
     onehot = group == gids                                     # [Gp, kc]
     weights = jnp.where(onehot, v, 0.0)
     buf = rows[...]                                            # [kc, d]
@@ -148,10 +145,9 @@ def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
   kc = vals.shape[1]
   G = len(group_sizes)
   Gp = _padded_groups(G)
-  ends = tuple(int(e) for e in np.cumsum(group_sizes))
-  w = np.asarray(group_weights, np.float64)
-  coefs = tuple(float(c) for c in -2.0 * w / (G * B))
-  Bp = -(-B // _TOKENS) * _TOKENS
+  ends = common.group_ends(group_sizes)
+  coefs = tuple(float(c) for c in common.l2_coefficients(group_weights, B))
+  Bp = common.cdiv(B, _TOKENS) * _TOKENS
   f32 = jnp.float32
   pad = lambda a: jnp.pad(a, ((0, Bp - B), (0, 0)))  # noqa: E731
   vals_p, idx_p = pad(vals.astype(f32)), pad(idx.astype(jnp.int32))
@@ -184,7 +180,7 @@ def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
   )(idx_p, vals_p, vals_p, idx_p, xp, params['b_dec'].astype(f32).reshape(1, d),
     params['W_dec'].astype(f32))
   sq_err = jnp.sum(sq[:B, :G], axis=0) / B
-  l2 = jnp.mean(sq_err * jnp.asarray(w, f32))
+  l2 = jnp.mean(sq_err * jnp.asarray(group_weights, f32))
   return Decoded(l2, sq_err, xhat[:B].astype(x.dtype), up, dv)
 
 
@@ -240,7 +236,7 @@ def _backward_kernel(bounds_s, urow_hbm, tok_hbm, val_hbm, dv_hbm, up_hbm, xc_hb
       return acc_dec, acc_enc
 
     zeros = jnp.zeros((1, d), jnp.float32)
-    acc_dec, acc_enc = jax.lax.fori_loop(0, (hi - lo + _CHUNK - 1) // _CHUNK, chunk,
+    acc_dec, acc_enc = jax.lax.fori_loop(0, common.cdiv(hi - lo, _CHUNK), chunk,
                                          (zeros, zeros))
     dwdec_ref[j:j + 1, :] = acc_dec
     dwenc_ref[j:j + 1, :] = acc_enc
@@ -254,9 +250,8 @@ def backward(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array
   F = params['W_dec'].shape[0]
   Bp, Gp, _ = dec.up.shape
   kc = vals.shape[1]
-  Fp = -(-F // _LATENTS) * _LATENTS
+  Fp = common.cdiv(F, _LATENTS) * _LATENTS
   f32 = jnp.float32
-  ends = np.cumsum(group_sizes).astype(np.int32)
 
   vals_p = jnp.pad(vals.astype(f32), ((0, Bp - B), (0, 0))).reshape(-1)
   idx_p = jnp.pad(idx.astype(jnp.int32), ((0, Bp - B), (0, 0))).reshape(-1)
@@ -268,8 +263,8 @@ def backward(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array
   bounds = jnp.stack([starts[i:i + Fp:_LATENTS] for i in range(_LATENTS + 1)], axis=1)
   bounds = jnp.pad(bounds, ((0, 0), (0, 16 - (_LATENTS + 1))))   # [Fp / 8, 16]
   tok = order // kc
-  group = jnp.minimum(jnp.searchsorted(jnp.asarray(ends), s_lat, side='right'), len(ends) - 1)
-  urow = tok * Gp + group.astype(jnp.int32)           # row of R_{group(f)}[b] in [Bp * Gp, d]
+  group = common.group_of(s_lat, common.group_ends(group_sizes))   # sentinels: the last group
+  urow = tok * Gp + group                             # row of R_{group(f)}[b] in [Bp * Gp, d]
   s_val, s_dv = vals_p[order], dec.dv.reshape(-1)[order]
   tail = lambda a: jnp.pad(a, (0, _CHUNK))            # noqa: E731 (whole chunks stay in bounds)
   xc = jnp.pad(x.astype(f32) - params['b_dec'].astype(f32), ((0, Bp - B), (0, 0)))
@@ -296,14 +291,25 @@ def backward(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array
   dtype = params['W_dec'].dtype
   return {'W_enc': dwenc_t[:F].T.astype(dtype), 'b_enc': db_enc.astype(dtype),
           'W_dec': dwdec[:F].astype(dtype),
-          # b_dec: every prefix's signal through the decoder, and -b_dec @ W_enc.
-          'b_dec': (dec.up[:B, 0].sum(axis=0) - params['W_enc'] @ db_enc).astype(dtype)}
+          'b_dec': common.b_dec_grad(params['W_enc'], db_enc,
+                                     dec.up[:B, 0].sum(axis=0)).astype(dtype)}
 
 
 def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
                  group_sizes: Sequence[int], group_weights: Sequence[float], *,
                  interpret=None) -> common.L2Result:
-  """`kernels.sparse_l2_and_grads` (same contract and result) by the two TPU kernels."""
+  """`kernels.xla.l2_and_grads` (same contract and result) by the two TPU kernels."""
   dec = decode(params, x, vals, idx, group_sizes, group_weights, interpret=interpret)
   grads = backward(params, x, vals, idx, dec, group_sizes, interpret=interpret)
   return common.L2Result(dec.l2, dec.sq_err, dec.x_hat, grads)
+
+
+def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
+                   sc: common.StepConfig) -> common.LossAndGrads:
+  """The sparse step (`sparse.loss_and_grads`) with these kernels, which walk the candidates in
+  place (room for all of them)."""
+  return sparse.loss_and_grads(
+      params, x, tokens_since_fired, sc,
+      lambda p, xs, vals, idx, sc, room: l2_and_grads(p, xs, vals, idx, sc.group_sizes,
+                                                      sc.group_weights),
+      sparse.every_candidate)

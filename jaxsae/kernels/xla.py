@@ -1,4 +1,4 @@
-"""The sparse Matryoshka decode and gradients in plain XLA (`sae.kernel = 'xla'`), for any backend.
+"""The 'xla' backend: the sparse Matryoshka decode and gradients in plain XLA, on any platform.
 
 After BatchTopK only B*k entries of the [B, F] activations are non-zero, yet a dense step spends
 four more B x d x F matmuls on them (decode, its two gradients, and the encoder-weight gradient).
@@ -14,49 +14,37 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsae import model
+from jaxsae.kernels import common, sparse
 from jaxsae.kernels.common import L2Result
-from jaxsae.kernels.sparse import compact
 
 
-def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
-                        group_sizes: Sequence[int], group_weights: Sequence[float],
-                        chunk: int = 256, kernel: str = 'xla',
-                        capacity: int | None = None) -> L2Result:
+def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
+                 group_sizes: Sequence[int], group_weights: Sequence[float], chunk: int = 256,
+                 capacity: int | None = None) -> L2Result:
   """Matryoshka reconstruction loss and its exact gradients from sparse codes.
 
   vals/idx [B, kc]: the selected activation values (0 where not selected) and their latent ids;
   they must hold every selected entry (the proven-candidates case of the BatchTopK selection).
-  kernel: 'xla' (below) or 'pallas' (`jaxsae.kernels_pallas`).
 
-  The 'xla' path first compacts the selected entries into `capacity` (default: room for every
-  candidate) flat slots, which must hold them all, then walks them `chunk` entries at a time so
-  that the gathered decoder rows stay in cache: never a [B*k, d] buffer, never a B x F x d matmul.
+  The selected entries are first compacted into `capacity` (default: room for every candidate)
+  flat slots, which must hold them all, then walked `chunk` entries at a time so that the
+  gathered decoder rows stay in cache: never a [B*k, d] buffer, never a B x F x d matmul.
   Pass 1 scatter-adds v * W_dec[f] into per-(group, token) decodes; the prefix errors and their
   upstream gradients R_g = sum_{i>=g} dl2/dx_hat_i follow densely on [G, B, d]; pass 2 gathers
   W_dec[f] and R at each entry and scatter-adds the W_dec and W_enc gradients.
   """
-  if kernel == 'pallas':   # the TPU (Mosaic) kernels on a TPU, else the Triton ones
-    # pylint: disable=import-outside-toplevel (both import this module)
-    if jax.default_backend() == 'tpu':
-      from jaxsae.kernels import pallas_tpu as kernels_pallas_tpu
-      return kernels_pallas_tpu.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
-    from jaxsae.kernels import pallas_gpu as kernels_pallas
-    return kernels_pallas.l2_and_grads(params, x, vals, idx, group_sizes, group_weights)
-  if kernel != 'xla':
-    raise ValueError(f"kernel must be 'xla' or 'pallas', got {kernel!r}")
   B, d = x.shape
   F = params['W_dec'].shape[0]
   G = len(group_sizes)
   capacity = vals.size if capacity is None else capacity
   chunk = min(chunk, capacity)
-  capacity = -(-capacity // chunk) * chunk
+  capacity = common.cdiv(capacity, chunk) * chunk
   W_dec, b_dec = params['W_dec'], params['b_dec']
-  tok, lat, val = compact(vals, idx, capacity)
-  group = jnp.searchsorted(jnp.asarray(np.cumsum(group_sizes), jnp.int32), lat, side='right')
-  slot = group.astype(jnp.int32) * B + tok                   # row of the [G*B, d] decodes
+  tok, lat, val = sparse.compact(vals, idx, capacity)
+  group = common.group_of(lat, common.group_ends(group_sizes))
+  slot = group * B + tok                                     # row of the [G*B, d] decodes
   blocks = tuple(a.reshape(capacity // chunk, chunk) for a in (slot, lat, val))
 
   def decode_chunk(parts, blk):
@@ -71,8 +59,7 @@ def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx
     err = err - parts[g]                                     # x - x_hat_g
     errs.append(err)
   sq_err = jnp.stack([jnp.sum(e ** 2) for e in errs]) / B
-  # l2 is the mean over G prefixes of w_g * MSE_g: dl2/dx_hat_g = -2 w_g / (G B) (x - x_hat_g).
-  coef = -2.0 * np.asarray(group_weights) / (G * B)
+  coef = common.l2_coefficients(group_weights, B)
   upstream, acc = [], jnp.zeros_like(x)
   for g in reversed(range(G)):
     acc = acc + coef[g] * errs[g]
@@ -92,8 +79,17 @@ def sparse_l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx
   (dW_dec, dW_encT, db_enc), _ = jax.lax.scan(
       grad_chunk, (zeros, zeros, jnp.zeros((F,), x.dtype)), blocks)
   grads = {'W_enc': dW_encT.T, 'b_enc': db_enc, 'W_dec': dW_dec,
-           # b_dec reaches the loss through every decode (sum of the upstream gradients, R_0)
-           # and, as -b_dec @ W_enc, through the encoder.
-           'b_dec': jnp.sum(upstream[-1], axis=0) - params['W_enc'] @ db_enc}
+           'b_dec': common.b_dec_grad(params['W_enc'], db_enc, jnp.sum(upstream[-1], axis=0))}
   return L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1],
                   grads)
+
+
+def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
+                   sc: common.StepConfig) -> common.LossAndGrads:
+  """The sparse step (`sparse.loss_and_grads`) with this module's kernel, in `entry_capacity`
+  compacted slots."""
+  return sparse.loss_and_grads(
+      params, x, tokens_since_fired, sc,
+      lambda p, xs, vals, idx, sc, room: l2_and_grads(p, xs, vals, idx, sc.group_sizes,
+                                                      sc.group_weights, capacity=room),
+      sparse.entry_capacity)

@@ -13,6 +13,7 @@ from jaxsae import config as config_lib
 from jaxsae import weights
 from jaxsae.bridge import sae as sae_lib
 from jaxsae.config import ConfigError
+from jaxsae.formats import weights as weights_format
 
 
 def write_random(out, d=24, F=96, per_latent=False, seed=0, layer=2, sizes=(24, 24, 48)):
@@ -29,13 +30,14 @@ def write_random(out, d=24, F=96, per_latent=False, seed=0, layer=2, sizes=(24, 
     theta = rng.uniform(0.05, 0.6, F).astype(np.float32)
     cfg = {'architecture': 'jumprelu', 'd_in': d, 'd_sae': F, 'hook_name': 'h',
            'metadata': {'jaxsae': {'k': 4, 'group_sizes': list(sizes), 'layer': layer}}}
-    weights._write(out, weights.SL_WEIGHTS, {**p, 'threshold': theta}, weights.SL_CONFIG, cfg)
+    weights_format.write_files(out, weights_format.SL_WEIGHTS, {**p, 'threshold': theta},
+                               weights_format.SL_CONFIG, cfg)
   else:
     theta = np.array(0.3, np.float32)
     tensors = {**p, 'k': np.array(4, np.int32), 'threshold': theta,
                'group_sizes': np.array(sizes, np.int64)}
-    weights._write(out, weights.DL_WEIGHTS, tensors, weights.DL_CONFIG,
-                   {'trainer': {'layer': layer, 'submodule_name': 'h', 'k': 4}})
+    weights_format.write_files(out, weights_format.DL_WEIGHTS, tensors, weights_format.DL_CONFIG,
+                               {'trainer': {'layer': layer, 'submodule_name': 'h', 'k': 4}})
   return {**p, 'threshold': theta}
 
 
@@ -70,7 +72,9 @@ def test_matches_jax_on_written_layouts(tmp_path, per_latent):
 
 
 def test_matches_jax_after_training_and_export(tmp_path):
-  """A trained SAE through the real export (activation scale folded in), both layouts."""
+  """A trained SAE through the real export (activation scale folded in), both layouts: the
+  bridge's torch module holds exactly what jaxsae.formats.weights reads (numpy), and computes
+  what the JAX model loaded from the same directory computes."""
   c = tiny_config(**{'train.steps': 20, 'optim.decay_start': 15})
   from jaxsae import trainer
   trainer.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -80,6 +84,15 @@ def test_matches_jax_after_training_and_export(tmp_path):
     weights.export(str(tmp_path / 'run'), out, fmt)
     t_sae = assert_matches_jax(out, x)
     assert t_sae.group_sizes == config_lib.group_sizes(c) and t_sae.k == c.sae.k
+    w = weights_format.read(out)
+    assert w.layout == fmt
+    for name, value in {**w.params, 'threshold': w.threshold}.items():
+      t = getattr(t_sae, name)
+      assert t.dtype == torch.float32 and tuple(t.shape) == value.shape, name
+      np.testing.assert_array_equal(t.numpy(), value, err_msg=name)
+    assert (t_sae.k, t_sae.group_sizes, t_sae.layer, t_sae.hook_name) == (
+        w.k, w.group_sizes, w.layer, w.hook_name) == (
+            c.sae.k, config_lib.group_sizes(c), c.model.layer, c.model.hook_name)
 
 
 def test_load_errors(tmp_path):
@@ -99,6 +112,18 @@ def test_load_errors(tmp_path):
     t.check_features([3, 8])
   with pytest.raises(ConfigError, match='inconsistent shapes'):
     sae_lib.TorchSAE(torch.zeros(4, 8), torch.zeros(8), torch.zeros(4, 8), torch.zeros(4), 0.0)
+
+
+def test_reads_bfloat16_weights(tmp_path):
+  """numpy has no bfloat16; the shared reader still reads such files (torch-saved SAEs often are)."""
+  from safetensors.torch import save_file
+  p = write_random(str(tmp_path))
+  bf16 = {n: torch.from_numpy(np.asarray(v)).to(torch.bfloat16) for n, v in p.items()}
+  save_file({**bf16, 'k': torch.tensor(4, dtype=torch.int32),
+             'group_sizes': torch.tensor([24, 24, 48])}, str(tmp_path / 'ae.safetensors'))
+  t_sae = sae_lib.load(str(tmp_path), dtype=torch.bfloat16)
+  for name, value in bf16.items():
+    assert torch.equal(getattr(t_sae, name), value), name
 
 
 def test_torch_side_needs_no_jax(tmp_path):

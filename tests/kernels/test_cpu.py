@@ -1,6 +1,7 @@
-"""The native CPU kernels (`jaxsae.kernels_cpu`) against plain references: the BatchTopK and AuxK
+"""The native CPU kernels (`jaxsae.kernels.cpu`) against plain references: the BatchTopK and AuxK
 selections against sorts, the sparse loss and gradients and AuxK against autodiff of the dense
-formulation, the in-place Adam against optax, and whole training steps against kernel='dense'."""
+formulation, the in-place Adam against optax (and the optax state layout it relies on), and whole
+training steps against kernel='dense'."""
 
 import os
 
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from helpers import random_sae, step_config
+from jaxsae import config as config_lib
 from jaxsae import model, selection, train_step
 from jaxsae.kernels import cpu as kernels_cpu
 from jaxsae.kernels import cpu_build
@@ -131,7 +133,7 @@ def cpu_step_config(**overrides):
 def test_sparse_loss_and_gradients_equal_autodiff_of_the_dense_loss():
   params, x, _, _, sel = sparse_setup()
   got = kernels_cpu.l2_and_grads(params, x, sel.entries, GROUPS, WEIGHTS)
-  (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
+  (loss, (aux, _)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, x, jnp.zeros((sum(GROUPS),), jnp.int32), cpu_step_config())
   assert float(aux.auxk_loss) == 0.0
   np.testing.assert_allclose(got.l2, loss, rtol=1e-5)
@@ -201,6 +203,21 @@ def test_native_adam_equals_optax(norm, apply):
     np.testing.assert_allclose(v, new_state[1][0].nu[name], rtol=1e-6, atol=1e-12)
     if name == 'W_enc':
       np.testing.assert_allclose(ref[0], want[name], rtol=1e-6, atol=1e-8)
+
+
+def test_the_optax_state_layout_the_native_update_reads():
+  """`kernels.cpu.update` reads and writes `train_step.make_optimizer`'s state in optax's layout
+  (chain(clip, adam(schedule))); if optax moves it, this fails before any checkpoint does."""
+  c = config_lib.default_config()
+  params = model.init_params(jax.random.PRNGKey(0), 8, 16)
+  state = train_step.make_optimizer(c).init(params)
+  clip_state, adam, sched = kernels_cpu.opt_state_parts(state)
+  assert isinstance(adam, optax.ScaleByAdamState) and isinstance(sched, optax.ScaleByScheduleState)
+  assert set(adam.mu) == set(adam.nu) == set(params)
+  assert jax.tree.structure(state) == jax.tree.structure((clip_state, (adam, sched)))
+  with pytest.raises(TypeError, match='chain'):
+    kernels_cpu.opt_state_parts(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-3)).init(params))
 
 
 def run_steps(kernel, steps=8, B=64, d=20, dead_after=128):

@@ -5,6 +5,7 @@ sizes from fixed weights and batches; here the same start must give the same los
 dead counts and parameters, step by step, to float32 tolerance.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 from jaxsae import config as config_lib
+from jaxsae import kernels
 from jaxsae import model
 from jaxsae import train_step
+from jaxsae.kernels import cpu_build
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'fixtures',
                        'golden_matryoshka.npz')
@@ -57,11 +60,19 @@ def test_geometric_median_matches(golden):
   np.testing.assert_allclose(median, golden['b_dec_median'], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel', ['dense', 'xla', 'pallas', 'cpu'])
+@pytest.mark.parametrize('kernel', [
+    'dense', 'xla',
+    'pallas',   # the config value: 'pallas_gpu' here (interpreted off a GPU), 'pallas_tpu' on a TPU
+    pytest.param('pallas_tpu', marks=pytest.mark.slow),   # TPU interpret mode off a TPU
+    pytest.param('cpu', marks=pytest.mark.skipif(not cpu_build.available(),
+                                                 reason='the native kernels cannot be built')),
+])
 def test_training_matches_reference_step_by_step(golden, kernel):
   c = config_from(golden)
-  c.sae.kernel = kernel
+  c.sae.kernel = kernel if kernel in config_lib.KERNELS else 'dense'
   sc = train_step.StepConfig.from_config(c)
+  if kernel in kernels.BACKENDS:   # a backend by name, whatever `resolve` would choose here
+    sc = dataclasses.replace(sc, kernel=kernel)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
   params = {n: jnp.asarray(golden[f'init_{n}']) for n in ('W_enc', 'b_enc', 'W_dec')}
   params['b_dec'] = model.geometric_median(jnp.asarray(golden['batches'][0]))
@@ -77,7 +88,8 @@ def test_training_matches_reference_step_by_step(golden, kernel):
     np.testing.assert_allclose(m['auxk_loss'], golden['auxk_loss'][i], rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(m['threshold'], golden['threshold'][i], rtol=1e-5)
     np.testing.assert_array_equal(state['tokens_since_fired'], golden['num_tokens_since_fired'][i])
-    assert int(jnp.sum(state['tokens_since_fired'] >= sc.dead_tokens_threshold)) == golden['num_dead'][i]
+    dead = int(jnp.sum(state['tokens_since_fired'] >= sc.dead_tokens_threshold))
+    assert dead == golden['num_dead'][i]
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
     np.testing.assert_allclose(state['params'][name], golden[f'final_{name}'], rtol=1e-4, atol=2e-5,
                                err_msg=name)

@@ -1,6 +1,6 @@
-"""The Pallas kernels (`jaxsae.kernels_pallas`) equal the XLA sparse path and the dense reference —
-autodiff of `train_step.loss_fn` — in values and every gradient, and a training step with
-sae.kernel='pallas' follows the dense one.
+"""The Pallas GPU kernels (`jaxsae.kernels.pallas_gpu`) equal the 'xla' backend and the dense
+reference — autodiff of `model.loss_fn` — in values and every gradient, and a training step with
+sae.kernel='pallas' (the 'pallas_gpu' backend off a TPU) follows the dense one.
 
 Without a GPU the kernels run in Pallas's interpret mode; on a GPU they compile (Triton), and
 JAXSAE_PALLAS_INTERPRET=1 forces the interpreter there too.
@@ -66,7 +66,7 @@ def random_codes(Bn=50, d=24, seed=1):
 
 
 def dense_reference(params, x):
-  (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
+  (loss, (aux, _)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, x, jnp.zeros((sum(GROUPS),), jnp.int32), step_config())
   assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
   return aux, grads
@@ -96,8 +96,8 @@ def pallas_result(params, x, vals, idx, **blocks):
 def test_kernels_match_xla_and_dense(blocks):
   params, x, vals, idx = batchtopk_codes()
   result = pallas_result(params, x, vals, idx, **blocks)
-  xla = xla.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
-  assert_same(result, xla.l2, xla.sq_err, xla.x_hat, xla.grads)
+  ref = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
+  assert_same(result, ref.l2, ref.sq_err, ref.x_hat, ref.grads)
   dense, grads = dense_reference(params, x)
   assert int(jnp.sum(vals > 0)) == int(jnp.sum(dense.acts > 0)) == B * K
   assert_same(result, dense.l2_loss, dense.recon_sq_err, model.decode(params, dense.acts), grads)
@@ -110,10 +110,10 @@ def test_kernels_match_xla_and_dense(blocks):
 
 def test_kernels_match_xla_on_arbitrary_codes():
   params, x, vals, idx = random_codes()
-  xla = xla.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
+  ref = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
   for blocks in ({}, {'block_tokens': 4, 'block_d': 16, 'block_entries': 2}):
     result = pallas_result(params, x, vals, idx, **blocks)
-    assert_same(result, xla.l2, xla.sq_err, xla.x_hat, xla.grads)
+    assert_same(result, ref.l2, ref.sq_err, ref.x_hat, ref.grads)
 
 
 def test_custom_vjp_gradient_is_the_dense_gradient():
@@ -142,7 +142,7 @@ def test_training_steps_match_dense():
   for kernel in ('dense', 'pallas'):
     c.sae.kernel = kernel
     sc = train_step.StepConfig.from_config(c)
-    assert sc.kernel == kernel
+    assert sc.kernel == {'dense': 'dense', 'pallas': 'pallas_gpu'}[kernel]
     step = jax.jit(lambda s, x, sc=sc: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
                                                              schedule=schedule))
     state, metrics = train_step.init_state(params, optimizer), []

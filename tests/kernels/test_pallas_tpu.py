@@ -1,6 +1,7 @@
-"""The Pallas TPU (Mosaic) kernels, in TPU interpret mode, equal the XLA sparse path and the dense
-reference (autodiff of the training loss). Interpret mode simulates the DMAs and semaphores, and
-fills uninitialised memory with NaN, so a row the kernels forget to fetch or zero shows up."""
+"""The Pallas TPU (Mosaic) kernels (`jaxsae.kernels.pallas_tpu`), in TPU interpret mode, equal the
+'xla' backend and the dense reference (autodiff of `model.loss_fn`). Interpret mode simulates the
+DMAs and semaphores, and fills uninitialised memory with NaN, so a row the kernels forget to fetch
+or zero shows up."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from helpers import random_sae, selected_candidates, step_config
-from jaxsae import kernels, train_step
+from jaxsae import model
 from jaxsae.kernels import pallas_tpu as kernels_pallas_tpu
 from jaxsae.kernels import xla
 
@@ -22,15 +23,24 @@ def test_tpu_kernels_match_xla_and_dense():
   vals, idx, _ = selected_candidates(params, x, k, kc)
   got = kernels_pallas_tpu.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS,
                                         interpret=pltpu.InterpretParams(detect_races=True))
-  xla = xla.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
+  ref = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
   sc = step_config(GROUPS, WEIGHTS, k=k)
-  (loss, (aux, _)), dense = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
+  (loss, (aux, _)), dense = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
-  np.testing.assert_allclose(got.l2, xla.l2, rtol=1e-5)
+  np.testing.assert_allclose(got.l2, ref.l2, rtol=1e-5)
   np.testing.assert_allclose(got.l2, loss, rtol=1e-5)
   np.testing.assert_allclose(got.sq_err, aux.recon_sq_err, rtol=1e-5)
-  np.testing.assert_allclose(got.x_hat, xla.x_hat, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.x_hat, ref.x_hat, rtol=1e-5, atol=1e-6)
   for name in dense:
-    np.testing.assert_allclose(got.grads[name], xla.grads[name], rtol=1e-4, atol=1e-7,
+    np.testing.assert_allclose(got.grads[name], ref.grads[name], rtol=1e-4, atol=1e-7,
                                err_msg=name)
     np.testing.assert_allclose(got.grads[name], dense[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_interpret_mode_switch(monkeypatch):
+  monkeypatch.setenv('JAXSAE_PALLAS_INTERPRET', '0')
+  assert kernels_pallas_tpu.interpret_params() is False
+  monkeypatch.setenv('JAXSAE_PALLAS_INTERPRET', 'yes')
+  assert isinstance(kernels_pallas_tpu.interpret_params(), pltpu.InterpretParams)
+  monkeypatch.delenv('JAXSAE_PALLAS_INTERPRET')
+  assert (kernels_pallas_tpu.interpret_params() is False) == (jax.default_backend() == 'tpu')

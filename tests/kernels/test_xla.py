@@ -1,5 +1,6 @@
-"""The XLA sparse decode/gradient kernel equals the dense reference — autodiff of the training loss
-`train_step.loss_fn` with AuxK off — in values and every gradient."""
+"""The 'xla' backend's sparse decode/gradient kernel equals the dense reference — autodiff of the
+training loss `model.loss_fn` with AuxK off — in values and every gradient; the sparse step stays
+exact when ties overfill a kernel's room; `kernels.resolve` and `kernels.get` choose backends."""
 
 import dataclasses
 
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import random_sae, selected_candidates, step_config
-from jaxsae import kernels, model, train_step
-from jaxsae.kernels import cpu as kernels_cpu
+from jaxsae import kernels, model
 from jaxsae.kernels import cpu_build, sparse, xla
 
 GROUPS = (8, 8, 16, 32, 64)   # F = 128
@@ -24,7 +24,7 @@ def setup(B=64, d=24, k=4, kc=32, seed=0):
 
 def dense_reference(params, x, k):
   sc = step_config(GROUPS, WEIGHTS, k=k)
-  (loss, (aux, _)), grads = jax.value_and_grad(train_step.loss_fn, has_aux=True)(
+  (loss, (aux, _)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
   assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
   return aux, grads
@@ -33,16 +33,15 @@ def dense_reference(params, x, k):
 @pytest.mark.parametrize('chunk,capacity', [(256, None), (64, 256), (7, 260), (1000, 300)])
 def test_sparse_matches_dense(chunk, capacity):
   """Whole chunks, a partial last chunk, a chunk larger than the capacity: all exact."""
-  params, x, vals, idx, tau = setup()
-  sparse = xla.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS, chunk,
-                                       capacity=capacity)
+  params, x, vals, idx, _ = setup()
+  got = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS, chunk, capacity=capacity)
   dense, grads = dense_reference(params, x, k=4)
   assert int(jnp.sum(vals > 0)) == int(jnp.sum(dense.acts > 0)) == 64 * 4
-  np.testing.assert_allclose(sparse.l2, dense.l2_loss, rtol=1e-5)
-  np.testing.assert_allclose(sparse.sq_err, dense.recon_sq_err, rtol=1e-5)
-  np.testing.assert_allclose(sparse.x_hat, model.decode(params, dense.acts), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.l2, dense.l2_loss, rtol=1e-5)
+  np.testing.assert_allclose(got.sq_err, dense.recon_sq_err, rtol=1e-5)
+  np.testing.assert_allclose(got.x_hat, model.decode(params, dense.acts), rtol=1e-5, atol=1e-6)
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(sparse.grads[name], grads[name], rtol=1e-4, atol=1e-7,
+    np.testing.assert_allclose(got.grads[name], grads[name], rtol=1e-4, atol=1e-7,
                                err_msg=name)
 
 
@@ -77,49 +76,48 @@ def _tied_batch(tie_rows: int, ties: int):
 
 @pytest.mark.parametrize('tie_rows,ties,sparse_ok', [
     # 252 tens + 4 ones = 256 selected: both sparse paths.
-    (1, 4, {'xla': True, 'pallas': True}),
+    (1, 4, {'xla': True, 'pallas_gpu': True}),
     # Token 0's 16 candidates all equal tau and a 17th 1 ties outside them: no sparse path may
     # run (the dense step keeps all 17).
-    (1, 17, {'xla': False, 'pallas': False}),
+    (1, 17, {'xla': False, 'pallas_gpu': False}),
     # 136 tens + 450 ones = 586 selected, each token's candidates complete (15 of 16 used): the
-    # Pallas path has room for every candidate, the 'xla' path's 512 slots are overfilled.
-    (30, 15, {'xla': False, 'pallas': True}),
+    # Pallas kernels have room for every candidate, the 'xla' kernel's 512 slots are overfilled.
+    (30, 15, {'xla': False, 'pallas_gpu': True}),
 ])
 def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
   params, x = _tied_batch(tie_rows, ties)
   assert sparse.entry_capacity(64, 4, 16) == 512
-  sc = train_step.StepConfig(k=4, group_sizes=GROUPS, group_weights=WEIGHTS, auxk_alpha=1 / 32,
-                             top_k_aux=12, dead_tokens_threshold=10**9, threshold_beta=0.999,
-                             threshold_start_step=0, candidates_per_row=4, skip_nonfinite=False)
+  sc = step_config(GROUPS, WEIGHTS, candidates_per_row=4)
   tsf = jnp.zeros((sum(GROUPS),), jnp.int32)
-  dense = train_step._dense_loss_and_grads(params, x, tsf, sc)  # pylint: disable=protected-access
+  dense = kernels.get('dense').loss_and_grads(params, x, tsf, sc)
   for kernel, ok in sparse_ok.items():
-    fast = train_step._sparse_loss_and_grads(  # pylint: disable=protected-access
-        params, x, tsf, dataclasses.replace(sc, kernel=kernel))
-    assert float(fast[1].sparse_path) == float(ok), kernel
-    np.testing.assert_allclose(fast[0], dense[0], rtol=1e-5, err_msg=kernel)
-    np.testing.assert_allclose(fast[1].l0, dense[1].l0, err_msg=kernel)
+    fast = kernels.get(kernel).loss_and_grads(params, x, tsf,
+                                              dataclasses.replace(sc, kernel=kernel))
+    assert float(fast.stats.sparse_path) == float(ok), kernel
+    np.testing.assert_allclose(fast.loss, dense.loss, rtol=1e-5, err_msg=kernel)
+    np.testing.assert_allclose(fast.stats.l0, dense.stats.l0, err_msg=kernel)
     for name in ('W_enc', 'W_dec', 'b_enc', 'b_dec'):
-      np.testing.assert_allclose(fast[3][name], dense[3][name], rtol=1e-4, atol=1e-6,
+      np.testing.assert_allclose(fast.grads[name], dense.grads[name], rtol=1e-4, atol=1e-6,
                                  err_msg=f'{kernel} {name}')
 
 
 def test_resolve():
   assert kernels.resolve('dense') == 'dense' and kernels.resolve('xla') == 'xla'
-  # 'auto' is the measured fastest path (see kernels.py): Pallas on one GPU, the native kernels
-  # on one CPU device ('xla' where they cannot be built).
+  # 'auto' is the measured fastest path (README's Performance section): Pallas on one GPU, the
+  # native kernels on one CPU device ('xla' where they cannot be built).
   native = 'cpu' if cpu_build.available() else 'xla'
   assert kernels.resolve('auto', backend='cpu', num_devices=1) == native
   assert kernels.resolve('auto', backend='cpu', num_devices=8) == 'dense'
-  assert kernels.resolve('auto', backend='gpu', num_devices=1) == 'pallas'
+  assert kernels.resolve('auto', backend='gpu', num_devices=1) == 'pallas_gpu'
   assert kernels.resolve('auto', backend='gpu', num_devices=8) == 'dense'
   assert kernels.resolve('auto', backend='tpu', num_devices=1) == 'dense'
   assert kernels.resolve('auto', backend='gpu', mesh_model_axis=2) == 'dense'
   assert kernels.resolve('xla', mesh_model_axis=2) == 'dense'
   assert kernels.resolve('pallas', mesh_model_axis=2) == 'dense'
-  assert kernels.resolve('pallas', backend='gpu') == 'pallas'
-  assert kernels.resolve('pallas', backend='cpu') == 'pallas'   # interpreted, with a warning
-  assert kernels.resolve('pallas', backend='tpu') == 'pallas'   # Mosaic kernels, with a warning
+  # 'pallas' names two kernel families: the resolved name says which runs.
+  assert kernels.resolve('pallas', backend='gpu') == 'pallas_gpu'
+  assert kernels.resolve('pallas', backend='cpu') == 'pallas_gpu'   # interpreted, with a warning
+  assert kernels.resolve('pallas', backend='tpu') == 'pallas_tpu'   # Mosaic, with a warning
   assert kernels.resolve('cpu', backend='cpu', num_devices=1) == 'cpu'
   assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'   # with a warning
   assert kernels.resolve('cpu', mesh_model_axis=2) == 'dense'
@@ -127,10 +125,20 @@ def test_resolve():
     kernels.resolve('cpu', backend='gpu')
 
 
-def test_unknown_kernel_is_rejected():
-  params, x, vals, idx, _ = setup()
-  with pytest.raises(ValueError, match='kernel'):
-    xla.sparse_l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS, kernel='sparse')
+def test_every_config_kernel_resolves_to_a_backend():
+  from jaxsae import config as config_lib  # pylint: disable=import-outside-toplevel
+  for kernel in config_lib.KERNELS:
+    for backend in ('cpu', 'gpu', 'tpu'):
+      if kernel == 'cpu' and backend != 'cpu':
+        continue
+      assert kernels.resolve(kernel, backend=backend, num_devices=1) in kernels.BACKENDS
+
+
+def test_unknown_backend_is_rejected():
+  with pytest.raises(ValueError, match='unknown kernel backend'):
+    kernels.get('pallas')   # a config value, not a backend: kernels.resolve first
+  with pytest.raises(ValueError, match='unknown kernel backend'):
+    kernels.get('sparse')
 
 
 def test_pre_activations_pullback_equals_vjp():

@@ -53,6 +53,10 @@ class _PoisonedSource:
   def __init__(self, inner, bad_index):
     self.inner, self.bad = inner, bad_index
     self.d, self.batch_size = inner.d, inner.batch_size
+    self.scale = self.features = None  # the optional members of data.ActivationSource: unused
+
+  def iterator(self):
+    return None  # the plain in-order pipeline over `batch`, which holds the NaN
 
   def batch(self, index):
     x = self.inner.batch(index)

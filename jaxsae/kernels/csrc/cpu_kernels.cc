@@ -18,9 +18,9 @@
 //                      dW_enc[:, f] = sum dv xc[b] (written in the [d, F] layout), db_enc[f].
 //
 // Every reduction runs in a fixed order (per token or per latent, by one thread), so results do
-// not depend on thread timing: training resumes bit-identically. jaxsae/kernels_cpu.py compiles
-// this file, registers the handlers and wraps them; the tests compare them against the dense
-// references (jaxsae/model.py, jaxsae/selection.py).
+// not depend on thread timing: training resumes bit-identically. jaxsae/kernels/cpu_build.py
+// compiles this file and registers the handlers, jaxsae/kernels/cpu.py wraps them; the tests
+// compare them against the dense references (jaxsae/model.py, jaxsae/selection.py).
 
 #include <algorithm>
 #include <atomic>
@@ -44,6 +44,23 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// The handlers' buffer types, for arguments and (as Out<...>) results. Arrays have any rank (the
+// handlers check their shapes); scalars have rank 0, which the FFI checks when it decodes them.
+using F32Array = ffi::Buffer<ffi::F32>;
+using S32Array = ffi::Buffer<ffi::S32>;
+using F32Scalar = ffi::BufferR0<ffi::F32>;
+using S32Scalar = ffi::BufferR0<ffi::S32>;
+using BoolScalar = ffi::BufferR0<ffi::PRED>;
+template <typename T>
+using Out = ffi::Result<T>;
+
+// Every handler runs its loops on XLA's intra-op pool, its first parameter.
+inline auto BindOnPool() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>(); }
+
+inline int32_t SaturateToInt32(int64_t x) {
+  return static_cast<int32_t>(std::min<int64_t>(x, std::numeric_limits<int32_t>::max()));
+}
 
 // ------------------------------------------------------------------------------------------------
 // Parallel loops on XLA's intra-op pool. The calling thread takes chunks too, so the loop finishes
@@ -380,10 +397,14 @@ int64_t Finalize(ffi::ThreadPool& pool, const Candidates& cand, int64_t B, float
   return dropped;
 }
 
-ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> c,
-                      ffi::ResultBuffer<ffi::S32> row_ptr, ffi::ResultBuffer<ffi::S32> lat,
-                      ffi::ResultBuffer<ffi::F32> val, ffi::ResultBuffer<ffi::F32> tau_out,
-                      ffi::ResultBuffer<ffi::S32> status, int64_t budget) {
+// Besides the CSR entries and tau, three diagnostics (saturated to int32): ties_dropped, the
+// entries == tau left out for want of capacity; path, 0 when the sampled estimate sufficed, 1 or
+// 2 when it was loosened, 3 for the radix select; collected, the candidates the exact selection
+// chose among.
+ffi::Error SelectImpl(ffi::ThreadPool pool, F32Array z, F32Array c, Out<S32Array> row_ptr,
+                      Out<S32Array> lat, Out<F32Array> val, Out<F32Scalar> tau_out,
+                      Out<S32Scalar> ties_dropped, Out<S32Scalar> path_out,
+                      Out<S32Scalar> collected, int64_t budget) {
   const auto dims = z.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("z must be [B, F]");
   const int64_t B = dims[0], F = dims[1];
@@ -442,25 +463,22 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer
   // 4. Keep every entry > tau and, up to the capacity, the ties == tau (earliest rows first).
   dropped += Finalize(pool, cand, B, tau, cap, row_ptr->typed_data(), lat->typed_data(),
                       val->typed_data());
-  const int32_t* rp = row_ptr->typed_data();
-  tau_out->typed_data()[0] = tau;
-  int32_t* st = status->typed_data();
-  st[0] = rp[B];
-  st[1] = static_cast<int32_t>(std::min<int64_t>(dropped, std::numeric_limits<int32_t>::max()));
-  st[2] = path;
-  st[3] = static_cast<int32_t>(std::min<int64_t>(cand.total, std::numeric_limits<int32_t>::max()));
+  *tau_out->typed_data() = tau;
+  *ties_dropped->typed_data() = SaturateToInt32(dropped);
+  *path_out->typed_data() = path;
+  *collected->typed_data() = SaturateToInt32(cand.total);
   return ffi::Error::Success();
 }
 
 // ------------------------------------------------------------------------------------------------
 // AuxK selection: per token, the k_aux largest positive pre-activations among dead latents (all of
-// them when a token has fewer; ties at the k_aux-th value are all kept, as `pre >= kth` does).
+// them when a token has fewer; ties at the k_aux-th value are kept up to k_aux in all, the lowest
+// latent ids first).
 // ------------------------------------------------------------------------------------------------
 
-ffi::Error AuxSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> c,
-                         ffi::Buffer<ffi::S32> dead, ffi::ResultBuffer<ffi::S32> row_ptr,
-                         ffi::ResultBuffer<ffi::S32> lat, ffi::ResultBuffer<ffi::F32> val,
-                         ffi::ResultBuffer<ffi::S32> status, int64_t k_aux) {
+ffi::Error AuxSelectImpl(ffi::ThreadPool pool, F32Array z, F32Array c, S32Array dead,
+                         Out<S32Array> row_ptr, Out<S32Array> lat, Out<F32Array> val,
+                         int64_t k_aux) {
   const auto dims = z.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("z must be [B, F]");
   const int64_t B = dims[0], F = dims[1];
@@ -522,6 +540,8 @@ ffi::Error AuxSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buf
     count += kept[r];
     rp[r + 1] = static_cast<int32_t>(std::min(count, cap));
   }
+  // No token keeps more than k_aux, so the capacity B * k_aux always suffices; a smaller one
+  // (a caller's mistake) yields no entries rather than a write past the end.
   const bool ok = count <= cap;
   int32_t* lp = lat->typed_data();
   float* vp = val->typed_data();
@@ -537,9 +557,6 @@ ffi::Error AuxSelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buf
   const int64_t filled = ok ? count : 0;
   std::fill(lp + filled, lp + cap, 0);
   std::fill(vp + filled, vp + cap, 0.f);
-  status->typed_data()[0] =
-      static_cast<int32_t>(std::min<int64_t>(count, std::numeric_limits<int32_t>::max()));
-  status->typed_data()[1] = ok ? 1 : 0;
   return ffi::Error::Success();
 }
 
@@ -608,10 +625,10 @@ ffi::Error CheckEntries(const int32_t* rp, const int32_t* lp, int64_t B, int64_t
 }
 
 // ------------------------------------------------------------------------------------------------
-// Sparse Matryoshka loss and gradients in one call.
+// Sparse Matryoshka loss and gradients in one call, in two passes (TokenPass, LatentPass).
 //
 // Token pass (parallel over tokens): the G prefix reconstructions of target[b] from its entries,
-// err_g = target - x_hat_g, sq[b, g] = ||err_g||^2, the upstream R_g = sum_{i>=g} coef_i err_g
+// err_g = target - x_hat_g, sq[b, g] = ||err_g||^2, the upstream R_g = sum_{i>=g} coef_i err_i
 // (scratch) and per entry dv = <R_group(f)[b], W_dec[f]>, the loss's gradient w.r.t. the value.
 // Latent pass (entries counting-sorted by latent, tiles of 16 latents): dW_dec[f] = sum v R_g[b],
 // dW_enc[:, f] = sum dv xc[b] (written straight into the [d, F] layout) and db_enc[f] = sum dv.
@@ -653,52 +670,31 @@ inline void TransposeTile(const float* tile, int64_t nf, int64_t d, float* out, 
     for (int64_t j = 0; j < nf; ++j) out[i * ld + j] = tile[j * d + i];
 }
 
-ffi::Error L2GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> target,
-                       ffi::Buffer<ffi::F32> xc, ffi::Buffer<ffi::F32> w_dec,
-                       ffi::Buffer<ffi::S32> row_ptr, ffi::Buffer<ffi::S32> lat,
-                       ffi::Buffer<ffi::F32> val, ffi::Buffer<ffi::F32> coef,
-                       ffi::ResultBuffer<ffi::F32> resid, ffi::ResultBuffer<ffi::F32> sq,
-                       ffi::ResultBuffer<ffi::F32> up0, ffi::ResultBuffer<ffi::F32> dw_dec,
-                       ffi::ResultBuffer<ffi::F32> dw_enc, ffi::ResultBuffer<ffi::F32> db_enc,
-                       ffi::Span<const int64_t> ends) {
-  if (target.dimensions().size() != 2) return ffi::Error::InvalidArgument("target must be [B, d]");
-  const int64_t B = target.dimensions()[0], d = target.dimensions()[1];
-  const int64_t F = w_dec.dimensions()[0];
-  const int G = static_cast<int>(ends.size());
-  const int64_t cap = lat.element_count();
-  if (auto err = CheckEnds(ends, F); err.failure()) return err;
-  if (w_dec.dimensions()[1] != d || xc.element_count() != static_cast<size_t>(B * d))
-    return ffi::Error::InvalidArgument("W_dec must be [F, d] and xc [B, d]");
-  if (coef.element_count() != static_cast<size_t>(G))
-    return ffi::Error::InvalidArgument("coef must be [G]");
-  const int32_t* rp = row_ptr.typed_data();
-  const int32_t* lp = lat.typed_data();
-  if (auto err = CheckEntries(rp, lp, B, F, cap); err.failure()) return err;
-  const int64_t n = rp[B];
-  const float* vp = val.typed_data();
-  const float* W = w_dec.typed_data();
-  const float* T = target.typed_data();
-  const float* X = xc.typed_data();
-  const float* co = coef.typed_data();
-  const int64_t* en = ends.begin();
-  float* res = resid->typed_data();
-  float* sqp = sq->typed_data();
+// The selected entries and the shapes both passes read.
+struct SparseCodes {
+  int64_t B, d, F;       // tokens, model width, latents
+  int64_t n;             // entries in use: row_ptr[B]
+  int G;                 // Matryoshka groups
+  const int64_t* ends;   // [G] group ends, ascending, the last F
+  const int32_t* rp;     // [B + 1] row_ptr: token b owns entries rp[b]:rp[b + 1]
+  const int32_t* lp;     // [n] latent of each entry
+  const float* vp;       // [n] value of each entry
+  const float* W;        // [F, d] W_dec
+};
 
-  // Scratch: R [G, B, d], dv [n], tok [n], order [n], start [F + 1].
-  const size_t r_bytes = sizeof(float) * G * B * d;
-  const size_t n_bytes = sizeof(float) * std::max<int64_t>(n, 1);
-  auto lease = Scratch().Acquire(r_bytes + 3 * n_bytes + sizeof(int32_t) * (F + 1));
-  float* R = lease->As<float>();
-  float* dvp = lease->As<float>(r_bytes);
-  int32_t* tok = lease->As<int32_t>(r_bytes + n_bytes);
-  int32_t* order = lease->As<int32_t>(r_bytes + 2 * n_bytes);
-  int32_t* start = lease->As<int32_t>(r_bytes + 3 * n_bytes);
-
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t e = rp[b]; e < rp[b + 1]; ++e) tok[e] = static_cast<int32_t>(b);
-
-  // Token pass. A token's W_dec rows are read twice (decode, then dv): the second time from L2.
-  // Its R rows are built in an L1 buffer and streamed out (the latent pass reads them back).
+// Token pass: per token, writes res[b] = err_{G-1}, sq[b, g] = ||err_g||^2, R[g, b] = R_g (the
+// [G, B, d] scratch the latent pass reads back) and dv[e] for each of its entries. A token's W_dec
+// rows are read twice (decode, then dv): the second time from L2. Its R rows are built in an L1
+// buffer and streamed out.
+void TokenPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* T, const float* co,
+               float* res, float* sqp, float* R, float* dvp) {
+  const int64_t B = s.B, d = s.d;
+  const int G = s.G;
+  const int64_t* en = s.ends;
+  const int32_t* rp = s.rp;
+  const int32_t* lp = s.lp;
+  const float* vp = s.vp;
+  const float* W = s.W;
   ParallelFor(pool, B, 8, [&](int64_t t0, int64_t t1) {
     const size_t gd = static_cast<size_t>(G) * d;
     std::vector<float> parts(gd), errs(gd), up(gd);
@@ -742,15 +738,25 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> target,
     }
   });
 #if defined(__AVX512F__)
-  _mm_sfence();
+  _mm_sfence();   // the streamed rows are visible to the latent pass's threads
 #endif
+}
 
-  // b_dec's share through the decodes: sum over tokens of R_0 (fixed order: deterministic).
-  float* u0 = up0->typed_data();
-  std::fill(u0, u0 + d, 0.f);
-  for (int64_t b = 0; b < B; ++b) Axpy(1.f, R + b * d, u0, d);
-
-  // Latent pass: entries counting-sorted by latent (stable: token order within a latent).
+// Latent pass: the entries counting-sorted by latent (stable: token order within a latent, so
+// each sum has a fixed order), then per tile of 16 latents dW_dec[f] = sum v R_group(f)[b],
+// dW_enc[:, f] = sum dv xc[b] (into the [d, F] layout) and db_enc[f] = sum dv. tok [n], order [n]
+// and start [F + 1] are scratch.
+void LatentPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* X, const float* R,
+                const float* dvp, int32_t* tok, int32_t* order, int32_t* start, float* dWd,
+                float* dWe, float* dbe) {
+  const int64_t B = s.B, d = s.d, F = s.F, n = s.n;
+  const int G = s.G;
+  const int64_t* en = s.ends;
+  const int32_t* rp = s.rp;
+  const int32_t* lp = s.lp;
+  const float* vp = s.vp;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t e = rp[b]; e < rp[b + 1]; ++e) tok[e] = static_cast<int32_t>(b);
   std::fill(start, start + F + 1, 0);
   for (int64_t e = 0; e < n; ++e) ++start[lp[e] + 1];
   for (int64_t f = 0; f < F; ++f) start[f + 1] += start[f];
@@ -758,9 +764,6 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> target,
     std::vector<int32_t> fill(start, start + F);
     for (int64_t e = 0; e < n; ++e) order[fill[lp[e]]++] = static_cast<int32_t>(e);
   }
-  float* dWd = dw_dec->typed_data();
-  float* dWe = dw_enc->typed_data();
-  float* dbe = db_enc->typed_data();
   const int64_t tiles = (F + kLatentTile - 1) / kLatentTile;
   ParallelFor(pool, tiles, 4, [&](int64_t s0, int64_t s1) {
     // The tile's 16 dW_dec rows and dW_enc columns accumulate in L1/L2 buffers and are written
@@ -800,6 +803,50 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> target,
 #if defined(__AVX512F__)
   _mm_sfence();   // the streaming stores are visible before XLA reads the gradients
 #endif
+}
+
+ffi::Error L2GradsImpl(ffi::ThreadPool pool, F32Array target, F32Array xc, F32Array w_dec,
+                       S32Array row_ptr, S32Array lat, F32Array val, F32Array coef,
+                       Out<F32Array> resid, Out<F32Array> sq, Out<F32Array> up0,
+                       Out<F32Array> dw_dec, Out<F32Array> dw_enc, Out<F32Array> db_enc,
+                       ffi::Span<const int64_t> ends) {
+  if (target.dimensions().size() != 2) return ffi::Error::InvalidArgument("target must be [B, d]");
+  const int64_t B = target.dimensions()[0], d = target.dimensions()[1];
+  const int64_t F = w_dec.dimensions()[0];
+  const int G = static_cast<int>(ends.size());
+  const int64_t cap = lat.element_count();
+  if (auto err = CheckEnds(ends, F); err.failure()) return err;
+  if (w_dec.dimensions()[1] != d || xc.element_count() != static_cast<size_t>(B * d))
+    return ffi::Error::InvalidArgument("W_dec must be [F, d] and xc [B, d]");
+  if (coef.element_count() != static_cast<size_t>(G))
+    return ffi::Error::InvalidArgument("coef must be [G]");
+  const int32_t* rp = row_ptr.typed_data();
+  const int32_t* lp = lat.typed_data();
+  if (auto err = CheckEntries(rp, lp, B, F, cap); err.failure()) return err;
+  const int64_t n = rp[B];
+  const SparseCodes codes{B, d, F, n, G, ends.begin(), rp, lp, val.typed_data(),
+                          w_dec.typed_data()};
+
+  // Scratch: R [G, B, d], dv [n], tok [n], order [n], start [F + 1].
+  const size_t r_bytes = sizeof(float) * G * B * d;
+  const size_t n_bytes = sizeof(float) * std::max<int64_t>(n, 1);
+  auto lease = Scratch().Acquire(r_bytes + 3 * n_bytes + sizeof(int32_t) * (F + 1));
+  float* R = lease->As<float>();
+  float* dvp = lease->As<float>(r_bytes);
+  int32_t* tok = lease->As<int32_t>(r_bytes + n_bytes);
+  int32_t* order = lease->As<int32_t>(r_bytes + 2 * n_bytes);
+  int32_t* start = lease->As<int32_t>(r_bytes + 3 * n_bytes);
+
+  TokenPass(pool, codes, target.typed_data(), coef.typed_data(), resid->typed_data(),
+            sq->typed_data(), R, dvp);
+
+  // b_dec's share through the decodes: sum over tokens of R_0 (fixed order: deterministic).
+  float* u0 = up0->typed_data();
+  std::fill(u0, u0 + d, 0.f);
+  for (int64_t b = 0; b < B; ++b) Axpy(1.f, R + b * d, u0, d);
+
+  LatentPass(pool, codes, xc.typed_data(), R, dvp, tok, order, start, dw_dec->typed_data(),
+             dw_enc->typed_data(), db_enc->typed_data());
   return ffi::Error::Success();
 }
 
@@ -812,8 +859,8 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> target,
 
 // Each decoder row's gradient minus its component along the row (unit = W / (|W| + 1e-6)), and
 // the squared norm of the result per row (for the global gradient norm).
-ffi::Error ProjectRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> g,
-                           ffi::ResultBuffer<ffi::F32> g_out, ffi::ResultBuffer<ffi::F32> sumsq) {
+ffi::Error ProjectRowsImpl(ffi::ThreadPool pool, F32Array w, F32Array g, Out<F32Array> g_out,
+                           Out<F32Array> sumsq) {
   if (w.dimensions().size() != 2 || g.element_count() != w.element_count())
     return ffi::Error::InvalidArgument("W and its gradient must both be [F, d]");
   const int64_t F = w.dimensions()[0], d = w.dimensions()[1];
@@ -838,41 +885,60 @@ ffi::Error ProjectRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::B
   return ffi::Error::Success();
 }
 
-// One contiguous range of the Adam update (in place when the outputs alias the inputs).
+// One step's scalars, in float32 as the update's arithmetic uses them.
+struct AdamScalars {
+  float lr, b1, b2;
+  float c1, c2;           // 1 - b1, 1 - b2
+  float eps;
+  float bc1, bc2;         // the bias corrections 1 - b1^t, 1 - b2^t
+  float norm, max_norm;   // the global gradient norm, and the bound it is clipped to
+  bool clip;              // !(norm < max_norm)
+};
+
+// One contiguous range of the Adam update (in place when the outputs alias the inputs). h by
+// value: its fields stay in registers through the loop.
 inline void AdamRange(const float* p, const float* g, const float* m, const float* v, float* po,
-                      float* mo, float* vo, int64_t n, float lr, float b1, float b2, float c1,
-                      float c2, float eps, float bc1, float bc2, float norm, float max_norm,
-                      bool clip) {
+                      float* mo, float* vo, int64_t n, const AdamScalars h) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float gi = g[i];
-    const float gc = clip ? (gi / norm) * max_norm : gi;
-    const float mi = c1 * gc + b1 * m[i];
-    const float vi = c2 * (gc * gc) + b2 * v[i];
+    const float gc = h.clip ? (gi / h.norm) * h.max_norm : gi;
+    const float mi = h.c1 * gc + h.b1 * m[i];
+    const float vi = h.c2 * (gc * gc) + h.b2 * v[i];
     mo[i] = mi;
     vo[i] = vi;
-    po[i] = p[i] + (-lr) * ((mi / bc1) / (std::sqrt(vi / bc2) + eps));
+    po[i] = p[i] + (-h.lr) * ((mi / h.bc1) / (std::sqrt(vi / h.bc2) + h.eps));
   }
 }
 
-// hyper = [lr, b1, b2, 1 - b1, 1 - b2, eps, 1 - b1^t, 1 - b2^t, grad_norm, max_norm, apply]
-// (1 - b computed in double, as optax's Python floats are). optax's order:
-// g <- g if norm < max_norm else (g / norm) * max_norm; m <- (1 - b1) g + b1 m;
+// optax's order: g <- g if norm < max_norm else (g / norm) * max_norm; m <- (1 - b1) g + b1 m;
 // v <- (1 - b2) g^2 + b2 v; p <- p + (-lr) * ((m / bc1) / (sqrt(v / bc2) + eps)). With
-// unit_rows, p is [F, d] and each updated row is divided by (|row| + float epsilon). apply = 0
+// unit_rows, p is [F, d] and each updated row is divided by (|row| + float epsilon). apply false
 // leaves everything as it was (a non-finite step).
-ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g,
-                    ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> hyper,
-                    ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
-                    ffi::ResultBuffer<ffi::F32> v_out, int64_t unit_rows) {
+//
+// b1, b2, eps and max_norm are the step config's Python floats, passed as f64 attributes so that
+// 1 - b is computed in double, as optax's Python arithmetic does, before rounding to float32.
+// lr, bc1, bc2, grad_norm and apply change from step to step (traced): rank-0 buffers.
+ffi::Error AdamImpl(ffi::ThreadPool pool, F32Array p, F32Array g, F32Array m, F32Array v,
+                    F32Scalar lr, F32Scalar bc1, F32Scalar bc2, F32Scalar grad_norm,
+                    BoolScalar apply, Out<F32Array> p_out, Out<F32Array> m_out,
+                    Out<F32Array> v_out, double b1, double b2, double eps, double max_norm,
+                    int64_t unit_rows) {
   const size_t n = p.element_count();
-  if (g.element_count() != n || m.element_count() != n || v.element_count() != n ||
-      hyper.element_count() != 11)
-    return ffi::Error::InvalidArgument("adam needs p, g, m, v of one size and 11 hyper-parameters");
-  const float* h = hyper.typed_data();
-  const float lr = h[0], b1 = h[1], b2 = h[2], c1 = h[3], c2 = h[4], eps = h[5];
-  const float bc1 = h[6], bc2 = h[7], norm = h[8], max_norm = h[9];
-  const bool clip = !(norm < max_norm);
+  if (g.element_count() != n || m.element_count() != n || v.element_count() != n)
+    return ffi::Error::InvalidArgument("adam needs p, g, m and v of one size");
+  AdamScalars h;
+  h.lr = *lr.typed_data();
+  h.b1 = static_cast<float>(b1);
+  h.b2 = static_cast<float>(b2);
+  h.c1 = static_cast<float>(1.0 - b1);
+  h.c2 = static_cast<float>(1.0 - b2);
+  h.eps = static_cast<float>(eps);
+  h.bc1 = *bc1.typed_data();
+  h.bc2 = *bc2.typed_data();
+  h.norm = *grad_norm.typed_data();
+  h.max_norm = static_cast<float>(max_norm);
+  h.clip = !(h.norm < h.max_norm);
   const int64_t d = unit_rows ? p.dimensions().back() : 1024;
   const int64_t rows = static_cast<int64_t>(n) / d;   // unit_rows: rows; else chunks of 1024
   const float* P = p.typed_data();
@@ -882,20 +948,16 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
   float* Po = p_out->typed_data();
   float* Mo = m_out->typed_data();
   float* Vo = v_out->typed_data();
-  if (h[10] == 0.f) {   // not applied: outputs are the inputs (aliased, or copied if not)
+  if (!*apply.typed_data()) {   // not applied: outputs are the inputs (aliased, or copied if not)
     if (Po != P) std::memcpy(Po, P, n * sizeof(float));
     if (Mo != M) std::memcpy(Mo, M, n * sizeof(float));
     if (Vo != V) std::memcpy(Vo, V, n * sizeof(float));
     return ffi::Error::Success();
   }
-  auto update = [=](int64_t i0, int64_t i1) {   // by value: loop invariants stay in registers
-    AdamRange(P + i0, Gp + i0, M + i0, V + i0, Po + i0, Mo + i0, Vo + i0, i1 - i0, lr, b1, b2, c1,
-              c2, eps, bc1, bc2, norm, max_norm, clip);
-  };
   ParallelFor(pool, rows + (static_cast<int64_t>(n) % d != 0), 32, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i0 = r * d, i1 = std::min<int64_t>(static_cast<int64_t>(n), i0 + d);
-      update(i0, i1);
+      AdamRange(P + i0, Gp + i0, M + i0, V + i0, Po + i0, Mo + i0, Vo + i0, i1 - i0, h);
       if (unit_rows) {
         float* row = Po + i0;
         const float nrm = std::sqrt(Dot(row, row, d)) + std::numeric_limits<float>::epsilon();
@@ -909,65 +971,72 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
 
 }  // namespace
 
+// The bindings: arguments, results and attributes in the order of the implementations'
+// parameters. Attributes are decoded by name.
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeSelect, SelectImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
+                              BindOnPool()
+                                  .Arg<F32Array>()    // z [B, F]
+                                  .Arg<F32Array>()    // c [F]
+                                  .Ret<S32Array>()    // row_ptr [B + 1]
+                                  .Ret<S32Array>()    // lat [cap]
+                                  .Ret<F32Array>()    // val [cap]
+                                  .Ret<F32Scalar>()   // tau
+                                  .Ret<S32Scalar>()   // ties_dropped
+                                  .Ret<S32Scalar>()   // path
+                                  .Ret<S32Scalar>()   // collected
                                   .Attr<int64_t>("budget"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAuxSelect, AuxSelectImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
+                              BindOnPool()
+                                  .Arg<F32Array>()   // z [B, F]
+                                  .Arg<F32Array>()   // c [F]
+                                  .Arg<S32Array>()   // dead [F]
+                                  .Ret<S32Array>()   // row_ptr [B + 1]
+                                  .Ret<S32Array>()   // lat [B * k_aux]
+                                  .Ret<F32Array>()   // val [B * k_aux]
                                   .Attr<int64_t>("k_aux"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeL2Grads, L2GradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // target [B, d]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // xc = x - b_dec [B, d]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_dec [F, d]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // row_ptr [B + 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // lat [cap]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // val [cap]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // coef [G]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // resid [B, d]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // sq [B, G]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // sum_b R_0[b] [d]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW_dec [F, d]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW_enc [d, F]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // db_enc [F]
+                              BindOnPool()
+                                  .Arg<F32Array>()   // target [B, d]
+                                  .Arg<F32Array>()   // xc = x - b_dec [B, d]
+                                  .Arg<F32Array>()   // W_dec [F, d]
+                                  .Arg<S32Array>()   // row_ptr [B + 1]
+                                  .Arg<S32Array>()   // lat [cap]
+                                  .Arg<F32Array>()   // val [cap]
+                                  .Arg<F32Array>()   // coef [G]
+                                  .Ret<F32Array>()   // resid [B, d]
+                                  .Ret<F32Array>()   // sq [B, G]
+                                  .Ret<F32Array>()   // sum_b R_0[b] [d]
+                                  .Ret<F32Array>()   // dW_dec [F, d]
+                                  .Ret<F32Array>()   // dW_enc [d, F]
+                                  .Ret<F32Array>()   // db_enc [F]
                                   .Attr<ffi::Span<const int64_t>>("group_ends"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeProjectRows, ProjectRowsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_dec [F, d]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // its gradient [F, d]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // projected gradient (aliased)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // per-row squared norm [F]
+                              BindOnPool()
+                                  .Arg<F32Array>()    // W_dec [F, d]
+                                  .Arg<F32Array>()    // its gradient [F, d]
+                                  .Ret<F32Array>()    // projected gradient (aliased)
+                                  .Ret<F32Array>());  // per-row squared norm [F]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAdam, AdamImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // param
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gradient
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // first moment
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // second moment
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // hyper [9]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // param (aliased)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // first moment (aliased)
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // second moment (aliased)
+                              BindOnPool()
+                                  .Arg<F32Array>()     // param
+                                  .Arg<F32Array>()     // gradient
+                                  .Arg<F32Array>()     // first moment
+                                  .Arg<F32Array>()     // second moment
+                                  .Arg<F32Scalar>()    // lr
+                                  .Arg<F32Scalar>()    // bc1 = 1 - b1^t
+                                  .Arg<F32Scalar>()    // bc2 = 1 - b2^t
+                                  .Arg<F32Scalar>()    // grad_norm
+                                  .Arg<BoolScalar>()   // apply
+                                  .Ret<F32Array>()     // param (aliased)
+                                  .Ret<F32Array>()     // first moment (aliased)
+                                  .Ret<F32Array>()     // second moment (aliased)
+                                  .Attr<double>("b1")
+                                  .Attr<double>("b2")
+                                  .Attr<double>("eps")
+                                  .Attr<double>("max_norm")
                                   .Attr<int64_t>("unit_rows"));
