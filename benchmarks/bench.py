@@ -41,8 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int,
-                 kernel: str = 'auto') -> dict[str, float]:
+def bench_jaxsae(
+    d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto'
+) -> dict[str, float]:
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
   c.sae.kernel = kernel
@@ -53,9 +54,11 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int,
   key_p, key_x = jax.random.split(jax.random.PRNGKey(0))
   state = train_step.init_state(model.init_params(key_p, d, F), optimizer)
   x = jax.random.normal(key_x, (B, d)) + 0.5
-  step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
-                                                    schedule=schedule), donate_argnums=0)
-  step = step.lower(state, x).compile()   # compiled once, for its memory analysis and the timing
+  step = jax.jit(
+      lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer, schedule=schedule),
+      donate_argnums=0,
+  )
+  step = step.lower(state, x).compile()  # compiled once, for its memory analysis and the timing
   # Chain the state through the steps (donated buffers, as in training).
   holder = {'state': state, 'sparse': []}
 
@@ -69,16 +72,31 @@ def bench_jaxsae(d: int, F: int, k: int, B: int, steps: int,
   W = jax.random.normal(key_p, (d, F)) / d**0.5
   matmul = jax.jit(lambda a, b: a @ b).lower(x, W).compile()
   matmul_s = timed(matmul, x, W, steps=steps)
-  return {'step_s': step_s, 'matmul_s': matmul_s, 'sparse_fraction': sparse_fraction,
-          'step_bytes': memory_bytes(step), 'matmul_bytes': memory_bytes(matmul),
-          'resolved': sc.kernel,
-          'bound_s': matmul_plus_adam(holder['state'], x, W, optimizer, steps),
-          'native_bound_s': (matmul_plus_adam(holder['state'], x, W, optimizer, steps, sc, schedule)
-                             if sc.kernel == 'cpu' else None)}
+  return {
+      'step_s': step_s,
+      'matmul_s': matmul_s,
+      'sparse_fraction': sparse_fraction,
+      'step_bytes': memory_bytes(step),
+      'matmul_bytes': memory_bytes(matmul),
+      'resolved': sc.kernel,
+      'bound_s': matmul_plus_adam(holder['state'], x, W, optimizer, steps),
+      'native_bound_s': (
+          matmul_plus_adam(holder['state'], x, W, optimizer, steps, sc, schedule)
+          if sc.kernel == 'cpu'
+          else None
+      ),
+  }
 
 
-def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: int,
-                     sc: train_step.StepConfig | None = None, schedule=None) -> float:
+def matmul_plus_adam(
+    state: dict,
+    x: jax.Array,
+    W: jax.Array,
+    optimizer,
+    steps: int,
+    sc: train_step.StepConfig | None = None,
+    schedule=None,
+) -> float:
   """Seconds of the encoder matmul plus the clipped Adam update of all parameters, in one
   donated call: work every exact step of the method must do. With `sc`, the update is the
   'cpu' backend's native in-place one (`kernels.get('cpu').update`), else optax's."""
@@ -89,14 +107,19 @@ def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: 
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return x @ W, optax.apply_updates(params, updates), opt_state
     params, opt_state = kernels.get(sc.kernel).update(
-        params, opt_state, grads, optax.tree.norm(grads), jnp.bool_(True), sc, optimizer,
-        schedule)
+        params, opt_state, grads, optax.tree.norm(grads), jnp.bool_(True), sc, optimizer, schedule
+    )
     return x @ W, params, opt_state
 
-  fn = jax.jit(bound, donate_argnums=(0, 1)).lower(
-      state['params'], state['opt_state'], x, W).compile()
-  holder = {'p': jax.tree.map(jnp.copy, state['params']),
-            'o': jax.tree.map(jnp.copy, state['opt_state'])}
+  fn = (
+      jax.jit(bound, donate_argnums=(0, 1))
+      .lower(state['params'], state['opt_state'], x, W)
+      .compile()
+  )
+  holder = {
+      'p': jax.tree.map(jnp.copy, state['params']),
+      'o': jax.tree.map(jnp.copy, state['opt_state']),
+  }
 
   def run(x):
     out, holder['p'], holder['o'] = fn(holder['p'], holder['o'], x, W)
@@ -105,11 +128,27 @@ def matmul_plus_adam(state: dict, x: jax.Array, W: jax.Array, optimizer, steps: 
   return timed(run, x, steps=steps)
 
 
-def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int,
-                reuse_host_memory: bool) -> dict:
-  cmd = [python, os.path.join(HERE, 'peers', 'bench_peers.py'), '--d', str(d), '--F', str(F),
-         '--k', str(k), '--batch', str(B), '--groups', ','.join(str(g) for g in GROUPS),
-         '--steps', str(steps), '--warmup', '1']
+def bench_peers(
+    python: str, d: int, F: int, k: int, B: int, steps: int, reuse_host_memory: bool
+) -> dict:
+  cmd = [
+      python,
+      os.path.join(HERE, 'peers', 'bench_peers.py'),
+      '--d',
+      str(d),
+      '--F',
+      str(F),
+      '--k',
+      str(k),
+      '--batch',
+      str(B),
+      '--groups',
+      ','.join(str(g) for g in GROUPS),
+      '--steps',
+      str(steps),
+      '--warmup',
+      '1',
+  ]
   if reuse_host_memory:
     cmd.append('--reuse-host-memory')
   r = subprocess.run(cmd, capture_output=True, text=True)
@@ -120,14 +159,19 @@ def bench_peers(python: str, d: int, F: int, k: int, B: int, steps: int,
 
 def bench_block(d: int, F: int, k: int, B: int, args) -> None:
   """One table: the floor, each requested jaxsae kernel, and (if their venv exists) the peers."""
-  print(f'\njax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
-        f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32', flush=True)
+  print(
+      f'\njax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
+      f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32',
+      flush=True,
+  )
   on_gpu = jax.default_backend() in kernels.GPU_BACKENDS
   rows, ours, results = [], None, []
   for kernel in args.kernels.split(','):
     if kernel == 'pallas' and not on_gpu and not args.interpret_pallas:
-      print('(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
-            '--interpret-pallas times it anyway)')
+      print(
+          '(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
+          '--interpret-pallas times it anyway)'
+      )
       continue
     if kernel == 'cpu' and jax.default_backend() != 'cpu':
       print('(kernel=cpu skipped: it runs on the CPU backend only)')
@@ -137,8 +181,11 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
     ours = ours or res
     rows.append((f'jaxsae step, kernel={kernel}', res['step_s'], res['step_bytes']))
     if res['resolved'] != 'dense':
-      print(f'(kernel={kernel} ran {res["resolved"]!r} and took the sparse path on '
-            f'{res["sparse_fraction"]:.0%} of timed steps)', flush=True)
+      print(
+          f'(kernel={kernel} ran {res["resolved"]!r} and took the sparse path on '
+          f'{res["sparse_fraction"]:.0%} of timed steps)',
+          flush=True,
+      )
   if ours is None:
     return
   rows.insert(0, ('one B x d x F matmul (floor)', ours['matmul_s'], ours['matmul_bytes']))
@@ -154,18 +201,28 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
       else:
         rows.append((f'{lib} step', res['step_s'], -1))
   elif args.peers:
-    print(f'(peer libraries not timed: no interpreter at {args.peers_python}; '
-          'see benchmarks/peers/bench_peers.py to create .venv-peers)')
+    print(
+        f'(peer libraries not timed: no interpreter at {args.peers_python}; '
+        'see benchmarks/peers/bench_peers.py to create .venv-peers)'
+    )
 
   best = min(s for name, s, _ in rows if name.startswith('jaxsae step'))
-  peer_s = {name.split()[0]: s for name, s, _ in rows if name.endswith(' step')
-            and not name.startswith('jaxsae')}
-  print(f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s} '
-        f'{"memory GB":>10s}')
+  peer_s = {
+      name.split()[0]: s
+      for name, s, _ in rows
+      if name.endswith(' step') and not name.startswith('jaxsae')
+  }
+  print(
+      f'\n{"":34s} {"s/step":>8s} {"tokens/s":>10s} {"x floor":>8s} {"vs best jaxsae":>15s} '
+      f'{"memory GB":>10s}'
+  )
   for name, s, mem in rows:
     mem_s = f'{mem / 1e9:10.3f}' if mem >= 0 else f'{"-":>10s}'
-    print(f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x '
-          f'{mem_s}', flush=True)
+    print(
+        f'{name:34s} {s:8.4f} {B / s:10.0f} {s / ours["matmul_s"]:8.2f} {s / best:14.2f}x '
+        f'{mem_s}',
+        flush=True,
+    )
   for lib, s in peer_s.items():
     print(f'best jaxsae step: {s / best:.2f}x the tokens/s of {lib}')
 
@@ -177,20 +234,41 @@ def main() -> None:
   p.add_argument('--k', type=int, default=32)
   p.add_argument('--batch', type=int, default=2048)
   p.add_argument('--steps', type=int, default=5)
-  p.add_argument('--kernels', default='dense,xla,cpu,pallas',
-                 help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas, cpu; pallas "
-                 'is skipped without a GPU unless --interpret-pallas, cpu off the CPU backend)')
-  p.add_argument('--interpret-pallas', action='store_true',
-                 help='time kernel=pallas without a GPU too (interpret mode: very slow)')
-  p.add_argument('--paper', action='store_true',
-                 help="also time the paper's width, d=4096 F=16384 k=64, in the same run")
-  p.add_argument('--paper-batch', type=int, default=None,
-                 help='batch for --paper (default 4096 on a GPU, 1024 elsewhere)')
-  p.add_argument('--no-peers', dest='peers', action='store_false',
-                 help='skip dictionary_learning / SAELens even if .venv-peers exists')
+  p.add_argument(
+      '--kernels',
+      default='dense,xla,cpu,pallas',
+      help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas, cpu; pallas "
+      'is skipped without a GPU unless --interpret-pallas, cpu off the CPU backend)',
+  )
+  p.add_argument(
+      '--interpret-pallas',
+      action='store_true',
+      help='time kernel=pallas without a GPU too (interpret mode: very slow)',
+  )
+  p.add_argument(
+      '--paper',
+      action='store_true',
+      help="also time the paper's width, d=4096 F=16384 k=64, in the same run",
+  )
+  p.add_argument(
+      '--paper-batch',
+      type=int,
+      default=None,
+      help='batch for --paper (default 4096 on a GPU, 1024 elsewhere)',
+  )
+  p.add_argument(
+      '--no-peers',
+      dest='peers',
+      action='store_false',
+      help='skip dictionary_learning / SAELens even if .venv-peers exists',
+  )
   p.add_argument('--peers-python', default=os.path.join(REPO, '.venv-peers', 'bin', 'python'))
-  p.add_argument('--no-reuse-host-memory', dest='reuse_host_memory', action='store_false',
-                 help="glibc's default malloc for both sides (see jaxsae/host_memory.py)")
+  p.add_argument(
+      '--no-reuse-host-memory',
+      dest='reuse_host_memory',
+      action='store_false',
+      help="glibc's default malloc for both sides (see jaxsae/host_memory.py)",
+  )
   args = p.parse_args()
   if args.reuse_host_memory:
     args.reuse_host_memory = host_memory.reuse_freed_memory()

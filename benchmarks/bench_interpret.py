@@ -33,8 +33,9 @@ def make_store(path: str, tokens: int, d: int) -> store.ActivationStore:
     return store.open_store(path)
   shutil.rmtree(path, ignore_errors=True)
   rng = np.random.default_rng(0)
-  w = store.StoreWriter(path, d, 'float32', {'bench': True}, rows_per_chunk=64,
-                        rows_per_shard=65536)
+  w = store.StoreWriter(
+      path, d, 'float32', {'bench': True}, rows_per_chunk=64, rows_per_shard=65536
+  )
   per_study, done = 512, 0
   while done < tokens:
     n = min(65536, tokens - done)
@@ -44,9 +45,15 @@ def make_store(path: str, tokens: int, d: int) -> store.ActivationStore:
     t[:, 1] = (done + np.arange(n)) % per_study
     t[:, 3] = 3
     studies = sorted(set(t[:, 0].tolist()))
-    recs = [{'study_id': f's{s}', 'manifest_index': s,
-             'row_start': int(np.searchsorted(t[:, 0], s)), 'rows': int((t[:, 0] == s).sum())}
-            for s in studies]
+    recs = [
+        {
+            'study_id': f's{s}',
+            'manifest_index': s,
+            'row_start': int(np.searchsorted(t[:, 0], s)),
+            'rows': int((t[:, 0] == s).sum()),
+        }
+        for s in studies
+    ]
     w.append(x, t, recs)
     done += n
   w.close()
@@ -54,8 +61,9 @@ def make_store(path: str, tokens: int, d: int) -> store.ActivationStore:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument('--tokens', type=int, default=1_000_000)
   p.add_argument('--d', type=int, default=1024)
   p.add_argument('--F', type=int, default=16384)
@@ -66,15 +74,21 @@ def main() -> None:
 
   t0 = time.perf_counter()
   s = make_store(a.store, a.tokens, a.d)
-  print(f'store: {s.rows:,} rows x d={s.d} at {a.store} ({time.perf_counter() - t0:.0f} s to '
-        'open or write)')
+  print(
+      f'store: {s.rows:,} rows x d={s.d} at {a.store} ({time.perf_counter() - t0:.0f} s to '
+      'open or write)'
+  )
   rng = np.random.default_rng(1)
   W = rng.standard_normal((a.d, a.F), np.float32)
   W /= np.linalg.norm(W, axis=0, keepdims=True)
-  params = {'W_enc': W, 'b_enc': np.zeros(a.F, np.float32), 'W_dec': W.T.copy(),
-            'b_dec': np.zeros(a.d, np.float32),
-            # pre ~ N(0, 1): P(pre > t) = k / F, so about k features fire per token
-            'threshold': np.full(a.F, statistics.NormalDist().inv_cdf(1 - a.k / a.F), np.float32)}
+  params = {
+      'W_enc': W,
+      'b_enc': np.zeros(a.F, np.float32),
+      'W_dec': W.T.copy(),
+      'b_dec': np.zeros(a.d, np.float32),
+      # pre ~ N(0, 1): P(pre > t) = k / F, so about k features fire per token
+      'threshold': np.full(a.F, statistics.NormalDist().inv_cdf(1 - a.k / a.F), np.float32),
+  }
   c = default_config()
   c.sae.d, c.sae.k, c.sae.dict_size = a.d, a.k, a.F
   c.interpret.batch_size = a.batch
@@ -101,15 +115,21 @@ def main() -> None:
   shutil.rmtree(ckpt, ignore_errors=True)
   table_mb = sum(v.nbytes for v in r.tables.values()) / 2**20
   tps = r.tokens / wall
-  print(f'device: {jax.devices()[0].device_kind} x {len(jax.devices())}; d={a.d}, F={a.F}, '
-        f'k~{a.k}, batch {a.batch}')
+  print(
+      f'device: {jax.devices()[0].device_kind} x {len(jax.devices())}; d={a.d}, F={a.F}, '
+      f'k~{a.k}, batch {a.batch}'
+  )
   print('| | tokens/s | x floor |\n|---|---|---|')
   print(f'| encoder matmul alone (floor) | {floor_tps:,.0f} | 1.00 |')
   print(f'| statistics pass (read + encode + tables) | {tps:,.0f} | {floor_tps / tps:.2f} |')
-  print(f'{r.tokens:,} tokens in {wall:.1f} s (first batch compiles included); batches redone '
-        f'for a full token: {r.redone_batches}')
-  print(f'peak resident memory: {rss:,.0f} MiB (before the pass: {rss0:,.0f} MiB); statistics '
-        f'tables: {table_mb:,.0f} MiB')
+  print(
+      f'{r.tokens:,} tokens in {wall:.1f} s (first batch compiles included); batches redone '
+      f'for a full token: {r.redone_batches}'
+  )
+  print(
+      f'peak resident memory: {rss:,.0f} MiB (before the pass: {rss0:,.0f} MiB); statistics '
+      f'tables: {table_mb:,.0f} MiB'
+  )
   fired = r.get('count').sum() / max(r.tokens, 1)
   print(f'mean firing features per token: {fired:.1f}')
 

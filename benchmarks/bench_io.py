@@ -46,8 +46,11 @@ def _tools_script(name: str):
 
 def _evict(path: str) -> None:
   """Drop `path`'s (a file's, or every file's below a directory) pages from the page cache."""
-  files = [path] if os.path.isfile(path) else [os.path.join(r, f) for r, _, fs in os.walk(path)
-                                               for f in fs]
+  files = (
+      [path]
+      if os.path.isfile(path)
+      else [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+  )
   for f in files:
     fd = os.open(f, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -76,12 +79,16 @@ def bench_store(root: str, rows: int, d: int, batch: int) -> dict[str, float]:
   out['raw write'] = time.perf_counter() - t
   # The store, as the exporter writes it: buffered blocks, committed in a background thread.
   t = time.perf_counter()
-  w = store.StoreWriter(store_path, d, 'float32', {'bench': True}, rows_per_chunk=4,
-                        rows_per_shard=4096)
+  w = store.StoreWriter(
+      store_path, d, 'float32', {'bench': True}, rows_per_chunk=4, rows_per_shard=4096
+  )
   tokens = np.zeros((BLOCK, len(store.TOKEN_COLUMNS)), np.int32)
   for i, x in enumerate(_data(rows, d)):
-    w.append(x, tokens[:len(x)], [{'study_id': str(i), 'manifest_index': i, 'row_start': 0,
-                                   'rows': len(x)}])
+    w.append(
+        x,
+        tokens[: len(x)],
+        [{'study_id': str(i), 'manifest_index': i, 'row_start': 0, 'rows': len(x)}],
+    )
   w.close()
   out['store write'] = time.perf_counter() - t
   # Sequential reads, from disk.
@@ -122,8 +129,9 @@ def bench_store(root: str, rows: int, d: int, batch: int) -> dict[str, float]:
 def bench_loader(store_path: str, batch: int, threads: int, prefetch: int, n: int) -> float:
   """Rows/s of the training input pipeline (shuffled), from disk."""
   _evict(store_path)
-  src = store_source.StoreSource(store.open_store(store_path), batch, seed=0,
-                                   num_threads=threads, prefetch=prefetch)
+  src = store_source.StoreSource(
+      store.open_store(store_path), batch, seed=0, num_threads=threads, prefetch=prefetch
+  )
   it = src.iterator()
   next(it)  # start-up (threads, first read) is not throughput
   t = time.perf_counter()
@@ -134,23 +142,28 @@ def bench_loader(store_path: str, batch: int, threads: int, prefetch: int, n: in
   return rate
 
 
-def bench_fed_step(store_path: str, d: int, F: int, k: int, B: int, steps: int,
-                   threads: int, prefetch: int) -> tuple[float, float]:
+def bench_fed_step(
+    store_path: str, d: int, F: int, k: int, B: int, steps: int, threads: int, prefetch: int
+) -> tuple[float, float]:
   """Seconds per training step fed from memory, and fed by the loader (both compete for cores)."""
   # pylint: disable=import-outside-toplevel
   import jax
   from jaxsae import config as config_lib, model, train_step
   from timing import GROUPS, timed
+
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
   c.data.batch_size, c.optim.warmup_steps, c.train.steps = B, 10, 10_000
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
   sc = train_step.StepConfig.from_config(c)
   state = train_step.init_state(model.init_params(jax.random.PRNGKey(0), d, F), optimizer)
-  step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
-                                                    schedule=schedule), donate_argnums=0)
-  src = store_source.StoreSource(store.open_store(store_path), B, seed=0, num_threads=threads,
-                                   prefetch=prefetch)
+  step = jax.jit(
+      lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer, schedule=schedule),
+      donate_argnums=0,
+  )
+  src = store_source.StoreSource(
+      store.open_store(store_path), B, seed=0, num_threads=threads, prefetch=prefetch
+  )
   holder = {'state': state}
 
   def run(x):
@@ -166,30 +179,47 @@ def bench_fed_step(store_path: str, d: int, F: int, k: int, B: int, steps: int,
   return mem, fed
 
 
-def bench_export(root: str, hidden: int, layers: int, studies: int, batch: int,
-                 repeats: int) -> dict[str, float]:
+def bench_export(
+    root: str, hidden: int, layers: int, studies: int, batch: int, repeats: int
+) -> dict[str, float]:
   """Median seconds per forward batch: plain, with hook + store writes, and stopping at layer L."""
   import torch  # pylint: disable=import-outside-toplevel
+
   make_demo_data = _tools_script('make_demo_data')
   from jaxsae.bridge import export, loading, manifest, prompt, tiny_model  # noqa
   from jaxsae.config import default_config  # pylint: disable=import-outside-toplevel
+
   data = os.path.join(root, 'demo')
   rows = make_demo_data.make_studies(data, studies)
-  tiny_model.build(os.path.join(data, 'model'),
-                   tiny_model.words(make_demo_data.vocabulary_texts(rows)), hidden=hidden,
-                   layers=layers, heads=8)
+  tiny_model.build(
+      os.path.join(data, 'model'),
+      tiny_model.words(make_demo_data.vocabulary_texts(rows)),
+      hidden=hidden,
+      layers=layers,
+      heads=8,
+  )
   c = default_config()
   c.model.name, c.model.layer, c.model.hook_name = os.path.join(data, 'model'), layers // 2, ''
   model, processor = loading.load(c)
   _, module = loading.find_layer(model, '', layers // 2)
   image_id = model.config.image_token_id
-  prepared = [prompt.prepare(processor, s, dict(s.images()), True, image_id)
-              for s in manifest.read(os.path.join(data, 'manifest.jsonl'), True)]
-  batches = [export.collate(prepared[i:i + batch], 0, torch.device('cpu'), torch.float32)
-             for i in range(0, len(prepared), batch)]
+  prepared = [
+      prompt.prepare(processor, s, dict(s.images()), True, image_id)
+      for s in manifest.read(os.path.join(data, 'manifest.jsonl'), True)
+  ]
+  batches = [
+      export.collate(prepared[i : i + batch], 0, torch.device('cpu'), torch.float32)
+      for i in range(0, len(prepared), batch)
+  ]
   keep = np.arange(4)  # every token kind
-  writer = store.StoreWriter(os.path.join(root, 'export_store'), hidden, 'float32', {},
-                             rows_per_chunk=4, rows_per_shard=4096)
+  writer = store.StoreWriter(
+      os.path.join(root, 'export_store'),
+      hidden,
+      'float32',
+      {},
+      rows_per_chunk=4,
+      rows_per_shard=4096,
+  )
 
   def plain(i, inputs):
     with torch.inference_mode():
@@ -198,11 +228,22 @@ def bench_export(root: str, hidden: int, layers: int, studies: int, batch: int,
   def hooked(capture):
     def run(i, inputs):
       hidden_states = capture.run(model, inputs)
-      group = prepared[i * batch:(i + 1) * batch]
+      group = prepared[i * batch : (i + 1) * batch]
       xs, ts = zip(*(export.rows_of(p, hidden_states[j], keep) for j, p in enumerate(group)))
-      writer.append(np.concatenate(xs), np.concatenate(ts),
-                    [{'study_id': p.study.study_id, 'manifest_index': p.study.index,
-                      'row_start': 0, 'rows': 0} for p in group])
+      writer.append(
+          np.concatenate(xs),
+          np.concatenate(ts),
+          [
+              {
+                  'study_id': p.study.study_id,
+                  'manifest_index': p.study.index,
+                  'row_start': 0,
+                  'rows': 0,
+              }
+              for p in group
+          ],
+      )
+
     return run
 
   def per_batch(fn):
@@ -251,42 +292,62 @@ def main() -> None:
 
 def run(args, root: str) -> None:
   from bench import bench_jaxsae  # pylint: disable=import-outside-toplevel
+
   rows, d, B = args.rows, args.d, args.batch
-  print(f'store: {rows} x {d} float32 ({rows * d * 4 / 1e9:.2f} GB) in {root}; '
-        f'{os.cpu_count()} CPU cores', flush=True)
+  print(
+      f'store: {rows} x {d} float32 ({rows * d * 4 / 1e9:.2f} GB) in {root}; '
+      f'{os.cpu_count()} CPU cores',
+      flush=True,
+  )
   io = bench_store(root, rows, d, B)
   mb = lambda n, s: n / s / 1e6  # noqa: E731
   print(f'\n{"":34s} {"rows/s":>12s} {"MB/s":>9s}')
-  for name, n in (('raw disk write (fsync)', rows), ('store write (commits, fsync)', rows),
-                  ('raw disk sequential read', rows), ('store sequential read', rows),
-                  ('raw disk random rows (pread each)', io['n_random']),
-                  ('store random rows (1 read/batch)', io['n_random'])):
-    key = {'raw disk write (fsync)': 'raw write', 'store write (commits, fsync)': 'store write',
-           'raw disk sequential read': 'raw read', 'store sequential read': 'store read',
-           'raw disk random rows (pread each)': 'raw random',
-           'store random rows (1 read/batch)': 'store random'}[name]
+  for name, n in (
+      ('raw disk write (fsync)', rows),
+      ('store write (commits, fsync)', rows),
+      ('raw disk sequential read', rows),
+      ('store sequential read', rows),
+      ('raw disk random rows (pread each)', io['n_random']),
+      ('store random rows (1 read/batch)', io['n_random']),
+  ):
+    key = {
+        'raw disk write (fsync)': 'raw write',
+        'store write (commits, fsync)': 'store write',
+        'raw disk sequential read': 'raw read',
+        'store sequential read': 'store read',
+        'raw disk random rows (pread each)': 'raw random',
+        'store random rows (1 read/batch)': 'store random',
+    }[name]
     print(f'{name:34s} {n / io[key]:12,.0f} {mb(n * d * 4, io[key]):9.0f}')
 
   store_path = os.path.join(root, 'store')
   loader = bench_loader(store_path, B, args.threads, args.prefetch, n=30)
   step = bench_jaxsae(d, args.F, args.k, B, steps=args.steps)['step_s']
   need = B / step
-  print(f'\ngrain loader, shuffled, B={B}, {args.threads} threads, prefetch {args.prefetch}: '
-        f'{loader:,.0f} rows/s ({mb(loader * d * 4, 1):.0f} MB/s)')
-  print(f'training step (d={d} F={args.F} k={args.k} B={B}): {step:.3f} s -> consumes '
-        f'{need:,.0f} rows/s; loader delivers {loader / need:.1f}x that (needed: >= 5x)')
-  mem, fed = bench_fed_step(store_path, d, args.F, args.k, B, args.steps, args.threads,
-                            args.prefetch)
-  print(f'step fed from memory {mem:.3f} s, fed by the loader {fed:.3f} s '
-        f'({100 * (fed / mem - 1):+.1f}%)')
+  print(
+      f'\ngrain loader, shuffled, B={B}, {args.threads} threads, prefetch {args.prefetch}: '
+      f'{loader:,.0f} rows/s ({mb(loader * d * 4, 1):.0f} MB/s)'
+  )
+  print(
+      f'training step (d={d} F={args.F} k={args.k} B={B}): {step:.3f} s -> consumes '
+      f'{need:,.0f} rows/s; loader delivers {loader / need:.1f}x that (needed: >= 5x)'
+  )
+  mem, fed = bench_fed_step(
+      store_path, d, args.F, args.k, B, args.steps, args.threads, args.prefetch
+  )
+  print(
+      f'step fed from memory {mem:.3f} s, fed by the loader {fed:.3f} s '
+      f'({100 * (fed / mem - 1):+.1f}%)'
+  )
 
   if not args.skip_export:
-    ex = bench_export(root, args.export_hidden, args.export_layers, studies=32, batch=4,
-                      repeats=5)
+    ex = bench_export(root, args.export_hidden, args.export_layers, studies=32, batch=4, repeats=5)
     base = ex['plain']
-    print(f'\nexport, random LLaVA width {args.export_hidden}, {args.export_layers} layers, '
-          f'hook at layer {args.export_layers // 2}, 4 studies '
-          f'({ex["tokens_per_batch"]:.0f} tokens) per batch, every token kept:')
+    print(
+        f'\nexport, random LLaVA width {args.export_hidden}, {args.export_layers} layers, '
+        f'hook at layer {args.export_layers // 2}, 4 studies '
+        f'({ex["tokens_per_batch"]:.0f} tokens) per batch, every token kept:'
+    )
     for name in ('plain', 'hook + write', 'hook + write, stop at L'):
       print(f'  {name:28s} {ex[name] * 1e3:8.1f} ms/batch  {100 * (ex[name] / base - 1):+6.1f}%')
 

@@ -17,8 +17,13 @@ import jax
 GROUPS = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 
-def timed(fn, *args, steps: int, warmup: int = 1,
-          stat: Callable[[list[float]], float] = statistics.median_high) -> float:
+def timed(
+    fn,
+    *args,
+    steps: int,
+    warmup: int = 1,
+    stat: Callable[[list[float]], float] = statistics.median_high,
+) -> float:
   """Seconds of one fn(*args) call: `stat` (the median) of `steps` calls after `warmup` ones.
 
   The warmup calls compile; each call blocks until its outputs are ready, so asynchronous
@@ -44,5 +49,9 @@ def memory_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   if m is None:
     return -1
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
+  return (
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      - m.alias_size_in_bytes
+      + m.temp_size_in_bytes
+  )

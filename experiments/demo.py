@@ -11,18 +11,18 @@ from jaxsae.config import default_config
 
 def get_config():
   c = default_config()
-  c.model.name = 'outputs/demo/data/model'       # written by tools/make_demo_data.py
-  c.model.layer = 2                              # of 4 decoder layers
+  c.model.name = 'outputs/demo/data/model'  # written by tools/make_demo_data.py
+  c.model.layer = 2  # of 4 decoder layers
   c.model.hook_name = 'model.language_model.layers.2'
   c.export.manifest = 'outputs/demo/data/manifest.jsonl'
   c.export.batch_size = 8
-  c.export.keep_kinds = ('prompt', 'report')     # the paper's: no image tokens, no boilerplate
+  c.export.keep_kinds = ('prompt', 'report')  # the paper's: no image tokens, no boilerplate
   c.export.rows_per_shard = 1024
   c.data.source = 'store'
   c.data.store_path = 'outputs/demo/activations'
   c.data.store_dtype = 'float32'
   c.data.batch_size = 256
-  c.sae.d = 64                                   # the tiny model's width
+  c.sae.d = 64  # the tiny model's width
   c.sae.expansion_factor = 4
   c.sae.k = 8
   c.sae.dead_tokens_threshold = 50_000

@@ -13,12 +13,12 @@ def get_config(expansion_factor: str = '4'):
   c = default_config()
   c.sae.d = 4096
   c.sae.expansion_factor = int(expansion_factor)
-  c.sae.k = 64                                  # not stated in the paper
+  c.sae.k = 64  # not stated in the paper
   c.sae.group_fractions = (1 / 16, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # Bussmann et al.
   c.data.source = 'store'
   c.data.store_path = 'outputs/maira2_layer15/activations'
   c.data.batch_size = 4096
-  c.train.steps = 50_000                        # ~200M tokens at B = 4096
+  c.train.steps = 50_000  # ~200M tokens at B = 4096
   c.train.checkpoint_every = 1000
   c.model.name = 'microsoft/maira-2'
   c.model.layer = 15

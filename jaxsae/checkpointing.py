@@ -32,12 +32,23 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=async_save),
-        item_names=('state', 'meta', 'data'))
+            save_interval_steps=every,
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        ),
+        item_names=('state', 'meta', 'data'),
+    )
 
-  def save(self, step: int, state: Any, meta: dict, force: bool = False,
-           data_iterator: grain.DatasetIterator | None = None) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      meta: dict,
+      force: bool = False,
+      data_iterator: grain.DatasetIterator | None = None,
+  ) -> bool:
     """`data_iterator`'s state is read now (before returning), so it matches `state`."""
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
@@ -53,8 +64,13 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, abstract_state: Any, expected_shape: dict, step: int | None = None,
-              data_iterator: grain.DatasetIterator | None = None) -> tuple[int, Any, dict] | None:
+  def restore(
+      self,
+      abstract_state: Any,
+      expected_shape: dict,
+      step: int | None = None,
+      data_iterator: grain.DatasetIterator | None = None,
+  ) -> tuple[int, Any, dict] | None:
     """The newest readable checkpoint (or `step`): (step, state, meta); None if there is none.
 
     `expected_shape` ({'d': ..., 'F': ..., ...}) must equal the checkpoint's, else ConfigError.
@@ -69,11 +85,13 @@ class Checkpointer:
         continue
       self.check_compatible(s, meta, expected_shape)
       try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = self.manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
         if data_iterator is not None:
-          self.manager.restore(s, args=ocp.args.Composite(
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+          self.manager.restore(
+              s, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator))
+          )
       except Exception as e:  # pylint: disable=broad-except
         self._skip(s, e, step)
         continue
@@ -82,16 +100,24 @@ class Checkpointer:
 
   def _skip(self, s: int, error: Exception, requested: int | None) -> None:
     if requested is not None:
-      raise ConfigError(f'checkpoint {os.path.join(self.directory, str(s))} cannot be read: '
-                        f'{type(error).__name__}: {error}') from error
+      raise ConfigError(
+          f'checkpoint {os.path.join(self.directory, str(s))} cannot be read: '
+          f'{type(error).__name__}: {error}'
+      ) from error
     # Moved aside (not deleted) so the step can be saved again and nothing is lost.
     aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable', str(s))
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(s)), aside + f'.{os.getpid()}')
     self.manager.reload()
-    log.warning('checkpoint at step %d in %s is incomplete or corrupt (%s: %s); moved it to %s '
-                'and trying the previous one.', s, self.directory, type(error).__name__, error,
-                aside)
+    log.warning(
+        'checkpoint at step %d in %s is incomplete or corrupt (%s: %s); moved it to %s '
+        'and trying the previous one.',
+        s,
+        self.directory,
+        type(error).__name__,
+        error,
+        aside,
+    )
 
   def check_compatible(self, s: int, meta: dict, expected: dict) -> None:
     saved = meta.get('shape', {})
@@ -100,7 +126,8 @@ class Checkpointer:
       what = ', '.join(f'{k}: checkpoint {a}, config {b}' for k, (a, b) in diff.items())
       raise ConfigError(
           f'the checkpoint at step {s} in {self.directory} is from an incompatible config '
-          f'({what}). Nothing was overwritten: use a new --workdir, or restore that config.')
+          f'({what}). Nothing was overwritten: use a new --workdir, or restore that config.'
+      )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

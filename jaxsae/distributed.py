@@ -20,8 +20,11 @@ def maybe_initialize(c: ml_collections.ConfigDict) -> None:
   jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
   kwargs = {}
   if dist.coordinator_address:
-    kwargs = dict(coordinator_address=dist.coordinator_address,
-                  num_processes=dist.num_processes, process_id=dist.process_id)
+    kwargs = dict(
+        coordinator_address=dist.coordinator_address,
+        num_processes=dist.num_processes,
+        process_id=dist.process_id,
+    )
   if dist.local_device_count > 0:
     jax.config.update('jax_num_cpu_devices', dist.local_device_count)
   jax.distributed.initialize(**kwargs)

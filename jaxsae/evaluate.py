@@ -15,17 +15,22 @@ from ml_collections import config_flags
 
 from jaxsae.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment file (get_config()).', lock_config=True
+)
 _WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
 _OUT = flags.DEFINE_string('out', 'outputs/evaluate', 'Output folder.')
 _NUM_STUDIES = flags.DEFINE_integer('num_studies', 16, 'Held-out studies to evaluate on.')
 _STUDY = flags.DEFINE_list('study', [], 'Evaluate on these study ids instead.')
 _MANIFEST = flags.DEFINE_string('manifest', None, 'Studies; default config export.manifest.')
-_SPLICE_KINDS = flags.DEFINE_list('splice_kinds', None, 'Token kinds spliced and ablated; default '
-                                  'export.keep_kinds (what the SAE was trained on).')
-_DENSE = flags.DEFINE_float('dense_threshold', 0.1, 'A latent firing on more than this share of '
-                            'tokens counts as dense.')
+_SPLICE_KINDS = flags.DEFINE_list(
+    'splice_kinds',
+    None,
+    'Token kinds spliced and ablated; default ' 'export.keep_kinds (what the SAE was trained on).',
+)
+_DENSE = flags.DEFINE_float(
+    'dense_threshold', 0.1, 'A latent firing on more than this share of ' 'tokens counts as dense.'
+)
 flags.mark_flags_as_required(['config', 'weights'])
 
 
@@ -33,20 +38,31 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   from jaxsae.bridge import in_model_metrics, interventions  # pylint: disable=import-outside-toplevel
+
   c = _CONFIG.value
   kinds = _SPLICE_KINDS.value or list(c.export.keep_kinds)
   try:
-    studies, source = in_model_metrics.held_out(_MANIFEST.value or c.export.manifest,
-                                          c.data.store_path, _NUM_STUDIES.value, _STUDY.value)
+    studies, source = in_model_metrics.held_out(
+        _MANIFEST.value or c.export.manifest, c.data.store_path, _NUM_STUDIES.value, _STUDY.value
+    )
     site, processor = interventions.load_site(c, _WEIGHTS.value)
     print(f'evaluating {os.path.abspath(_WEIGHTS.value)} at {site.path} on {source}')
     if site.sae.threshold.ndim == 0 and float(site.sae.threshold) < 0:
-      print('warning: the SAE has no inference threshold yet (trained for fewer than '
-            'threshold_start_step steps): every positive pre-activation counts.', file=sys.stderr)
+      print(
+          'warning: the SAE has no inference threshold yet (trained for fewer than '
+          'threshold_start_step steps): every positive pre-activation counts.',
+          file=sys.stderr,
+      )
     results = in_model_metrics.evaluate(
-        site, processor, studies, kinds, _DENSE.value,
-        progress=lambda i: print(f'\revaluate: {i}/{len(studies)} studies', end='',
-                                 file=sys.stderr, flush=True))
+        site,
+        processor,
+        studies,
+        kinds,
+        _DENSE.value,
+        progress=lambda i: print(
+            f'\revaluate: {i}/{len(studies)} studies', end='', file=sys.stderr, flush=True
+        ),
+    )
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -55,13 +71,19 @@ def main(argv):
   results['weights'] = os.path.abspath(_WEIGHTS.value)
   results['site'] = site.path
   json_path, png_path = in_model_metrics.write(_OUT.value, results, f'{c.model.name} {site.path}')
-  print(f'{results["studies"]} studies, {results["tokens"]} tokens spliced ({", ".join(kinds)}), '
-        f'{results["report_tokens"]} report tokens scored')
-  print(f'FVU {results["fvu"]:.4f}  L0 {results["l0"]:.2f}  dead {results["dead_latents"]} '
-        f'dense {results["dense_latents"]} of {len(results["feature_frequency"])} latents')
+  print(
+      f'{results["studies"]} studies, {results["tokens"]} tokens spliced ({", ".join(kinds)}), '
+      f'{results["report_tokens"]} report tokens scored'
+  )
+  print(
+      f'FVU {results["fvu"]:.4f}  L0 {results["l0"]:.2f}  dead {results["dead_latents"]} '
+      f'dense {results["dense_latents"]} of {len(results["feature_frequency"])} latents'
+  )
   print('per-prefix FVU ' + ' '.join(f'{v:.4f}' for v in results['prefix_fvu']))
-  print(f'CE clean {results["ce_clean"]:.4f}  splice {results["ce_splice"]:.4f}  zero '
-        f'{results["ce_zero"]:.4f}  -> loss recovered {results["loss_recovered"]:.4f}')
+  print(
+      f'CE clean {results["ce_clean"]:.4f}  splice {results["ce_splice"]:.4f}  zero '
+      f'{results["ce_zero"]:.4f}  -> loss recovered {results["loss_recovered"]:.4f}'
+  )
   print(f'KL(clean||splice) {results["kl_splice"]:.4g}  KL(clean||zero) {results["kl_zero"]:.4g}')
   for warning in results['warnings']:
     print(f'warning: {warning}', file=sys.stderr)

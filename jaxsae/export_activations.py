@@ -14,10 +14,15 @@ from ml_collections import config_flags
 
 from jaxsae.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
-                                          lock_config=True)
-_SKIP_BAD = flags.DEFINE_boolean('skip_bad', None, 'Skip studies with a missing field or an '
-                                 'unreadable image (listed in the store); default export.skip_bad.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment file (get_config()).', lock_config=True
+)
+_SKIP_BAD = flags.DEFINE_boolean(
+    'skip_bad',
+    None,
+    'Skip studies with a missing field or an '
+    'unreadable image (listed in the store); default export.skip_bad.',
+)
 flags.mark_flags_as_required(['config'])
 
 
@@ -27,18 +32,23 @@ def main(argv):
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s')
   from jaxsae.bridge import export  # pylint: disable=import-outside-toplevel  (torch)
   from jaxsae.formats import store  # pylint: disable=import-outside-toplevel
+
   c = _CONFIG.value
   try:
     meta = export.export(c, skip_bad=_SKIP_BAD.value)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'activation store {c.data.store_path}: {meta["rows"]} rows x d={meta["d"]} '
-        f'({meta["dtype"]}) from {meta["studies"] - meta["skipped"]} studies; token kinds '
-        f'{meta["kind_counts"]}; activation scale {meta["scale"]} (E||x||^2 = d after dividing)')
+  print(
+      f'activation store {c.data.store_path}: {meta["rows"]} rows x d={meta["d"]} '
+      f'({meta["dtype"]}) from {meta["studies"] - meta["skipped"]} studies; token kinds '
+      f'{meta["kind_counts"]}; activation scale {meta["scale"]} (E||x||^2 = d after dividing)'
+  )
   if meta['skipped']:
-    print(f'{meta["skipped"]} studies skipped, listed in '
-          f'{store.url(c.data.store_path)}{store.REPORT}')
+    print(
+        f'{meta["skipped"]} studies skipped, listed in '
+        f'{store.url(c.data.store_path)}{store.REPORT}'
+    )
 
 
 if __name__ == '__main__':

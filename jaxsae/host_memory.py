@@ -47,8 +47,10 @@ def reuse_freed_memory() -> bool:
     libc.gnu_get_libc_version  # pylint: disable=pointless-statement (only glibc has it)
   except (OSError, AttributeError):
     return False
-  ok = all(mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  ok = all(
+      mallopt(param, value) == 1
+      for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+  )
   if not ok:
     logging.warning('glibc refused a mallopt setting; host memory is tuned only in part')
   _applied = True

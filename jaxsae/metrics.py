@@ -20,6 +20,7 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int = 0):
     # tensorboard's own event writer: no TensorFlow, and unlike tensorboardX it never imports torch.
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(self.path):
       kept = [l for l in read_jsonl(self.path) if l['step'] <= resume_step]
@@ -35,9 +36,13 @@ class MetricWriter:
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
     from tensorboard.compat.proto import event_pb2, summary_pb2
+
     values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.add_event(
+        event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+        )
+    )
     self._tb.flush()
 
   def close(self) -> None:
@@ -69,6 +74,7 @@ def read_jsonl(path: str) -> list[dict]:
 def save_plots(workdir: str, feature_density: np.ndarray) -> str:
   """loss curve + histogram of log10 feature density, as one PNG; returns its path."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -77,8 +83,9 @@ def save_plots(workdir: str, feature_density: np.ndarray) -> str:
   if rows:
     steps = [r['step'] for r in rows]
     ax_loss.plot(steps, [r['loss'] for r in rows], label='loss')
-    fvu_keys = sorted((k for k in rows[-1] if k.startswith('fvu/')),
-                      key=lambda k: int(k.rsplit('_', 1)[1]))
+    fvu_keys = sorted(
+        (k for k in rows[-1] if k.startswith('fvu/')), key=lambda k: int(k.rsplit('_', 1)[1])
+    )
     for key in fvu_keys:
       ax_loss.plot(steps, [r[key] for r in rows], lw=0.8, label=key)
     ax_loss.set_yscale('log')

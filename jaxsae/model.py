@@ -37,8 +37,9 @@ def pre_activations(params: Params, x: jax.Array) -> jax.Array:
   return jax.nn.relu(x @ W_enc - params['b_dec'] @ W_enc + params['b_enc'])
 
 
-def pre_activations_pullback(params: Params, x: jax.Array, pre: jax.Array,
-                             g_pre: jax.Array) -> Params:
+def pre_activations_pullback(
+    params: Params, x: jax.Array, pre: jax.Array, g_pre: jax.Array
+) -> Params:
   """Gradients of `pre_activations` for an upstream g_pre, given its output `pre`.
 
   The same as jax.vjp, without re-running the B x d x F forward matmul or keeping a B x F relu
@@ -47,8 +48,12 @@ def pre_activations_pullback(params: Params, x: jax.Array, pre: jax.Array,
   g = jnp.where(pre > 0, g_pre, 0.0)
   g_b = jnp.sum(g, axis=0)
   W_enc = params['W_enc']
-  return {'W_enc': x.T @ g - jnp.outer(params['b_dec'], g_b), 'b_enc': g_b,
-          'W_dec': jnp.zeros_like(params['W_dec']), 'b_dec': -(W_enc @ g_b)}
+  return {
+      'W_enc': x.T @ g - jnp.outer(params['b_dec'], g_b),
+      'b_enc': g_b,
+      'W_dec': jnp.zeros_like(params['W_dec']),
+      'b_dec': -(W_enc @ g_b),
+  }
 
 
 def batch_topk(pre: jax.Array, k: int, candidates_per_row: int = 4) -> jax.Array:
@@ -67,8 +72,9 @@ def group_bounds(group_sizes: Sequence[int]) -> list[tuple[int, int]]:
   return list(zip([0] + ends[:-1], ends))
 
 
-def prefix_reconstructions(params: Params, acts: jax.Array,
-                           group_sizes: Sequence[int]) -> jax.Array:
+def prefix_reconstructions(
+    params: Params, acts: jax.Array, group_sizes: Sequence[int]
+) -> jax.Array:
   """x_hat for every Matryoshka prefix, [G, B, d]: b_dec + sum of the first i groups' decodes."""
   parts = [acts[:, a:b] @ params['W_dec'][a:b] for a, b in group_bounds(group_sizes)]
   return params['b_dec'] + jnp.cumsum(jnp.stack(parts), axis=0)
@@ -102,20 +108,26 @@ def unit_norm_rows(W: jax.Array) -> jax.Array:
 def init_params(key: jax.Array, d: int, F: int, dtype=jnp.float32) -> Params:
   """Unit-norm random decoder rows, W_enc = W_dec^T, zero biases (b_dec is set from data later)."""
   W_dec = unit_norm_rows(jax.random.normal(key, (F, d), dtype))
-  return {'W_enc': W_dec.T, 'b_enc': jnp.zeros((F,), dtype), 'W_dec': W_dec,
-          'b_dec': jnp.zeros((d,), dtype)}
+  return {
+      'W_enc': W_dec.T,
+      'b_enc': jnp.zeros((F,), dtype),
+      'W_dec': W_dec,
+      'b_dec': jnp.zeros((d,), dtype),
+  }
 
 
 class LossAux(NamedTuple):
   """What one loss evaluation learned besides the loss, for statistics and metrics."""
-  acts: jax.Array          # [B, F] BatchTopK activations
+
+  acts: jax.Array  # [B, F] BatchTopK activations
   recon_sq_err: jax.Array  # [G] mean over the batch of ||x - x_hat_i||^2, per prefix
-  l2_loss: jax.Array       # mean_i w_i * MSE_i
+  l2_loss: jax.Array  # mean_i w_i * MSE_i
   auxk_loss: jax.Array
 
 
-def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array,
-              top_k_aux: int) -> jax.Array:
+def auxk_loss(
+    params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Array, top_k_aux: int
+) -> jax.Array:
   """Reconstruct the residual from each token's top dead latents (no decoder bias).
 
   Normalised by the residual's variance (OpenAI's formulation); zero when nothing is dead.
@@ -136,8 +148,9 @@ def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Arr
     denom = jnp.mean(jnp.sum((residual - residual.mean(0)) ** 2, -1))
     return jnp.nan_to_num(l2 / denom)
 
-  return jax.lax.cond(jnp.any(dead), loss, lambda *_: jnp.zeros((), pre.dtype),
-                      params, pre, residual)
+  return jax.lax.cond(
+      jnp.any(dead), loss, lambda *_: jnp.zeros((), pre.dtype), params, pre, residual
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +160,7 @@ def auxk_loss(params: Params, pre: jax.Array, residual: jax.Array, dead: jax.Arr
 
 class LossHyper(Protocol):
   """The hyper-parameters `loss_fn` reads (`jaxsae.kernels.common.StepConfig` has them)."""
+
   k: int
   group_sizes: tuple[int, ...]
   group_weights: tuple[float, ...]
@@ -161,8 +175,9 @@ def count_silence(tokens_since_fired: jax.Array, fired: jax.Array, tokens: int) 
   return jnp.where(fired, 0, jnp.minimum(tokens_since_fired + tokens, COUNTER_CAP))
 
 
-def loss_fn(params: Params, x: jax.Array, tokens_since_fired: jax.Array,
-            sc: LossHyper) -> tuple[jax.Array, tuple[LossAux, jax.Array]]:
+def loss_fn(
+    params: Params, x: jax.Array, tokens_since_fired: jax.Array, sc: LossHyper
+) -> tuple[jax.Array, tuple[LossAux, jax.Array]]:
   """dictionary_learning's loss: mean over prefixes of w_i * MSE_i, + auxk_alpha * AuxK.
 
   Also returns the tokens-since-fired counters updated with this batch: like the reference, the
@@ -199,8 +214,9 @@ class Threshold(nnx.Variable):
 class MatryoshkaSAE(nnx.Module):
   """A Matryoshka BatchTopK SAE with a learned JumpReLU inference threshold."""
 
-  def __init__(self, d: int, F: int, k: int, group_sizes: Sequence[int], *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(
+      self, d: int, F: int, k: int, group_sizes: Sequence[int], *, rngs: nnx.Rngs, dtype=jnp.float32
+  ):
     if sum(group_sizes) != F:
       raise ValueError(f'group sizes {tuple(group_sizes)} sum to {sum(group_sizes)}, not F={F}.')
     p = init_params(rngs.params(), d, F, dtype)
@@ -213,8 +229,9 @@ class MatryoshkaSAE(nnx.Module):
     self.threshold = Threshold(jnp.array(-1.0, dtype))
 
   @classmethod
-  def from_params(cls, params: Params, k: int, group_sizes: Sequence[int],
-                  threshold: float | jax.Array) -> 'MatryoshkaSAE':
+  def from_params(
+      cls, params: Params, k: int, group_sizes: Sequence[int], threshold: float | jax.Array
+  ) -> 'MatryoshkaSAE':
     d, F = params['W_enc'].shape
     sae = cls(d, F, k, group_sizes, rngs=nnx.Rngs(0), dtype=params['W_enc'].dtype)
     sae.load_params(params)

@@ -48,7 +48,7 @@ def _candidates(pre: jax.Array, budget: int, kc: int, psum=lambda n: n):
   everywhere, nothing outside the candidates exceeds tau. (min, not vals[:, -1]: a slice of the
   sorted output makes XLA:CPU sort the whole row.) `psum` totals counts over a mesh.
   """
-  vals, idx = jax.lax.top_k(pre, kc)                         # [rows, kc], each row descending
+  vals, idx = jax.lax.top_k(pre, kc)  # [rows, kc], each row descending
   tau = bisect_threshold(vals, budget, psum)
   proven = psum(jnp.sum(vals.min(axis=1) > tau)) == 0
   return vals, idx, tau, proven
@@ -83,9 +83,12 @@ def batch_topk_threshold(pre: jax.Array, k: int, candidates_per_row: int = 4) ->
   axes = tuple(mesh.axis_names)
   F_local = F // mesh.shape.get('model', 1)
   return jax.shard_map(
-      lambda blk: _threshold(blk, budget, min(F_local, candidates_per_row * k),
-                             lambda n: jax.lax.psum(n, axes)),
-      in_specs=P('data', 'model'), out_specs=P())(pre)
+      lambda blk: _threshold(
+          blk, budget, min(F_local, candidates_per_row * k), lambda n: jax.lax.psum(n, axes)
+      ),
+      in_specs=P('data', 'model'),
+      out_specs=P(),
+  )(pre)
 
 
 def _row_bisect(pre: jax.Array, valid: jax.Array, k: int, psum) -> jax.Array:
@@ -115,7 +118,9 @@ def row_topk_threshold(pre: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     return jnp.maximum(kth, 0.0)
   return jax.shard_map(
       lambda blk, ok: _row_bisect(blk, ok, k, lambda n: jax.lax.psum(n, 'model')),
-      in_specs=(P('data', 'model'), P('data', 'model')), out_specs=P('data'))(pre, valid)
+      in_specs=(P('data', 'model'), P('data', 'model')),
+      out_specs=P('data'),
+  )(pre, valid)
 
 
 def candidates_and_threshold(pre: jax.Array, k: int, kc: int):

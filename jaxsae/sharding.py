@@ -15,12 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Logical layout of each named array: which mesh axis each dimension is split over.
 RULES: dict[str, P] = {
-    'W_enc': P(None, 'model'),            # [d, F]
-    'b_enc': P('model'),                  # [F]
-    'W_dec': P('model', None),            # [F, d]
-    'b_dec': P(),                         # [d]
-    'tokens_since_fired': P('model'),     # [F]
-    'batch': P('data', None),             # [B, d]
+    'W_enc': P(None, 'model'),  # [d, F]
+    'b_enc': P('model'),  # [F]
+    'W_dec': P('model', None),  # [F, d]
+    'b_dec': P(),  # [d]
+    'tokens_since_fired': P('model'),  # [F]
+    'batch': P('data', None),  # [B, d]
 }
 
 
@@ -29,8 +29,12 @@ def make_mesh(c: ml_collections.ConfigDict, devices: list | None = None) -> Mesh
   devices = devices if devices is not None else jax.devices()
   model = c.mesh.model
   data = c.mesh.data if c.mesh.data != -1 else len(devices) // model
-  return jax.make_mesh((data, model), ('data', 'model'), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(
+      (data, model),
+      ('data', 'model'),
+      devices=devices,
+      axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
 
 
 def _spec_for(path: tuple, leaf: Any) -> P:
@@ -45,7 +49,8 @@ def _spec_for(path: tuple, leaf: Any) -> P:
 def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
   """NamedShardings for a (possibly abstract) training-state pytree, by the rules above."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: NamedSharding(mesh, _spec_for(path, leaf)), abstract_state)
+      lambda path, leaf: NamedSharding(mesh, _spec_for(path, leaf)), abstract_state
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -14,15 +14,16 @@ from jaxsae import config as config_lib
 from jaxsae import host_memory
 from jaxsae import trainer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment file (get_config()).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and plots.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
-  host_memory.reuse_freed_memory()   # before JAX's thread pools start (see its docstring)
+  host_memory.reuse_freed_memory()  # before JAX's thread pools start (see its docstring)
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's per-save INFO lines
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:

@@ -30,19 +30,33 @@ class StepConfig(kernels.StepConfig):
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
-    return cls(kernel=kernels.resolve(c.sae.kernel, c.mesh.model), k=c.sae.k,
-               group_sizes=config_lib.group_sizes(c), group_weights=config_lib.group_weights(c),
-               auxk_alpha=c.sae.auxk_alpha, top_k_aux=config_lib.top_k_aux(c),
-               dead_tokens_threshold=c.sae.dead_tokens_threshold,
-               threshold_beta=c.sae.threshold_beta, threshold_start_step=c.sae.threshold_start_step,
-               candidates_per_row=c.sae.candidates_per_row, skip_nonfinite=c.train.skip_nonfinite,
-               b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps, grad_clip=c.optim.grad_clip)
+    return cls(
+        kernel=kernels.resolve(c.sae.kernel, c.mesh.model),
+        k=c.sae.k,
+        group_sizes=config_lib.group_sizes(c),
+        group_weights=config_lib.group_weights(c),
+        auxk_alpha=c.sae.auxk_alpha,
+        top_k_aux=config_lib.top_k_aux(c),
+        dead_tokens_threshold=c.sae.dead_tokens_threshold,
+        threshold_beta=c.sae.threshold_beta,
+        threshold_start_step=c.sae.threshold_start_step,
+        candidates_per_row=c.sae.candidates_per_row,
+        skip_nonfinite=c.train.skip_nonfinite,
+        b1=c.optim.b1,
+        b2=c.optim.b2,
+        eps=c.optim.eps,
+        grad_clip=c.optim.grad_clip,
+    )
 
 
 def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from 0, constant, optional linear decay to 0 from optim.decay_start."""
-  base, warmup, decay, total = (config_lib.learning_rate(c), c.optim.warmup_steps,
-                                c.optim.decay_start, c.train.steps)
+  base, warmup, decay, total = (
+      config_lib.learning_rate(c),
+      c.optim.warmup_steps,
+      c.optim.decay_start,
+      c.train.steps,
+  )
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
@@ -57,8 +71,10 @@ def lr_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
 def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Clip by global norm, then Adam on the schedule (a backend with its own update computes the
   same on this state layout)."""
-  return optax.chain(optax.clip_by_global_norm(c.optim.grad_clip),
-                     optax.adam(lr_schedule(c), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps))
+  return optax.chain(
+      optax.clip_by_global_norm(c.optim.grad_clip),
+      optax.adam(lr_schedule(c), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps),
+  )
 
 
 def init_state(params: model.Params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -77,50 +93,70 @@ def init_state(params: model.Params, optimizer: optax.GradientTransformation) ->
 def abstract_state(c: ml_collections.ConfigDict) -> TrainState:
   """Shapes and dtypes of the training state for config `c`, without allocating it."""
   d, F = c.sae.d, config_lib.dict_size(c)
-  return jax.eval_shape(lambda: init_state(model.init_params(jax.random.PRNGKey(0), d, F),
-                                           make_optimizer(c)))
+  return jax.eval_shape(
+      lambda: init_state(model.init_params(jax.random.PRNGKey(0), d, F), make_optimizer(c))
+  )
 
 
-def train_step(state: TrainState, x: jax.Array, *, sc: kernels.StepConfig,
-               optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    x: jax.Array,
+    *,
+    sc: kernels.StepConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
   backend = kernels.get(sc.kernel)
   params, step = state['params'], state['step']
   loss, stats, tokens_since_fired, grads = backend.loss_and_grads(
-      params, x, state['tokens_since_fired'], sc)
+      params, x, state['tokens_since_fired'], sc
+  )
   grads, grad_norm = backend.project_and_norm(params, grads)
 
   # Inference threshold: EMA of the smallest kept activation, from threshold_start_step on.
   smallest = jnp.where(jnp.isfinite(stats.smallest), stats.smallest, 0.0)
-  ema = jnp.where(state['threshold'] < 0, smallest,
-                  sc.threshold_beta * state['threshold'] + (1 - sc.threshold_beta) * smallest)
+  ema = jnp.where(
+      state['threshold'] < 0,
+      smallest,
+      sc.threshold_beta * state['threshold'] + (1 - sc.threshold_beta) * smallest,
+  )
   threshold = jnp.where(step > sc.threshold_start_step, ema, state['threshold'])
 
   # A non-finite batch never reaches the weights: the update is dropped and counted, and the
   # training loop stops (or, with train.skip_nonfinite, carries on) when it next looks.
   finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_params, opt_state = backend.update(params, state['opt_state'], grads, grad_norm, finite, sc,
-                                         optimizer, schedule)
+  new_params, opt_state = backend.update(
+      params, state['opt_state'], grads, grad_norm, finite, sc, optimizer, schedule
+  )
   new_state = {
-      'params': new_params, 'opt_state': opt_state,
+      'params': new_params,
+      'opt_state': opt_state,
       'threshold': jnp.where(finite, threshold, state['threshold']),
       'tokens_since_fired': jnp.where(finite, tokens_since_fired, state['tokens_since_fired']),
       'step': step + 1,
       'nonfinite_count': state['nonfinite_count'] + (~finite).astype(jnp.int32),
-      'first_nonfinite_step': jnp.where((state['first_nonfinite_step'] < 0) & ~finite, step,
-                                        state['first_nonfinite_step']),
+      'first_nonfinite_step': jnp.where(
+          (state['first_nonfinite_step'] < 0) & ~finite, step, state['first_nonfinite_step']
+      ),
   }
 
   var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=-1))
   metrics = {
-      'loss': loss, 'l2_loss': stats.l2_loss, 'auxk_loss': stats.auxk_loss,
-      'fvu': stats.sq_err / var,                                   # [G], one per prefix
+      'loss': loss,
+      'l2_loss': stats.l2_loss,
+      'auxk_loss': stats.auxk_loss,
+      'fvu': stats.sq_err / var,  # [G], one per prefix
       'l0': stats.l0,
-      'dead_fraction': jnp.mean((tokens_since_fired >= sc.dead_tokens_threshold)
-                                .astype(jnp.float32)),
-      'threshold': threshold, 'lr': schedule(step), 'grad_norm': grad_norm,
-      'finite': finite, 'sparse_path': stats.sparse_path, 'ties_dropped': stats.ties_dropped,
+      'dead_fraction': jnp.mean(
+          (tokens_since_fired >= sc.dead_tokens_threshold).astype(jnp.float32)
+      ),
+      'threshold': threshold,
+      'lr': schedule(step),
+      'grad_norm': grad_norm,
+      'finite': finite,
+      'sparse_path': stats.sparse_path,
+      'ties_dropped': stats.ties_dropped,
   }
   return new_state, metrics
 

@@ -42,8 +42,12 @@ class Interrupted(RuntimeError):
 
 def sae_shape(c: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a checkpoint must agree on to be resumed under this config."""
-  return {'d': c.sae.d, 'F': config_lib.dict_size(c), 'k': c.sae.k,
-          'group_sizes': list(config_lib.group_sizes(c))}
+  return {
+      'd': c.sae.d,
+      'F': config_lib.dict_size(c),
+      'k': c.sae.k,
+      'group_sizes': list(config_lib.group_sizes(c)),
+  }
 
 
 class _StopFlag:
@@ -97,10 +101,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   # ------------------------------------------------------------------------------------------------
   # Restore the newest checkpoint, or initialise (b_dec = geometric median of the first batch).
   # ------------------------------------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(workdir, c.train.checkpoint_every, c.train.keep_checkpoints,
-                                    c.train.async_checkpointing)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, state_shardings)
+  ckpt = checkpointing.Checkpointer(
+      workdir, c.train.checkpoint_every, c.train.keep_checkpoints, c.train.async_checkpointing
+  )
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state,
+      state_shardings,
+  )
   restored = ckpt.restore(target, sae_shape(c), data_iterator=batches)  # also moves `batches`
   if restored is not None:
     start, state, meta = restored
@@ -108,7 +116,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     log.info('resumed from %s at step %d', ckpt.directory, start)
   else:
     start = 0
-    scale = data.activation_scale(source, c.data.scale_estimate_batches) if c.data.normalize else 1.0
+    scale = (
+        data.activation_scale(source, c.data.scale_estimate_batches) if c.data.normalize else 1.0
+    )
 
     @functools.partial(jax.jit, out_shardings=state_shardings)
     def init(first_batch):
@@ -117,24 +127,36 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       return train_step.init_state(params, optimizer)
 
     state = init(data.to_device(source.batch(0), batch_sharding) / scale)
-  meta = {'shape': sae_shape(c), 'scale': scale, 'data': {'source': c.data.source},
-          'config': c.to_json_best_effort()}
+  meta = {
+      'shape': sae_shape(c),
+      'scale': scale,
+      'data': {'source': c.data.source},
+      'config': c.to_json_best_effort(),
+  }
 
   # ------------------------------------------------------------------------------------------------
   # The compiled update step. The state's buffers are donated: updated in place.
   # ------------------------------------------------------------------------------------------------
   def step_on_raw(state, raw_batch):
-    return train_step.train_step(state, raw_batch / scale, sc=sc, optimizer=optimizer,
-                                 schedule=schedule)
+    return train_step.train_step(
+        state, raw_batch / scale, sc=sc, optimizer=optimizer, schedule=schedule
+    )
 
-  step_fn = jax.jit(step_on_raw, in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, None), donate_argnums=0)
+  step_fn = jax.jit(
+      step_on_raw,
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0,
+  )
 
   # ------------------------------------------------------------------------------------------------
   # Training loop.
   # ------------------------------------------------------------------------------------------------
-  writer = (metrics_lib.MetricWriter(workdir, resume_step=start) if distributed.is_primary()
-            else metrics_lib.NullWriter())
+  writer = (
+      metrics_lib.MetricWriter(workdir, resume_step=start)
+      if distributed.is_primary()
+      else metrics_lib.NullWriter()
+  )
   prefix_names = train_step.fvu_prefix_names(sc.group_sizes)
   progress = _progress(c, start)
 
@@ -142,13 +164,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     bad = int(state['nonfinite_count'])
     if bad and not c.train.skip_nonfinite:
       good = [s for s in ckpt.all_steps() if s <= int(state['first_nonfinite_step'])]
-      resume = (f'the last checkpoint before it is step {good[-1]} in {ckpt.directory}' if good
-                else 'no checkpoint precedes it')
+      resume = (
+          f'the last checkpoint before it is step {good[-1]} in {ckpt.directory}'
+          if good
+          else 'no checkpoint precedes it'
+      )
       raise NonFiniteError(
           f'non-finite values (NaN/Inf) in the batch or loss at step '
           f'{int(state["first_nonfinite_step"])} (data batch index {int(state["first_nonfinite_step"])}); '
           f'{resume}. Fix the data and rerun to resume, or set '
-          '--config.train.skip_nonfinite=True to skip and count such batches.')
+          '--config.train.skip_nonfinite=True to skip and count such batches.'
+      )
     return bad
 
   def save(step, state, force=False):
@@ -176,16 +202,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         scalars['tokens_per_s'] = (done - last_step) * c.data.batch_size / (now - last_time)
         scalars['nonfinite_batches'] = check_finite(state)
         writer.write(done, scalars)
-        progress.set_postfix(loss=f'{scalars["loss"]:.4g}', l0=f'{scalars["l0"]:.1f}',
-                             fvu=f'{m["fvu"][-1]:.3g}')
+        progress.set_postfix(
+            loss=f'{scalars["loss"]:.4g}', l0=f'{scalars["l0"]:.1f}', fvu=f'{m["fvu"][-1]:.3g}'
+        )
         last_time, last_step = now, done
       progress.update(1)
       save(done, state)
       if stop.signal is not None:
         save(done, state, force=True)
         ckpt.wait()
-        raise Interrupted(f'stopped by signal {stop.signal} after step {done}; checkpoint saved '
-                          f'in {ckpt.directory}. Rerun the same command to resume.')
+        raise Interrupted(
+            f'stopped by signal {stop.signal} after step {done}; checkpoint saved '
+            f'in {ckpt.directory}. Rerun the same command to resume.'
+        )
     if ckpt.latest_step() != c.train.steps:
       save(c.train.steps, state, force=True)
   progress.close()
@@ -212,9 +241,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return summary
 
 
-def end_of_training_metrics(state: dict, source: data.ActivationSource, scale: float,
-                            sc: train_step.StepConfig,
-                            first_batch: int, n_batches: int = 8) -> dict[str, Any]:
+def end_of_training_metrics(
+    state: dict,
+    source: data.ActivationSource,
+    scale: float,
+    sc: train_step.StepConfig,
+    first_batch: int,
+    n_batches: int = 8,
+) -> dict[str, Any]:
   """Inference-mode (learned threshold) FVU and L0, and per-feature firing density."""
   params, threshold = state['params'], state['threshold']
   use_threshold = float(threshold) >= 0  # before threshold_start_step there is none yet
@@ -236,17 +270,28 @@ def end_of_training_metrics(state: dict, source: data.ActivationSource, scale: f
     err, var, fires = err + e, var + v, fires + f
   tokens = n_batches * source.batch_size
   density = np.asarray(fires) / tokens
-  return {'eval_fvu': float(err / var), 'eval_l0': float(density.sum()),
-          'dead_fraction': float(np.mean(density == 0)), 'threshold': float(threshold),
-          'feature_density': density}
+  return {
+      'eval_fvu': float(err / var),
+      'eval_l0': float(density.sum()),
+      'dead_fraction': float(np.mean(density == 0)),
+      'threshold': float(threshold),
+      'feature_density': density,
+  }
 
 
 def _synthetic_recovery(state: dict, source) -> dict[str, float]:
   from jaxsae.data import synthetic
+
   return synthetic.recovery(state['params']['W_dec'], source.features)
 
 
 def _progress(c: ml_collections.ConfigDict, start: int):
   from tqdm import tqdm
-  return tqdm(total=c.train.steps, initial=start, disable=not c.train.progress_bar,
-              dynamic_ncols=True, desc='train')
+
+  return tqdm(
+      total=c.train.steps,
+      initial=start,
+      disable=not c.train.progress_bar,
+      dynamic_ncols=True,
+      desc='train',
+  )

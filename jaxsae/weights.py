@@ -26,8 +26,17 @@ from jaxsae.config import ConfigError
 from jaxsae.formats import weights as weights_format
 from jaxsae.formats.weights import DL_CONFIG, DL_WEIGHTS, SL_CONFIG, SL_WEIGHTS
 
-__all__ = ['FORMATS', 'DL_WEIGHTS', 'DL_CONFIG', 'SL_WEIGHTS', 'SL_CONFIG', 'fold_scale',
-           'load_checkpoint', 'export', 'load']
+__all__ = [
+    'FORMATS',
+    'DL_WEIGHTS',
+    'DL_CONFIG',
+    'SL_WEIGHTS',
+    'SL_CONFIG',
+    'fold_scale',
+    'load_checkpoint',
+    'export',
+    'load',
+]
 
 FORMATS = weights_format.LAYOUTS
 
@@ -40,21 +49,26 @@ def fold_scale(params: model.Params, threshold: float, scale: float) -> tuple[di
   return p, (threshold * scale if threshold >= 0 else threshold)
 
 
-def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict, dict,
-                                                                     ml_collections.ConfigDict]:
+def load_checkpoint(
+    workdir: str, step: int | None = None
+) -> tuple[int, dict, dict, ml_collections.ConfigDict]:
   """(step, state, meta, config) of the newest (or given) checkpoint in `workdir`, on one device."""
   ckpt = checkpointing.Checkpointer(workdir, every=1, keep=10**9, async_save=False)
   steps = ckpt.all_steps()
   if not steps:
-    raise ConfigError(f'no checkpoint in {ckpt.directory}: train first with '
-                      f'`python -m jaxsae.train --config=... --workdir={workdir}`.')
+    raise ConfigError(
+        f'no checkpoint in {ckpt.directory}: train first with '
+        f'`python -m jaxsae.train --config=... --workdir={workdir}`.'
+    )
   if step is not None and step not in steps:
     raise ConfigError(f'no checkpoint for step {step} in {ckpt.directory}; it has {steps}.')
   meta = ckpt.restore_meta(step if step is not None else steps[-1])
   c = ml_collections.ConfigDict(json.loads(meta['config']))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        train_step.abstract_state(c))
+  target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      train_step.abstract_state(c),
+  )
   restored = ckpt.restore(target, meta['shape'], step=step)
   ckpt.close()
   s, state, meta = restored
@@ -72,16 +86,26 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
 def _metadata(c: ml_collections.ConfigDict, step: int, scale: float) -> weights_format.Metadata:
   """What the files record beside the tensors, from the training config."""
   training = {
-      'group_weights': list(config_lib.group_weights(c)), 'lr': config_lib.learning_rate(c),
-      'auxk_alpha': c.sae.auxk_alpha, 'warmup_steps': c.optim.warmup_steps,
-      'decay_start': c.optim.decay_start, 'threshold_beta': c.sae.threshold_beta,
-      'threshold_start_step': c.sae.threshold_start_step, 'top_k_aux': config_lib.top_k_aux(c),
+      'group_weights': list(config_lib.group_weights(c)),
+      'lr': config_lib.learning_rate(c),
+      'auxk_alpha': c.sae.auxk_alpha,
+      'warmup_steps': c.optim.warmup_steps,
+      'decay_start': c.optim.decay_start,
+      'threshold_beta': c.sae.threshold_beta,
+      'threshold_start_step': c.sae.threshold_start_step,
+      'top_k_aux': config_lib.top_k_aux(c),
       'seed': c.seed,
   }
   return weights_format.Metadata(
-      k=c.sae.k, group_sizes=tuple(config_lib.group_sizes(c)), step=step, scale=scale,
-      layer=c.model.layer, model_name=c.model.name, hook_name=c.model.hook_name,
-      training=training)
+      k=c.sae.k,
+      group_sizes=tuple(config_lib.group_sizes(c)),
+      step=step,
+      scale=scale,
+      layer=c.model.layer,
+      model_name=c.model.name,
+      hook_name=c.model.hook_name,
+      training=training,
+  )
 
 
 def load(path: str) -> tuple[model.MatryoshkaSAE, dict[str, Any]]:

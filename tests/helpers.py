@@ -11,13 +11,24 @@ SYNTHETIC = os.path.join(REPO, 'experiments', 'synthetic.py')
 
 # A few-second synthetic run: every code path (warmup, decay, threshold EMA, AuxK) within 40 steps.
 TINY = {
-    'sae.d': 16, 'sae.expansion_factor': 4, 'sae.k': 4, 'data.batch_size': 64,
-    'data.synthetic.n_features': 32, 'data.synthetic.mean_active': 3.0,
-    'data.synthetic.n_parents': 2, 'data.synthetic.children_per_parent': 2,
-    'data.scale_estimate_batches': 2, 'sae.threshold_start_step': 10,
-    'sae.dead_tokens_threshold': 256, 'optim.lr': 3e-3, 'optim.warmup_steps': 5,
-    'optim.decay_start': 30, 'train.steps': 40, 'train.log_every': 10,
-    'train.checkpoint_every': 5, 'train.progress_bar': False,
+    'sae.d': 16,
+    'sae.expansion_factor': 4,
+    'sae.k': 4,
+    'data.batch_size': 64,
+    'data.synthetic.n_features': 32,
+    'data.synthetic.mean_active': 3.0,
+    'data.synthetic.n_parents': 2,
+    'data.synthetic.children_per_parent': 2,
+    'data.scale_estimate_batches': 2,
+    'sae.threshold_start_step': 10,
+    'sae.dead_tokens_threshold': 256,
+    'optim.lr': 3e-3,
+    'optim.warmup_steps': 5,
+    'optim.decay_start': 30,
+    'train.steps': 40,
+    'train.log_every': 10,
+    'train.checkpoint_every': 5,
+    'train.progress_bar': False,
 }
 
 
@@ -25,6 +36,7 @@ def tiny_config(**overrides):
   """The synthetic experiment shrunk to TINY, as a ConfigDict (for in-process tests)."""
   sys.path.insert(0, REPO)
   from experiments import synthetic  # pylint: disable=import-outside-toplevel
+
   c = synthetic.get_config()
   for key, value in {**TINY, **overrides}.items():
     node = c
@@ -58,6 +70,7 @@ def random_sae(group_sizes, B, d, seed=0):
   """(params, x): unit decoder rows, small random biases, a standard-normal batch."""
   import jax  # pylint: disable=import-outside-toplevel (the CLI tests need no JAX here)
   from jaxsae import model  # pylint: disable=import-outside-toplevel
+
   kp, kx, kb = jax.random.split(jax.random.PRNGKey(seed), 3)
   params = model.init_params(kp, d, sum(group_sizes))
   params['b_dec'] = 0.1 * jax.random.normal(kb, (d,))
@@ -70,6 +83,7 @@ def selected_candidates(params, x, k, kc):
   (asserting the candidates provably hold the whole selection), and the threshold."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxsae import model, selection  # pylint: disable=import-outside-toplevel
+
   pre = model.pre_activations(params, x)
   vals, idx, tau, proven = selection.candidates_and_threshold(pre, k, kc)
   assert bool(proven)
@@ -79,10 +93,19 @@ def selected_candidates(params, x, k, kc):
 def step_config(group_sizes, group_weights, **overrides):
   """A StepConfig with AuxK effectively off (nothing goes dead) unless overridden."""
   from jaxsae import train_step  # pylint: disable=import-outside-toplevel
-  fields = dict(k=4, group_sizes=tuple(group_sizes), group_weights=tuple(group_weights),
-                auxk_alpha=1 / 32, top_k_aux=12, dead_tokens_threshold=10**9,
-                threshold_beta=0.999, threshold_start_step=0, candidates_per_row=8,
-                skip_nonfinite=False)
+
+  fields = dict(
+      k=4,
+      group_sizes=tuple(group_sizes),
+      group_weights=tuple(group_weights),
+      auxk_alpha=1 / 32,
+      top_k_aux=12,
+      dead_tokens_threshold=10**9,
+      threshold_beta=0.999,
+      threshold_start_step=0,
+      candidates_per_row=8,
+      skip_nonfinite=False,
+  )
   return train_step.StepConfig(**{**fields, **overrides})
 
 
@@ -91,17 +114,32 @@ def step_config(group_sizes, group_weights, **overrides):
 # --------------------------------------------------------------------------------------------------
 
 
-def write_store(path, rows_per_study, d=16, dtype='float32', seed=0, rows_per_shard=64,
-                rows_per_chunk=8, info=None):
+def write_store(
+    path,
+    rows_per_study,
+    d=16,
+    dtype='float32',
+    seed=0,
+    rows_per_shard=64,
+    rows_per_chunk=8,
+    info=None,
+):
   """A store of random rows, one study per entry of `rows_per_study`; returns the float32 rows
   (as stored, after any bfloat16 rounding) in store order."""
   import ml_dtypes
   import numpy as np
   from jaxsae.formats import store
   from jaxsae.formats.tokens import TOKEN_COLUMNS
+
   rng = np.random.default_rng(seed)
-  w = store.StoreWriter(str(path), d, dtype, info or {'test': True}, rows_per_chunk=rows_per_chunk,
-                        rows_per_shard=rows_per_shard)
+  w = store.StoreWriter(
+      str(path),
+      d,
+      dtype,
+      info or {'test': True},
+      rows_per_chunk=rows_per_chunk,
+      rows_per_shard=rows_per_shard,
+  )
   out = []
   for i, n in enumerate(rows_per_study):
     x = (rng.standard_normal((n, d)) * 3 + 1).astype(np.float32)
@@ -118,11 +156,13 @@ def kill_repeatedly(args, started, times, rng, env_extra=None, max_wait=120, win
   (fewer if it finishes first); returns how many kills landed."""
   import signal
   import time
+
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu', **(env_extra or {})}
   kills = 0
   for _ in range(times):
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + max_wait
     while time.time() < deadline and proc.poll() is None and not started():
       time.sleep(0.02)
@@ -150,9 +190,14 @@ def build_tiny(root, studies=4):
   import make_demo_data  # pylint: disable=import-outside-toplevel
   from experiments import demo  # pylint: disable=import-outside-toplevel
   from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
+
   rows = make_demo_data.make_studies(str(root), studies, seed=0)
-  tiny_model.build(os.path.join(root, 'model'),
-                   tiny_model.words(make_demo_data.vocabulary_texts(rows)), hidden=D, layers=4)
+  tiny_model.build(
+      os.path.join(root, 'model'),
+      tiny_model.words(make_demo_data.vocabulary_texts(rows)),
+      hidden=D,
+      layers=4,
+  )
   c = demo.get_config()
   c.model.name = os.path.join(root, 'model')
   c.export.manifest = os.path.join(root, 'manifest.jsonl')
@@ -163,20 +208,38 @@ def build_tiny(root, studies=4):
 def random_torch_sae(d=D, F=128, seed=0, threshold=0.0):
   import torch  # pylint: disable=import-outside-toplevel (torch tests only)
   from jaxsae.bridge.sae import TorchSAE  # pylint: disable=import-outside-toplevel
+
   g = torch.Generator().manual_seed(seed)
   W_dec = torch.randn(F, d, generator=g)
   W_dec /= W_dec.norm(dim=1, keepdim=True)
-  return TorchSAE(W_dec.T.clone(), torch.zeros(F), W_dec, 0.01 * torch.randn(d, generator=g),
-                  threshold, k=8, group_sizes=[F // 4, F - F // 4], layer=LAYER)
+  return TorchSAE(
+      W_dec.T.clone(),
+      torch.zeros(F),
+      W_dec,
+      0.01 * torch.randn(d, generator=g),
+      threshold,
+      k=8,
+      group_sizes=[F // 4, F - F // 4],
+      layer=LAYER,
+  )
 
 
 def exact_torch_sae(d=D):
   """Latents relu(x) and relu(-x), decoded by +I and -I: reconstructs every x exactly."""
   import torch  # pylint: disable=import-outside-toplevel (torch tests only)
   from jaxsae.bridge.sae import TorchSAE  # pylint: disable=import-outside-toplevel
+
   eye = torch.eye(d)
-  return TorchSAE(torch.cat([eye, -eye], 1), torch.zeros(2 * d), torch.cat([eye, -eye], 0),
-                  torch.zeros(d), 0.0, k=d, group_sizes=[d, d], layer=LAYER)
+  return TorchSAE(
+      torch.cat([eye, -eye], 1),
+      torch.zeros(2 * d),
+      torch.cat([eye, -eye], 0),
+      torch.zeros(d),
+      0.0,
+      k=d,
+      group_sizes=[d, d],
+      layer=LAYER,
+  )
 
 
 def write_dictionary_learning(out, sae, layer=LAYER):
@@ -184,10 +247,14 @@ def write_dictionary_learning(out, sae, layer=LAYER):
   import json  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+
   os.makedirs(out, exist_ok=True)
   tensors = {n: getattr(sae, n).contiguous() for n in ('W_enc', 'b_enc', 'W_dec', 'b_dec')}
-  tensors.update(k=torch.tensor(sae.k, dtype=torch.int32), threshold=sae.threshold.clone(),
-                 group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
+  tensors.update(
+      k=torch.tensor(sae.k, dtype=torch.int32),
+      threshold=sae.threshold.clone(),
+      group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64),
+  )
   save_file(tensors, os.path.join(out, 'ae.safetensors'))
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump({'trainer': {'layer': layer, 'k': sae.k, 'dict_size': sae.F}}, f)

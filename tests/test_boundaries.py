@@ -7,7 +7,7 @@ from helpers import REPO
 
 
 def test_core_training_never_imports_torch(tmp_path):
-  code = f'''
+  code = f"""
 import sys
 sys.path.insert(0, {REPO!r})
 from helpers import tiny_config
@@ -17,7 +17,8 @@ weights.export({str(tmp_path)!r}, {str(tmp_path / "w")!r}, "saelens")
 weights.load({str(tmp_path / "w")!r})
 assert "torch" not in sys.modules, [m for m in sys.modules if m.startswith("torch")][:5]
 print("ok")
-'''
-  r = subprocess.run([sys.executable, '-c', code], cwd=f'{REPO}/tests', capture_output=True,
-                     text=True, timeout=300)
+"""
+  r = subprocess.run(
+      [sys.executable, '-c', code], cwd=f'{REPO}/tests', capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]

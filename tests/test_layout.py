@@ -38,13 +38,15 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1] +
-                        ([base] if base else []))
+        base = '.'.join(
+            package.split('.')[: len(package.split('.')) - node.level + 1]
+            + ([base] if base else [])
+        )
       targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in known else base for a in node.names]
     else:
       continue
     for target in targets:
-      while target and target not in known:   # `import jaxsae.kernels.cpu as x` -> the module
+      while target and target not in known:  # `import jaxsae.kernels.cpu as x` -> the module
         target = target.rpartition('.')[0]
       if target and target != name:
         out.add(target)
@@ -74,7 +76,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -109,8 +111,11 @@ def test_the_cycle_check_finds_a_cycle():
 def test_only_kernels_imports_a_backend():
   graph = _graph()
   backends = {f'jaxsae.kernels.{m}' for m in BACKEND_MODULES}
-  offenders = {name: sorted(deps & backends) for name, deps in graph.items()
-               if not name.startswith('jaxsae.kernels') and deps & backends}
+  offenders = {
+      name: sorted(deps & backends)
+      for name, deps in graph.items()
+      if not name.startswith('jaxsae.kernels') and deps & backends
+  }
   assert not offenders, offenders
 
 
@@ -119,8 +124,13 @@ def _chooses_by_backend(node: ast.AST) -> bool:
   if not isinstance(node, ast.Compare):
     return False
   sides = [node.left, *node.comparators]
-  names_kernel = any(isinstance(s, ast.Attribute) and s.attr == 'kernel' or
-                     isinstance(s, ast.Name) and s.id == 'kernel' for s in sides)
+  names_kernel = any(
+      isinstance(s, ast.Attribute)
+      and s.attr == 'kernel'
+      or isinstance(s, ast.Name)
+      and s.id == 'kernel'
+      for s in sides
+  )
   constants = [s.value for s in sides if isinstance(s, ast.Constant)]
   for s in sides:
     if isinstance(s, (ast.Tuple, ast.List, ast.Set)):
@@ -134,8 +144,12 @@ def _backend_choices(path: pathlib.Path) -> list[str]:
 
 
 def test_no_module_outside_kernels_chooses_by_backend_name():
-  offenders = [hit for name, path in _modules().items() if not name.startswith('jaxsae.kernels')
-               for hit in _backend_choices(path)]
+  offenders = [
+      hit
+      for name, path in _modules().items()
+      if not name.startswith('jaxsae.kernels')
+      for hit in _backend_choices(path)
+  ]
   assert not offenders, offenders
 
 
@@ -148,8 +162,11 @@ def test_the_backend_name_check_finds_one(tmp_path):
 @pytest.mark.parametrize('root', ['jaxsae', 'tools', 'benchmarks', 'experiments', 'tests'])
 def test_nothing_points_outside_the_repository(root):
   """The project stands on its own: no source file cites a path beside the checkout."""
-  hits = [f'{p.relative_to(REPO)}:{i}' for p in sorted((pathlib.Path(REPO) / root).rglob('*'))
-          if p.suffix in ('.py', '.sh', '.cc', '.js', '.css') and p.name != 'test_layout.py'
-          for i, line in enumerate(p.read_text(errors='replace').splitlines(), 1)
-          if '../shared' in line or 'DESIGN.md' in line]
+  hits = [
+      f'{p.relative_to(REPO)}:{i}'
+      for p in sorted((pathlib.Path(REPO) / root).rglob('*'))
+      if p.suffix in ('.py', '.sh', '.cc', '.js', '.css') and p.name != 'test_layout.py'
+      for i, line in enumerate(p.read_text(errors='replace').splitlines(), 1)
+      if '../shared' in line or 'DESIGN.md' in line
+  ]
   assert not hits, hits

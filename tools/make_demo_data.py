@@ -26,9 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, 'experiments', 'demo.py')
 
 SIZE = 128
-INDICATIONS = ('Shortness of breath.', 'Fever and cough.', 'Chest pain.', 'Evaluate for effusion.',
-               'Intubated patient, evaluate tube position.', 'Post line placement.',
-               'Evaluate pacemaker leads.', 'Hypoxia.')
+INDICATIONS = (
+    'Shortness of breath.',
+    'Fever and cough.',
+    'Chest pain.',
+    'Evaluate for effusion.',
+    'Intubated patient, evaluate tube position.',
+    'Post line placement.',
+    'Evaluate pacemaker leads.',
+    'Hypoxia.',
+)
 SIDES = ('left', 'right', 'bilateral')
 SIZES = ('small', 'moderate', 'large')
 CHANGES = ('increased', 'decreased', 'unchanged')
@@ -38,8 +45,9 @@ def _condition(rng: np.random.Generator) -> dict:
   """A random set of findings for one patient at one time."""
   return {
       'effusion': (rng.choice(SIDES), rng.choice(SIZES)) if rng.random() < 0.4 else None,
-      'cardiomegaly': (rng.choice(('mildly', 'moderately', 'severely')) if rng.random() < 0.3
-                       else None),
+      'cardiomegaly': (
+          rng.choice(('mildly', 'moderately', 'severely')) if rng.random() < 0.3 else None
+      ),
       'pacemaker': bool(rng.random() < 0.2),
       'ett': int(rng.integers(3, 7)) if rng.random() < 0.25 else None,
       'enteric': bool(rng.random() < 0.2),
@@ -68,8 +76,11 @@ def findings(cond: dict, prior: dict | None = None) -> str:
   if prior is not None:
     parts.append('Compared to the prior study:')
   if cond['ett'] is not None:
-    how = ('Interval placement of an endotracheal tube, its tip' if prior and not prior['ett']
-           else 'Endotracheal tube tip')
+    how = (
+        'Interval placement of an endotracheal tube, its tip'
+        if prior and not prior['ett']
+        else 'Endotracheal tube tip'
+    )
     parts.append(f'{how} terminates {cond["ett"]} cm above the carina.')
   elif prior is not None and prior['ett'] is not None:
     parts.append('Interval removal of the endotracheal tube.')
@@ -80,12 +91,15 @@ def findings(cond: dict, prior: dict | None = None) -> str:
   if cond['cvc']:
     parts.append('Right internal jugular central venous catheter tip in the mid SVC.')
   if cond['pacemaker']:
-    parts.append('Left chest wall pacemaker with leads terminating in the right atrium and right '
-                 'ventricle.')
+    parts.append(
+        'Left chest wall pacemaker with leads terminating in the right atrium and right '
+        'ventricle.'
+    )
   if cond['cardiomegaly']:
     stable = prior is not None and prior['cardiomegaly']
-    parts.append('Stable cardiomegaly.' if stable
-                 else f'The heart is {cond["cardiomegaly"]} enlarged.')
+    parts.append(
+        'Stable cardiomegaly.' if stable else f'The heart is {cond["cardiomegaly"]} enlarged.'
+    )
   else:
     parts.append('The cardiomediastinal silhouette is within normal limits.')
   if cond['effusion'] is not None:
@@ -115,17 +129,17 @@ def draw(cond: dict, rng: np.random.Generator, lateral: bool = False) -> Image.I
   """A greyscale drawing in radiographic convention (patient's left on the image's right)."""
   yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
   img = np.full((SIZE, SIZE), 0.05, np.float32)
-  img[_ellipse(yy, xx, 70, 64, 60, 52)] = 0.55                      # body
+  img[_ellipse(yy, xx, 70, 64, 60, 52)] = 0.55  # body
   heart_w = {None: 16, 'mildly': 20, 'moderately': 24, 'severely': 28}[cond['cardiomegaly']]
   if lateral:
-    img[_ellipse(yy, xx, 62, 64, 40, 30)] = 0.2                     # lungs, superimposed
-    img[_ellipse(yy, xx, 78, 52, 18, heart_w * 0.8)] = 0.7          # heart, anterior
+    img[_ellipse(yy, xx, 62, 64, 40, 30)] = 0.2  # lungs, superimposed
+    img[_ellipse(yy, xx, 78, 52, 18, heart_w * 0.8)] = 0.7  # heart, anterior
     if cond['effusion'] is not None:
-      img[(yy > 92) & _ellipse(yy, xx, 62, 64, 40, 30)] = 0.6       # posterior costophrenic angle
+      img[(yy > 92) & _ellipse(yy, xx, 62, 64, 40, 30)] = 0.6  # posterior costophrenic angle
   else:
     for cx in (42, 86):
-      img[_ellipse(yy, xx, 60, cx, 38, 18)] = 0.2                   # lungs
-    img[_ellipse(yy, xx, 80, 70, 16, heart_w)] = 0.72               # heart
+      img[_ellipse(yy, xx, 60, cx, 38, 18)] = 0.2  # lungs
+    img[_ellipse(yy, xx, 80, 70, 16, heart_w)] = 0.72  # heart
     if cond['effusion'] is not None:
       side, size = cond['effusion']
       level = {'small': 88, 'moderate': 78, 'large': 66}[size]
@@ -133,17 +147,17 @@ def draw(cond: dict, rng: np.random.Generator, lateral: bool = False) -> Image.I
         if side in (s, 'bilateral'):
           img[(yy > level - 0.15 * np.abs(xx - cx)) & _ellipse(yy, xx, 60, cx, 38, 18)] = 0.6
     if cond['pacemaker']:
-      img[22:30, 96:108] = 1.0                                      # generator, left chest wall
+      img[22:30, 96:108] = 1.0  # generator, left chest wall
       for t in np.linspace(0, 1, 80):
         y, x = int(30 + 50 * t), int(100 - 28 * t)
-        img[y, x] = 0.95                                            # lead
+        img[y, x] = 0.95  # lead
     if cond['ett'] is not None:
-      img[0:44 - 2 * cond['ett'], 63:65] = 0.9                      # endotracheal tube
+      img[0 : 44 - 2 * cond['ett'], 63:65] = 0.9  # endotracheal tube
     if cond['enteric']:
-      img[0:112, 60:62] = 0.85                                      # enteric tube
+      img[0:112, 60:62] = 0.85  # enteric tube
     if cond['cvc']:
       for t in np.linspace(0, 1, 60):
-        img[int(8 + 40 * t), int(40 + 18 * t)] = 0.9                # right IJ catheter
+        img[int(8 + 40 * t), int(40 + 18 * t)] = 0.9  # right IJ catheter
   img += rng.normal(0, 0.03, img.shape).astype(np.float32)
   pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), 'L')
   return pil.filter(ImageFilter.GaussianBlur(1.0))
@@ -158,14 +172,21 @@ def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
     has_prior, has_lateral = rng.random() < 0.5, rng.random() < 0.4
     prior = _condition(rng) if has_prior else None
     cond = _evolve(prior, rng) if has_prior else _condition(rng)
-    row = {'study_id': sid, 'frontal': f'images/{sid}_frontal.png', 'lateral': None,
-           'prior_frontal': None, 'indication': str(rng.choice(INDICATIONS)),
-           'technique': 'PA and lateral views of the chest.' if has_lateral
-                        else 'Portable AP view of the chest.',
-           'comparison': f'Radiograph from {int(rng.integers(1, 30))} days earlier.' if has_prior
-                         else None,
-           'prior_report': findings(prior) if has_prior else None,
-           'findings': findings(cond, prior)}
+    row = {
+        'study_id': sid,
+        'frontal': f'images/{sid}_frontal.png',
+        'lateral': None,
+        'prior_frontal': None,
+        'indication': str(rng.choice(INDICATIONS)),
+        'technique': 'PA and lateral views of the chest.'
+        if has_lateral
+        else 'Portable AP view of the chest.',
+        'comparison': f'Radiograph from {int(rng.integers(1, 30))} days earlier.'
+        if has_prior
+        else None,
+        'prior_report': findings(prior) if has_prior else None,
+        'findings': findings(cond, prior),
+    }
     draw(cond, rng).save(os.path.join(out, row['frontal']))
     if has_lateral:
       row['lateral'] = f'images/{sid}_lateral.png'
@@ -183,14 +204,18 @@ def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
 def vocabulary_texts(rows: list[dict]) -> list[str]:
   """Every text the prompts can contain: the studies' sections and MAIRA-2's fixed wording."""
   from jaxsae.bridge import prompt  # pylint: disable=import-outside-toplevel
+
   texts = ['USER: ASSISTANT: </s>', prompt.MISSING]
   for lateral in (False, True):
     for prior in (False, True):
       for m in prompt.reporting_messages(lateral, prior, None, None, None, None, 'x'):
         texts += [c['text'] for c in m['content'] if c['type'] == 'text']
   for row in rows:
-    texts += [v for k, v in row.items() if v and k not in ('study_id', 'frontal', 'lateral',
-                                                            'prior_frontal')]
+    texts += [
+        v
+        for k, v in row.items()
+        if v and k not in ('study_id', 'frontal', 'lateral', 'prior_frontal')
+    ]
   return texts
 
 
@@ -201,13 +226,16 @@ def finetune(model_dir: str, manifest_path: str, studies: int, steps: int, seed:
   import torch  # pylint: disable=import-outside-toplevel
   from jaxsae import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsae.bridge import export, loading, manifest, prompt  # pylint: disable=import-outside-toplevel
+
   torch.manual_seed(seed)
   c = config_lib.load_experiment(DEMO_CONFIG)
   c.model.name = model_dir
   model, processor = loading.load(c)
   image_token = model.config.image_token_id
-  preps = [prompt.prepare(processor, st, dict(st.images()), True, image_token)
-           for st in manifest.read(manifest_path, teacher_forcing=True)[:studies]]
+  preps = [
+      prompt.prepare(processor, st, dict(st.images()), True, image_token)
+      for st in manifest.read(manifest_path, teacher_forcing=True)[:studies]
+  ]
   optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
   model.train()
   for step in range(steps):
@@ -231,24 +259,43 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', default=os.path.join('outputs', 'demo', 'data'))
   p.add_argument('--studies', type=int, default=60)
-  p.add_argument('--hidden', type=int, default=64, help='the tiny model\'s width (sae.d)')
+  p.add_argument('--hidden', type=int, default=64, help="the tiny model's width (sae.d)")
   p.add_argument('--layers', type=int, default=4)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--finetune_steps', type=int, default=0,
-                 help='train the tiny model on the first --finetune_studies reports (demo: 150)')
+  p.add_argument(
+      '--finetune_steps',
+      type=int,
+      default=0,
+      help='train the tiny model on the first --finetune_studies reports (demo: 150)',
+  )
   p.add_argument('--finetune_studies', type=int, default=48)
   args = p.parse_args()
   rows = make_studies(args.out, args.studies, args.seed)
   from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
-  tiny_model.build(os.path.join(args.out, 'model'), tiny_model.words(vocabulary_texts(rows)),
-                   hidden=args.hidden, layers=args.layers, seed=args.seed)
-  print(f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
-        f'{args.out}/model')
+
+  tiny_model.build(
+      os.path.join(args.out, 'model'),
+      tiny_model.words(vocabulary_texts(rows)),
+      hidden=args.hidden,
+      layers=args.layers,
+      seed=args.seed,
+  )
+  print(
+      f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
+      f'{args.out}/model'
+  )
   if args.finetune_steps:
-    loss = finetune(os.path.join(args.out, 'model'), os.path.join(args.out, 'manifest.jsonl'),
-                    args.finetune_studies, args.finetune_steps, args.seed)
-    print(f'fine-tuned the tiny model for {args.finetune_steps} steps on the first '
-          f'{args.finetune_studies} reports (last loss {loss:.3f})')
+    loss = finetune(
+        os.path.join(args.out, 'model'),
+        os.path.join(args.out, 'manifest.jsonl'),
+        args.finetune_studies,
+        args.finetune_steps,
+        args.seed,
+    )
+    print(
+        f'fine-tuned the tiny model for {args.finetune_steps} steps on the first '
+        f'{args.finetune_studies} reports (last loss {loss:.3f})'
+    )
 
 
 if __name__ == '__main__':

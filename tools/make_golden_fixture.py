@@ -33,202 +33,250 @@ import numpy as np
 import torch as t
 
 CONFIG = dict(
-    d=16, F=64, k=4, B=32, steps=12, warmup_steps=3, decay_start=8,
-    threshold_start_step=4, threshold_beta=0.999, lr=1e-2, auxk_alpha=1 / 32,
+    d=16,
+    F=64,
+    k=4,
+    B=32,
+    steps=12,
+    warmup_steps=3,
+    decay_start=8,
+    threshold_start_step=4,
+    threshold_beta=0.999,
+    lr=1e-2,
+    auxk_alpha=1 / 32,
 )
 GROUP_FRACTIONS = [0.125, 0.125, 0.25, 0.5]
 DEAD_TOKENS_THRESHOLD = 64  # overrides the reference's 10_000_000 so AuxK engages
 
 
 def import_reference() -> types.ModuleType:
-    """Import dictionary_learning.trainers.matryoshka_batch_top_k, bypassing the
-    package ``__init__`` (which imports nnsight)."""
-    spec = importlib.util.find_spec("dictionary_learning")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("dictionary_learning is not installed in this interpreter's environment")
-    pkg = types.ModuleType("dictionary_learning")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules["dictionary_learning"] = pkg
-    import dictionary_learning.trainers.matryoshka_batch_top_k as ref  # trainers/__init__ is light
+  """Import dictionary_learning.trainers.matryoshka_batch_top_k, bypassing the
+  package ``__init__`` (which imports nnsight)."""
+  spec = importlib.util.find_spec("dictionary_learning")
+  if spec is None or not spec.submodule_search_locations:
+    sys.exit("dictionary_learning is not installed in this interpreter's environment")
+  pkg = types.ModuleType("dictionary_learning")
+  pkg.__path__ = list(spec.submodule_search_locations)
+  sys.modules["dictionary_learning"] = pkg
+  import dictionary_learning.trainers.matryoshka_batch_top_k as ref  # trainers/__init__ is light
 
-    return ref
+  return ref
 
 
-def make_data(rng: np.random.Generator, n: int, d: int, n_dirs: int = 24,
-              n_active: int = 3) -> np.ndarray:
-    """SAE-like data: sparse nonnegative combinations of fixed unit directions, plus a
-    mean offset and small noise. The directions/offset are drawn from a fixed seed so that
-    the same "world" is shared by every call; ``rng`` only draws the samples."""
-    world = np.random.default_rng(1234)
-    dirs = world.normal(size=(n_dirs, d))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    offset = world.normal(size=d) * 1.5
-    idx = np.stack([rng.choice(n_dirs, n_active, replace=False) for _ in range(n)])
-    coef = rng.exponential(1.0, size=(n, n_active)) + 0.5
-    x = np.einsum("na,nad->nd", coef, dirs[idx]) + offset + 0.05 * rng.normal(size=(n, d))
-    return x.astype(np.float32)
+def make_data(
+    rng: np.random.Generator, n: int, d: int, n_dirs: int = 24, n_active: int = 3
+) -> np.ndarray:
+  """SAE-like data: sparse nonnegative combinations of fixed unit directions, plus a
+  mean offset and small noise. The directions/offset are drawn from a fixed seed so that
+  the same "world" is shared by every call; ``rng`` only draws the samples."""
+  world = np.random.default_rng(1234)
+  dirs = world.normal(size=(n_dirs, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  offset = world.normal(size=d) * 1.5
+  idx = np.stack([rng.choice(n_dirs, n_active, replace=False) for _ in range(n)])
+  coef = rng.exponential(1.0, size=(n, n_active)) + 0.5
+  x = np.einsum("na,nad->nd", coef, dirs[idx]) + offset + 0.05 * rng.normal(size=(n, d))
+  return x.astype(np.float32)
 
 
 def np32(x: t.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy().astype(np.float32)
+  return x.detach().cpu().numpy().astype(np.float32)
 
 
 def make_golden(out: Path) -> None:
-    """Train the reference trainer on fixed batches and save everything to ``out``."""
-    ref = import_reference()
-    c = CONFIG
-    batches = make_data(np.random.default_rng(0), c["steps"] * c["B"], c["d"])
-    batches = batches.reshape(c["steps"], c["B"], c["d"])
-    trainer = ref.MatryoshkaBatchTopKTrainer(
-        steps=c["steps"], activation_dim=c["d"], dict_size=c["F"], k=c["k"], layer=15,
-        lm_name="tiny", group_fractions=GROUP_FRACTIONS, lr=c["lr"],
-        auxk_alpha=c["auxk_alpha"], warmup_steps=c["warmup_steps"],
-        decay_start=c["decay_start"], threshold_beta=c["threshold_beta"],
-        threshold_start_step=c["threshold_start_step"], device="cpu", seed=0,
-    )
-    trainer.dead_feature_threshold = DEAD_TOKENS_THRESHOLD
-    ae = trainer.ae
-    init = {f"init_{n}": np32(getattr(ae, n)) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    b_dec_median = np32(trainer.geometric_median(t.from_numpy(batches[0])))
+  """Train the reference trainer on fixed batches and save everything to ``out``."""
+  ref = import_reference()
+  c = CONFIG
+  batches = make_data(np.random.default_rng(0), c["steps"] * c["B"], c["d"])
+  batches = batches.reshape(c["steps"], c["B"], c["d"])
+  trainer = ref.MatryoshkaBatchTopKTrainer(
+      steps=c["steps"],
+      activation_dim=c["d"],
+      dict_size=c["F"],
+      k=c["k"],
+      layer=15,
+      lm_name="tiny",
+      group_fractions=GROUP_FRACTIONS,
+      lr=c["lr"],
+      auxk_alpha=c["auxk_alpha"],
+      warmup_steps=c["warmup_steps"],
+      decay_start=c["decay_start"],
+      threshold_beta=c["threshold_beta"],
+      threshold_start_step=c["threshold_start_step"],
+      device="cpu",
+      seed=0,
+  )
+  trainer.dead_feature_threshold = DEAD_TOKENS_THRESHOLD
+  ae = trainer.ae
+  init = {f"init_{n}": np32(getattr(ae, n)) for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+  b_dec_median = np32(trainer.geometric_median(t.from_numpy(batches[0])))
 
-    auxk_seen: list[float] = []
-    orig_aux = trainer.get_auxiliary_loss
+  auxk_seen: list[float] = []
+  orig_aux = trainer.get_auxiliary_loss
 
-    def recording_aux(*args: t.Tensor) -> t.Tensor:
-        out_ = orig_aux(*args)
-        auxk_seen.append(float(out_.item()))
-        return out_
+  def recording_aux(*args: t.Tensor) -> t.Tensor:
+    out_ = orig_aux(*args)
+    auxk_seen.append(float(out_.item()))
+    return out_
 
-    trainer.get_auxiliary_loss = recording_aux  # instance attribute shadows the method
+  trainer.get_auxiliary_loss = recording_aux  # instance attribute shadows the method
 
-    rec: dict[str, list] = {k: [] for k in ("loss", "lr_per_step", "threshold", "num_dead",
-                                            "pre_norm_auxk_loss", "num_tokens_since_fired")}
-    for step in range(c["steps"]):
-        rec["lr_per_step"].append(trainer.optimizer.param_groups[0]["lr"])
-        rec["loss"].append(trainer.update(step, t.from_numpy(batches[step])))
-        rec["threshold"].append(float(ae.threshold))
-        rec["num_dead"].append(trainer.dead_features)
-        rec["pre_norm_auxk_loss"].append(float(t.as_tensor(trainer.pre_norm_auxk_loss).detach()))
-        rec["num_tokens_since_fired"].append(trainer.num_tokens_since_fired.numpy().copy())
-    assert len(auxk_seen) == c["steps"]
-    loss = np.array(rec["loss"], dtype=np.float64)
-    auxk = np.array(auxk_seen, dtype=np.float64)
+  rec: dict[str, list] = {
+      k: []
+      for k in (
+          "loss",
+          "lr_per_step",
+          "threshold",
+          "num_dead",
+          "pre_norm_auxk_loss",
+          "num_tokens_since_fired",
+      )
+  }
+  for step in range(c["steps"]):
+    rec["lr_per_step"].append(trainer.optimizer.param_groups[0]["lr"])
+    rec["loss"].append(trainer.update(step, t.from_numpy(batches[step])))
+    rec["threshold"].append(float(ae.threshold))
+    rec["num_dead"].append(trainer.dead_features)
+    rec["pre_norm_auxk_loss"].append(float(t.as_tensor(trainer.pre_norm_auxk_loss).detach()))
+    rec["num_tokens_since_fired"].append(trainer.num_tokens_since_fired.numpy().copy())
+  assert len(auxk_seen) == c["steps"]
+  loss = np.array(rec["loss"], dtype=np.float64)
+  auxk = np.array(auxk_seen, dtype=np.float64)
 
-    encode_x = make_data(np.random.default_rng(1), 8, c["d"])
-    with t.no_grad():
-        xt = t.from_numpy(encode_x)
-        final_encode = np32(ae.encode(xt, use_threshold=True))
-        final_forward = np32(ae(xt))
+  encode_x = make_data(np.random.default_rng(1), 8, c["d"])
+  with t.no_grad():
+    xt = t.from_numpy(encode_x)
+    final_encode = np32(ae.encode(xt, use_threshold=True))
+    final_forward = np32(ae(xt))
 
-    arrays = dict(
-        **{k: np.array(v) for k, v in c.items()},
-        dead_tokens_threshold=np.array(DEAD_TOKENS_THRESHOLD),
-        top_k_aux=np.array(trainer.top_k_aux),
-        group_fractions=np.array(GROUP_FRACTIONS, dtype=np.float32),
-        group_sizes=np.array(trainer.group_sizes, dtype=np.int64),
-        group_weights=np.array(trainer.group_weights, dtype=np.float32),
-        batches=batches, **init, b_dec_median=b_dec_median,
-        loss=loss.astype(np.float32), auxk_loss=auxk.astype(np.float32),
-        l2_loss=(loss - c["auxk_alpha"] * auxk).astype(np.float32),
-        lr_per_step=np.array(rec["lr_per_step"], dtype=np.float32),
-        threshold=np.array(rec["threshold"], dtype=np.float32),
-        num_dead=np.array(rec["num_dead"], dtype=np.int64),
-        pre_norm_auxk_loss=np.array(rec["pre_norm_auxk_loss"], dtype=np.float32),
-        num_tokens_since_fired=np.stack(rec["num_tokens_since_fired"]).astype(np.int64),
-        **{f"final_{n}": np32(getattr(ae, n)) for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
-        final_threshold=np.array(float(ae.threshold), dtype=np.float32),
-        final_num_tokens_since_fired=trainer.num_tokens_since_fired.numpy().astype(np.int64),
-        encode_x=encode_x, final_encode_threshold=final_encode, final_forward=final_forward,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
-    print_summary(arrays, out)
+  arrays = dict(
+      **{k: np.array(v) for k, v in c.items()},
+      dead_tokens_threshold=np.array(DEAD_TOKENS_THRESHOLD),
+      top_k_aux=np.array(trainer.top_k_aux),
+      group_fractions=np.array(GROUP_FRACTIONS, dtype=np.float32),
+      group_sizes=np.array(trainer.group_sizes, dtype=np.int64),
+      group_weights=np.array(trainer.group_weights, dtype=np.float32),
+      batches=batches,
+      **init,
+      b_dec_median=b_dec_median,
+      loss=loss.astype(np.float32),
+      auxk_loss=auxk.astype(np.float32),
+      l2_loss=(loss - c["auxk_alpha"] * auxk).astype(np.float32),
+      lr_per_step=np.array(rec["lr_per_step"], dtype=np.float32),
+      threshold=np.array(rec["threshold"], dtype=np.float32),
+      num_dead=np.array(rec["num_dead"], dtype=np.int64),
+      pre_norm_auxk_loss=np.array(rec["pre_norm_auxk_loss"], dtype=np.float32),
+      num_tokens_since_fired=np.stack(rec["num_tokens_since_fired"]).astype(np.int64),
+      **{f"final_{n}": np32(getattr(ae, n)) for n in ("W_enc", "b_enc", "W_dec", "b_dec")},
+      final_threshold=np.array(float(ae.threshold), dtype=np.float32),
+      final_num_tokens_since_fired=trainer.num_tokens_since_fired.numpy().astype(np.int64),
+      encode_x=encode_x,
+      final_encode_threshold=final_encode,
+      final_forward=final_forward,
+  )
+  out.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(out, **arrays)
+  print_summary(arrays, out)
 
 
 def print_summary(a: dict[str, np.ndarray], out: Path) -> None:
-    """Print per-step values and sanity-check that the fixture exercises every code path."""
-    print(f"group_sizes={a['group_sizes'].tolist()}  top_k_aux={int(a['top_k_aux'])}  "
-          f"|b_dec_median|={np.linalg.norm(a['b_dec_median']):.3f}")
-    print(f"{'step':>4} {'lr':>9} {'loss':>10} {'l2':>10} {'auxk':>9} {'thresh':>9} {'dead':>4}")
-    for s in range(int(a["steps"])):
-        print(f"{s:>4} {a['lr_per_step'][s]:>9.5f} {a['loss'][s]:>10.5f} {a['l2_loss'][s]:>10.5f} "
-              f"{a['auxk_loss'][s]:>9.5f} {a['threshold'][s]:>9.5f} {a['num_dead'][s]:>4}")
-    tss = int(a["threshold_start_step"])
-    checks = {
-        "lr[0] == 0": a["lr_per_step"][0] == 0,
-        "lr decays after decay_start": a["lr_per_step"][-1] < a["lr_per_step"][int(a["decay_start"])],
-        "threshold < 0 up to threshold_start_step": (a["threshold"][: tss + 1] < 0).all(),
-        "threshold >= 0 after threshold_start_step": (a["threshold"][tss + 1:] >= 0).all(),
-        "num_dead > 0 on some step": (a["num_dead"] > 0).any(),
-        "auxk_loss > 0 on some step": (a["auxk_loss"] > 0).any(),
-        "encode output nonzero": (a["final_encode_threshold"] > 0).any(),
-    }
-    for name, ok in checks.items():
-        print(f"  [{'ok' if ok else 'FAIL'}] {name}")
-    print(f"wrote {out} ({len(a)} keys)")
-    if not all(checks.values()):
-        sys.exit("fixture does not exercise all code paths; tune the data/config")
+  """Print per-step values and sanity-check that the fixture exercises every code path."""
+  print(
+      f"group_sizes={a['group_sizes'].tolist()}  top_k_aux={int(a['top_k_aux'])}  "
+      f"|b_dec_median|={np.linalg.norm(a['b_dec_median']):.3f}"
+  )
+  print(f"{'step':>4} {'lr':>9} {'loss':>10} {'l2':>10} {'auxk':>9} {'thresh':>9} {'dead':>4}")
+  for s in range(int(a["steps"])):
+    print(
+        f"{s:>4} {a['lr_per_step'][s]:>9.5f} {a['loss'][s]:>10.5f} {a['l2_loss'][s]:>10.5f} "
+        f"{a['auxk_loss'][s]:>9.5f} {a['threshold'][s]:>9.5f} {a['num_dead'][s]:>4}"
+    )
+  tss = int(a["threshold_start_step"])
+  checks = {
+      "lr[0] == 0": a["lr_per_step"][0] == 0,
+      "lr decays after decay_start": a["lr_per_step"][-1] < a["lr_per_step"][int(a["decay_start"])],
+      "threshold < 0 up to threshold_start_step": (a["threshold"][: tss + 1] < 0).all(),
+      "threshold >= 0 after threshold_start_step": (a["threshold"][tss + 1 :] >= 0).all(),
+      "num_dead > 0 on some step": (a["num_dead"] > 0).any(),
+      "auxk_loss > 0 on some step": (a["auxk_loss"] > 0).any(),
+      "encode output nonzero": (a["final_encode_threshold"] > 0).any(),
+  }
+  for name, ok in checks.items():
+    print(f"  [{'ok' if ok else 'FAIL'}] {name}")
+  print(f"wrote {out} ({len(a)} keys)")
+  if not all(checks.values()):
+    sys.exit("fixture does not exercise all code paths; tune the data/config")
 
 
 def check_export(export_dir: Path, inputs: Path, tol: float = 1e-4) -> int:
-    """Load a jaxsae export into the reference SAE (dictionary_learning layout) or into SAELens
-    (SAELens layout, when DIR has cfg.json) and compare against expected outputs."""
-    from safetensors.torch import load_file
+  """Load a jaxsae export into the reference SAE (dictionary_learning layout) or into SAELens
+  (SAELens layout, when DIR has cfg.json) and compare against expected outputs."""
+  from safetensors.torch import load_file
 
-    data = np.load(inputs)
-    x = t.from_numpy(np.asarray(data["x"], dtype=np.float32))
-    loader = "SAELens SAE.load_from_disk" if (export_dir / "cfg.json").exists() else \
-        "the reference MatryoshkaBatchTopKSAE"
-    if (export_dir / "cfg.json").exists():  # SAELens layout: load with SAELens itself
-        from sae_lens import SAE
-        sae = SAE.load_from_disk(str(export_dir), device="cpu")
-        with t.no_grad():
-            codes = sae.encode(x)
-            got = {"encode": codes.numpy(), "decode": sae.decode(codes).numpy()}
-    else:
-        ref = import_reference()
-        cfg = json.loads((export_dir / "config.json").read_text())["trainer"]
-        ae = ref.MatryoshkaBatchTopKSAE(int(cfg["activation_dim"]), int(cfg["dict_size"]),
-                                        int(cfg["k"]), [int(g) for g in cfg["group_sizes"]])
-        try:
-            ae.load_state_dict(load_file(str(export_dir / "ae.safetensors")), strict=True)
-        except RuntimeError as e:  # missing/unexpected keys or shape mismatch
-            print(f"export in {export_dir} does not load into the reference SAE:\n{e}",
-                  file=sys.stderr)
-            return 1
-        with t.no_grad():
-            got = {"encode": ae.encode(x, use_threshold=True).numpy(), "decode": ae(x).numpy()}
-    ok = True
-    for name, val in got.items():
-        exp = data[f"expected_{name}"]
-        err = float(np.max(np.abs(val - exp))) if val.size else 0.0
-        match = val.shape == exp.shape and np.allclose(val, exp, atol=tol, rtol=tol)
-        print(f"{name}: max abs err {err:.3e} {'ok' if match else 'MISMATCH'}")
-        ok &= match
-    if not ok:
-        print(f"export in {export_dir} does NOT match the reference (atol=rtol={tol})",
-              file=sys.stderr)
-        return 1
-    print(f"export loads into {loader} and matches")
-    return 0
+  data = np.load(inputs)
+  x = t.from_numpy(np.asarray(data["x"], dtype=np.float32))
+  loader = (
+      "SAELens SAE.load_from_disk"
+      if (export_dir / "cfg.json").exists()
+      else "the reference MatryoshkaBatchTopKSAE"
+  )
+  if (export_dir / "cfg.json").exists():  # SAELens layout: load with SAELens itself
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(export_dir), device="cpu")
+    with t.no_grad():
+      codes = sae.encode(x)
+      got = {"encode": codes.numpy(), "decode": sae.decode(codes).numpy()}
+  else:
+    ref = import_reference()
+    cfg = json.loads((export_dir / "config.json").read_text())["trainer"]
+    ae = ref.MatryoshkaBatchTopKSAE(
+        int(cfg["activation_dim"]),
+        int(cfg["dict_size"]),
+        int(cfg["k"]),
+        [int(g) for g in cfg["group_sizes"]],
+    )
+    try:
+      ae.load_state_dict(load_file(str(export_dir / "ae.safetensors")), strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatch
+      print(f"export in {export_dir} does not load into the reference SAE:\n{e}", file=sys.stderr)
+      return 1
+    with t.no_grad():
+      got = {"encode": ae.encode(x, use_threshold=True).numpy(), "decode": ae(x).numpy()}
+  ok = True
+  for name, val in got.items():
+    exp = data[f"expected_{name}"]
+    err = float(np.max(np.abs(val - exp))) if val.size else 0.0
+    match = val.shape == exp.shape and np.allclose(val, exp, atol=tol, rtol=tol)
+    print(f"{name}: max abs err {err:.3e} {'ok' if match else 'MISMATCH'}")
+    ok &= match
+  if not ok:
+    print(f"export in {export_dir} does NOT match the reference (atol=rtol={tol})", file=sys.stderr)
+    return 1
+  print(f"export loads into {loader} and matches")
+  return 0
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, help="write the golden fixture npz here")
-    p.add_argument("--check-export", type=Path, metavar="DIR",
-                   help="dir with ae.safetensors + config.json to check against the reference")
-    p.add_argument("--inputs", type=Path, help="npz with x, expected_encode, expected_decode")
-    args = p.parse_args()
-    if args.check_export is not None:
-        if args.inputs is None:
-            p.error("--check-export requires --inputs")
-        sys.exit(check_export(args.check_export, args.inputs))
-    if args.out is None:
-        p.error("give --out or --check-export")
-    t.use_deterministic_algorithms(True)
-    make_golden(args.out)
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", type=Path, help="write the golden fixture npz here")
+  p.add_argument(
+      "--check-export",
+      type=Path,
+      metavar="DIR",
+      help="dir with ae.safetensors + config.json to check against the reference",
+  )
+  p.add_argument("--inputs", type=Path, help="npz with x, expected_encode, expected_decode")
+  args = p.parse_args()
+  if args.check_export is not None:
+    if args.inputs is None:
+      p.error("--check-export requires --inputs")
+    sys.exit(check_export(args.check_export, args.inputs))
+  if args.out is None:
+    p.error("give --out or --check-export")
+  t.use_deterministic_algorithms(True)
+  make_golden(args.out)
 
 
 if __name__ == "__main__":
-    main()
+  main()

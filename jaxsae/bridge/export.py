@@ -57,29 +57,43 @@ class Capture:
     self.handle.remove()
 
 
-def collate(batch: list[prompt.Prepared], pad_id: int, device: torch.device,
-            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def collate(
+    batch: list[prompt.Prepared], pad_id: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
   """One right-padded batch: input_ids, attention_mask, and every image's pixel_values."""
   length = max(len(p.input_ids) for p in batch)
   ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
   mask = torch.zeros((len(batch), length), dtype=torch.long)
   for i, p in enumerate(batch):
-    ids[i, :len(p.input_ids)] = p.input_ids
-    mask[i, :len(p.input_ids)] = 1
-  out = {'input_ids': ids.to(device), 'attention_mask': mask.to(device),
-         'pixel_values': torch.cat([p.inputs['pixel_values'] for p in batch]).to(device, dtype)}
+    ids[i, : len(p.input_ids)] = p.input_ids
+    mask[i, : len(p.input_ids)] = 1
+  out = {
+      'input_ids': ids.to(device),
+      'attention_mask': mask.to(device),
+      'pixel_values': torch.cat([p.inputs['pixel_values'] for p in batch]).to(device, dtype),
+  }
   if 'image_sizes' in batch[0].inputs:
     out['image_sizes'] = torch.cat([p.inputs['image_sizes'] for p in batch]).to(device)
   return out
 
 
-def rows_of(p: prompt.Prepared, hidden: torch.Tensor, keep: np.ndarray) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
+def rows_of(
+    p: prompt.Prepared, hidden: torch.Tensor, keep: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """The kept tokens' activations (float32 [n, d]) and metadata (int32 [n, 6])."""
   pos = np.nonzero(np.isin(p.kinds, keep))[0]
   x = hidden[torch.from_numpy(pos)].float().cpu().numpy()
-  tokens = np.stack([np.full(len(pos), p.study.index), pos, p.input_ids.numpy()[pos],
-                     p.kinds[pos], p.patch[pos], p.image[pos]], axis=1).astype(np.int32)
+  tokens = np.stack(
+      [
+          np.full(len(pos), p.study.index),
+          pos,
+          p.input_ids.numpy()[pos],
+          p.kinds[pos],
+          p.patch[pos],
+          p.image[pos],
+      ],
+      axis=1,
+  ).astype(np.int32)
   return x, tokens
 
 
@@ -88,8 +102,9 @@ def _hidden_size(model: torch.nn.Module) -> int:
   return int(config.hidden_size)
 
 
-def export(c: ml_collections.ConfigDict, skip_bad: bool | None = None,
-           progress: bool = True) -> dict[str, Any]:
+def export(
+    c: ml_collections.ConfigDict, skip_bad: bool | None = None, progress: bool = True
+) -> dict[str, Any]:
   """Export every study of `c.export.manifest` not yet in `c.data.store_path`; returns the
   store's commit record."""
   validate_export(c)
@@ -105,19 +120,34 @@ def export(c: ml_collections.ConfigDict, skip_bad: bool | None = None,
   hook_path, module = loading.find_layer(model, c.model.hook_name, c.model.layer)
   d = _hidden_size(model)
   if d != c.sae.d:
-    raise ConfigError(f'{c.model.name} layer {hook_path} has width {d} but sae.d={c.sae.d}; set '
-                      f'--config.sae.d={d} so that training can read this store.')
-  info = {'model': c.model.name, 'model_fingerprint': loading.fingerprint(c.model.name),
-          'layer': c.model.layer, 'hook_name': hook_path,
-          'keep_kinds': sorted(c.export.keep_kinds), 'teacher_forcing': c.export.teacher_forcing}
-  writer = store_lib.StoreWriter(c.data.store_path, d, c.data.store_dtype, info,
-                                 c.export.rows_per_chunk, c.export.rows_per_shard)
+    raise ConfigError(
+        f'{c.model.name} layer {hook_path} has width {d} but sae.d={c.sae.d}; set '
+        f'--config.sae.d={d} so that training can read this store.'
+    )
+  info = {
+      'model': c.model.name,
+      'model_fingerprint': loading.fingerprint(c.model.name),
+      'layer': c.model.layer,
+      'hook_name': hook_path,
+      'keep_kinds': sorted(c.export.keep_kinds),
+      'teacher_forcing': c.export.teacher_forcing,
+  }
+  writer = store_lib.StoreWriter(
+      c.data.store_path,
+      d,
+      c.data.store_dtype,
+      info,
+      c.export.rows_per_chunk,
+      c.export.rows_per_shard,
+  )
   start = writer.studies_done
   end = len(studies) if c.export.max_studies is None else min(len(studies), c.export.max_studies)
   if start and (start > len(studies) or _id(studies[start - 1]) != writer.last_study_id):
-    raise ConfigError(f'the store at {c.data.store_path!r} has {start} studies, the last '
-                      f'{writer.last_study_id!r}, but the manifest does not list that study at row '
-                      f'{start}: it changed since the export began. Use another data.store_path.')
+    raise ConfigError(
+        f'the store at {c.data.store_path!r} has {start} studies, the last '
+        f'{writer.last_study_id!r}, but the manifest does not list that study at row '
+        f'{start}: it changed since the export began. Use another data.store_path.'
+    )
   keep = np.array([TOKEN_KINDS.index(k) for k in c.export.keep_kinds])
   image_token_id = _image_token_id(model, processor)
   pad_id = processor.tokenizer.pad_token_id or 0
@@ -127,12 +157,15 @@ def export(c: ml_collections.ConfigDict, skip_bad: bool | None = None,
   try:
     for b0 in range(start, end, c.export.batch_size):
       entries = []  # per study, in manifest order: its Prepared inputs, or why it was skipped
-      for i, s in enumerate(studies[b0:min(end, b0 + c.export.batch_size)]):
+      for i, s in enumerate(studies[b0 : min(end, b0 + c.export.batch_size)]):
         try:
           if isinstance(s, manifest.BadStudyError):
             raise s
-          entries.append(prompt.prepare(processor, s, dict(s.images()),
-                                        c.export.teacher_forcing, image_token_id))
+          entries.append(
+              prompt.prepare(
+                  processor, s, dict(s.images()), c.export.teacher_forcing, image_token_id
+              )
+          )
         except manifest.BadStudyError as e:
           if not skip_bad:
             raise
@@ -146,18 +179,32 @@ def export(c: ml_collections.ConfigDict, skip_bad: bool | None = None,
           records.append(e)
           continue
         x, t = rows_of(e, hidden[ready.index(e)], keep)
-        records.append({'study_id': e.study.study_id, 'manifest_index': e.study.index,
-                        'row_start': rows, 'rows': len(x), 'tokens': len(e.input_ids)})
+        records.append(
+            {
+                'study_id': e.study.study_id,
+                'manifest_index': e.study.index,
+                'row_start': rows,
+                'rows': len(x),
+                'tokens': len(e.input_ids),
+            }
+        )
         xs.append(x)
         toks.append(t)
         rows += len(x)
-      writer.append(np.concatenate(xs) if xs else np.zeros((0, d), np.float32),
-                    np.concatenate(toks) if toks else np.zeros((0, 6), np.int32), records)
+      writer.append(
+          np.concatenate(xs) if xs else np.zeros((0, d), np.float32),
+          np.concatenate(toks) if toks else np.zeros((0, 6), np.int32),
+          records,
+      )
       done += len(records)
       if progress:
         rate = done / (time.perf_counter() - t0)
-        print(f'\rexport: {writer.studies_done}/{end} studies ({rate:.1f}/s)', end='',
-              file=sys.stderr, flush=True)
+        print(
+            f'\rexport: {writer.studies_done}/{end} studies ({rate:.1f}/s)',
+            end='',
+            file=sys.stderr,
+            flush=True,
+        )
     meta = writer.close()
   finally:
     capture.remove()

@@ -36,8 +36,9 @@ from jaxsae.formats.tokens import TOKEN_KINDS
 def _kinds_mask(kinds: np.ndarray, names: Sequence[str]) -> torch.Tensor:
   bad = [k for k in names if k not in TOKEN_KINDS]
   if bad or not names:
-    raise ConfigError(f'splice kinds must be a non-empty subset of {TOKEN_KINDS}; got '
-                      f'{tuple(names)}.')
+    raise ConfigError(
+        f'splice kinds must be a non-empty subset of {TOKEN_KINDS}; got ' f'{tuple(names)}.'
+    )
   return torch.from_numpy(np.isin(kinds, [TOKEN_KINDS.index(k) for k in names]))
 
 
@@ -57,7 +58,7 @@ class _Sums:
 
   def __init__(self, F_: int, G: int):
     self.n, self.sum_x, self.sum_sq = 0, 0.0, 0.0
-    self.err = np.zeros(G)            # per prefix, the last is the full SAE
+    self.err = np.zeros(G)  # per prefix, the last is the full SAE
     self.fires = np.zeros(F_, np.int64)
     self.active = 0
 
@@ -69,7 +70,7 @@ class _Sums:
     self.sum_x = self.sum_x + x.sum(0).double().cpu().numpy()
     self.sum_sq += float((x.double() ** 2).sum())
     self.err += ((x[None] - prefixes).double() ** 2).sum((1, 2)).cpu().numpy()
-    fired = (acts > 0)
+    fired = acts > 0
     self.fires += fired.sum(0).cpu().numpy()
     self.active += int(fired.sum())
 
@@ -77,17 +78,28 @@ class _Sums:
     var = self.sum_sq - float(np.sum(np.asarray(self.sum_x) ** 2)) / max(self.n, 1)
     fvu = (self.err / var).tolist() if var > 0 else [float('nan')] * len(self.err)
     freq = self.fires / max(self.n, 1)
-    return {'tokens': self.n, 'fvu': fvu[-1], 'prefix_fvu': fvu,
-            'l0': self.active / max(self.n, 1),
-            'dead_fraction': float(np.mean(freq == 0)), 'dead_latents': int(np.sum(freq == 0)),
-            'dense_fraction': float(np.mean(freq > dense_threshold)),
-            'dense_latents': int(np.sum(freq > dense_threshold)),
-            'dense_threshold': dense_threshold, 'feature_frequency': freq}
+    return {
+        'tokens': self.n,
+        'fvu': fvu[-1],
+        'prefix_fvu': fvu,
+        'l0': self.active / max(self.n, 1),
+        'dead_fraction': float(np.mean(freq == 0)),
+        'dead_latents': int(np.sum(freq == 0)),
+        'dense_fraction': float(np.mean(freq > dense_threshold)),
+        'dense_latents': int(np.sum(freq > dense_threshold)),
+        'dense_threshold': dense_threshold,
+        'feature_frequency': freq,
+    }
 
 
-def evaluate(site: iv.Site, processor: Any, studies: Sequence[manifest.Study],
-             splice_kinds: Sequence[str] = ('prompt', 'report'), dense_threshold: float = 0.1,
-             progress=None) -> dict[str, Any]:
+def evaluate(
+    site: iv.Site,
+    processor: Any,
+    studies: Sequence[manifest.Study],
+    splice_kinds: Sequence[str] = ('prompt', 'report'),
+    dense_threshold: float = 0.1,
+    progress=None,
+) -> dict[str, Any]:
   """The results dict (see the module docstring); `feature_frequency` is a numpy array."""
   sae = site.require_sae()
   sums = _Sums(sae.F, len(sae.group_sizes))
@@ -102,8 +114,9 @@ def evaluate(site: iv.Site, processor: Any, studies: Sequence[manifest.Study],
     targets = torch.from_numpy(np.nonzero(p.kinds == prompt.REPORT)[0])
     targets = targets[targets > 0].to(ids.device)
     if not len(targets):
-      raise ConfigError(f'study {study.study_id!r} has no report tokens to score: its findings '
-                        'are empty.')
+      raise ConfigError(
+          f'study {study.study_id!r} has no report tokens to score: its findings ' 'are empty.'
+      )
     rows = targets - 1  # the positions whose logits predict the report tokens; only they are kept
     with torch.inference_mode():
       with iv.record(site) as out:
@@ -118,9 +131,14 @@ def evaluate(site: iv.Site, processor: Any, studies: Sequence[manifest.Study],
       ce[name].append(report_loss(logits, ids[targets]).cpu())
     kls['splice'].append(kl(clean, spliced).cpu())
     kls['zero'].append(kl(clean, zeroed).cpu())
-    per_study.append({'study_id': study.study_id, 'report_tokens': len(targets),
-                      'spliced_tokens': int(where.sum()),
-                      **{f'ce_{k}': float(v[-1].mean()) for k, v in ce.items()}})
+    per_study.append(
+        {
+            'study_id': study.study_id,
+            'report_tokens': len(targets),
+            'spliced_tokens': int(where.sum()),
+            **{f'ce_{k}': float(v[-1].mean()) for k, v in ce.items()},
+        }
+    )
     if progress:
       progress(i + 1)
   mean = {k: float(torch.cat(v).mean()) for k, v in ce.items()}
@@ -128,23 +146,34 @@ def evaluate(site: iv.Site, processor: Any, studies: Sequence[manifest.Study],
   out = sums.results(dense_threshold)
   warnings = []
   if gap <= 0:
-    warnings.append(f'zero-ablating the layer does not raise the report loss (CE_zero '
-                    f'{mean["zero"]:.4g} <= CE_clean {mean["clean"]:.4g}): loss recovered is '
-                    'meaningless here. Is the model untrained (a random stand-in)?')
-  out.update({
-      'studies': len(studies), 'report_tokens': int(sum(len(v) for v in ce['clean'])),
-      'splice_kinds': list(splice_kinds), 'group_sizes': list(sae.group_sizes),
-      'ce_clean': mean['clean'], 'ce_splice': mean['splice'], 'ce_zero': mean['zero'],
-      'loss_recovered': (mean['zero'] - mean['splice']) / gap if gap != 0 else float('nan'),
-      'kl_splice': float(torch.cat(kls['splice']).mean()),
-      'kl_zero': float(torch.cat(kls['zero']).mean()), 'warnings': warnings,
-      'per_study': per_study})
+    warnings.append(
+        f'zero-ablating the layer does not raise the report loss (CE_zero '
+        f'{mean["zero"]:.4g} <= CE_clean {mean["clean"]:.4g}): loss recovered is '
+        'meaningless here. Is the model untrained (a random stand-in)?'
+    )
+  out.update(
+      {
+          'studies': len(studies),
+          'report_tokens': int(sum(len(v) for v in ce['clean'])),
+          'splice_kinds': list(splice_kinds),
+          'group_sizes': list(sae.group_sizes),
+          'ce_clean': mean['clean'],
+          'ce_splice': mean['splice'],
+          'ce_zero': mean['zero'],
+          'loss_recovered': (mean['zero'] - mean['splice']) / gap if gap != 0 else float('nan'),
+          'kl_splice': float(torch.cat(kls['splice']).mean()),
+          'kl_zero': float(torch.cat(kls['zero']).mean()),
+          'warnings': warnings,
+          'per_study': per_study,
+      }
+  )
   return out
 
 
 def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, str]:
   """evaluation.json (everything but the per-latent frequencies) and evaluation.png."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -159,8 +188,10 @@ def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, 
   names = ['clean', 'splice', 'zero']
   ax_ce.bar(names, [results[f'ce_{n}'] for n in names], color=['tab:green', 'tab:blue', 'tab:gray'])
   ax_ce.set_ylabel('cross-entropy of report tokens (nats)')
-  ax_ce.set_title(f'loss recovered {results["loss_recovered"]:.3f}, '
-                  f'KL(clean||splice) {results["kl_splice"]:.3g}')
+  ax_ce.set_title(
+      f'loss recovered {results["loss_recovered"]:.3f}, '
+      f'KL(clean||splice) {results["kl_splice"]:.3g}'
+  )
   widths = np.cumsum(results['group_sizes'])
   ax_fvu.plot(widths, results['prefix_fvu'], 'o-')
   ax_fvu.set_xscale('log', base=2)
@@ -171,8 +202,9 @@ def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, 
   ax_freq.hist(np.log10(live), bins=40)
   ax_freq.axvline(np.log10(results['dense_threshold']), color='tab:red', ls='--', lw=0.8)
   ax_freq.set_xlabel('log10 firing frequency')
-  ax_freq.set_title(f'{results["dead_latents"]} dead, {results["dense_latents"]} dense '
-                    f'of {freq.size} latents')
+  ax_freq.set_title(
+      f'{results["dead_latents"]} dead, {results["dense_latents"]} dense ' f'of {freq.size} latents'
+  )
   if title:
     fig.suptitle(textwrap.fill(title, 120), fontsize=9)
   fig.tight_layout()
@@ -181,13 +213,15 @@ def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, 
   return json_path, png_path
 
 
-def held_out(manifest_path: str, store_path: str, count: int,
-             ids: Sequence[str] = ()) -> tuple[list[manifest.Study], str]:
+def held_out(
+    manifest_path: str, store_path: str, count: int, ids: Sequence[str] = ()
+) -> tuple[list[manifest.Study], str]:
   """Studies to evaluate on, and where they come from: `ids` if given; else up to `count` manifest
   studies that the activation store at `store_path` does not hold (never trained on); else, if the
   store holds them all, the manifest's last `count` (then not held out: the note says so)."""
   from jaxsae.formats import store as store_lib  # pylint: disable=import-outside-toplevel
   from jaxsae.bridge import steering  # pylint: disable=import-outside-toplevel
+
   if ids:
     return steering.studies(manifest_path, ids, teacher_forcing=True), 'the studies named'
   usable = steering.studies(manifest_path, teacher_forcing=True)
@@ -199,9 +233,13 @@ def held_out(manifest_path: str, store_path: str, count: int,
       seen = set()
   fresh = [s for s in usable if s.study_id not in seen]
   if fresh:
-    return fresh[:count], (f'{min(count, len(fresh))} of the {len(fresh)} manifest studies not in '
-                           f'the activation store {store_path or "(none)"}')
+    return fresh[:count], (
+        f'{min(count, len(fresh))} of the {len(fresh)} manifest studies not in '
+        f'the activation store {store_path or "(none)"}'
+    )
   n = min(count, len(usable))
-  return usable[-count:], (f'the manifest\'s last {n} studies: every study is in the activation '
-                           f'store {store_path}, so none is held out (export with '
-                           '--config.export.max_studies=N to keep some back)')
+  return usable[-count:], (
+      f"the manifest's last {n} studies: every study is in the activation "
+      f'store {store_path}, so none is held out (export with '
+      '--config.export.max_studies=N to keep some back)'
+  )

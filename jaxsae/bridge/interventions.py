@@ -49,15 +49,16 @@ def image_token_id(model: torch.nn.Module) -> int | None:
 class Site:
   """Decoder layer `layer` of `model` and, optionally, an SAE of the same width trained there."""
 
-  def __init__(self, model: torch.nn.Module, sae: TorchSAE | None, layer: int,
-               hook_name: str = ''):
+  def __init__(self, model: torch.nn.Module, sae: TorchSAE | None, layer: int, hook_name: str = ''):
     self.model, self.sae, self.layer = model, sae, layer
     self.path, self.module = loading.find_layer(model, hook_name, layer)  # ConfigError if unknown
     self.d = hidden_size(model)
     if sae is not None and sae.d != self.d:
-      raise ConfigError(f'the SAE has d={sae.d} but {type(model).__name__} layer {self.path} has '
-                        f'width {self.d}: these weights ({sae.source or "in memory"}) were trained '
-                        'on another model or site. Use weights exported for this model.')
+      raise ConfigError(
+          f'the SAE has d={sae.d} but {type(model).__name__} layer {self.path} has '
+          f'width {self.d}: these weights ({sae.source or "in memory"}) were trained '
+          'on another model or site. Use weights exported for this model.'
+      )
     # The KV cache's index of this layer (tells a hook how many positions came before).
     self.cache_index = getattr(getattr(self.module, 'self_attn', None), 'layer_idx', layer)
     self.image_token_id = image_token_id(model)
@@ -75,26 +76,37 @@ def _start(site: Site, kwargs: dict, T: int) -> int:
   position_ids = kwargs.get('position_ids')
   if position_ids is not None:
     return int(position_ids.reshape(-1, position_ids.shape[-1])[0, 0])
-  cache = next((kwargs[k] for k in ('cache', 'past_key_values', 'past_key_value')
-                if kwargs.get(k) is not None), None)
+  cache = next(
+      (
+          kwargs[k]
+          for k in ('cache', 'past_key_values', 'past_key_value')
+          if kwargs.get(k) is not None
+      ),
+      None,
+  )
   if cache is not None and hasattr(cache, 'get_seq_length'):
     return max(int(cache.get_seq_length(site.cache_index)) - T, 0)  # updated by this layer already
   position = kwargs.get('cache_position')
   return int(position[0]) if position is not None else 0
 
 
-def positions_mask(site: Site, where: Where, prompt_ids: torch.Tensor | None,
-                   start: int, T: int) -> torch.Tensor | None:
+def positions_mask(
+    site: Site, where: Where, prompt_ids: torch.Tensor | None, start: int, T: int
+) -> torch.Tensor | None:
   """Boolean [T] mask of the positions start..start+T-1 selected by `where` (None: all)."""
   if isinstance(where, str):
     if where not in WHERE:
-      raise ConfigError(f'where={where!r} is not a position set; use one of {WHERE}, a list of '
-                        'positions or a boolean mask.')
+      raise ConfigError(
+          f'where={where!r} is not a position set; use one of {WHERE}, a list of '
+          'positions or a boolean mask.'
+      )
     if where == 'all':
       return None
     if prompt_ids is None:
-      raise ConfigError(f"where={where!r} needs prompt_ids (the prompt's input_ids) to know which "
-                        'positions are the prompt.')
+      raise ConfigError(
+          f"where={where!r} needs prompt_ids (the prompt's input_ids) to know which "
+          'positions are the prompt.'
+      )
     ids = prompt_ids.reshape(-1)
     pos = torch.arange(start, start + T)
     if where == 'prompt':
@@ -118,8 +130,12 @@ def positions_mask(site: Site, where: Where, prompt_ids: torch.Tensor | None,
   return ((pos[None, :] - start) == torch.arange(T)[:, None]).any(1)
 
 
-def edit(site: Site, fn: Callable[[torch.Tensor], torch.Tensor], where: Where = 'all',
-         prompt_ids: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
+def edit(
+    site: Site,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    where: Where = 'all',
+    prompt_ids: torch.Tensor | None = None,
+) -> contextlib.AbstractContextManager:
   """Replace the layer's output rows x at the chosen positions by fn(x), float32 [n, d] -> [n, d]."""
   positions_mask(site, where, prompt_ids, 0, 0)  # a bad `where` fails here, not inside the model
 
@@ -151,13 +167,15 @@ def _alphas(features: Sequence[int], alpha: float | Sequence[float]) -> list[flo
   if isinstance(alpha, numbers.Real):
     return [float(alpha)] * len(features)
   if len(alpha) != len(features):
-    raise ConfigError(f'{len(features)} features but {len(alpha)} alphas; give one alpha, or one '
-                      'per feature.')
+    raise ConfigError(
+        f'{len(features)} features but {len(alpha)} alphas; give one alpha, or one ' 'per feature.'
+    )
   return [float(a) for a in alpha]
 
 
-def steering_vector(site: Site, features: Sequence[int], alpha: float | Sequence[float],
-                    norm: float | None = None) -> torch.Tensor:
+def steering_vector(
+    site: Site, features: Sequence[int], alpha: float | Sequence[float], norm: float | None = None
+) -> torch.Tensor:
   """sum_f alpha_f W_dec[f] (absolute), or sum_f alpha_f * norm * W_dec[f]/|W_dec[f]| (relative:
   alpha in units of the residual norm `norm`)."""
   sae = site.require_sae()
@@ -169,15 +187,26 @@ def steering_vector(site: Site, features: Sequence[int], alpha: float | Sequence
   return coef @ rows
 
 
-def add(site: Site, features: Sequence[int], alpha: float | Sequence[float], where: Where = 'all',
-        prompt_ids: torch.Tensor | None = None, norm: float | None = None):
+def add(
+    site: Site,
+    features: Sequence[int],
+    alpha: float | Sequence[float],
+    where: Where = 'all',
+    prompt_ids: torch.Tensor | None = None,
+    norm: float | None = None,
+):
   """x <- x + sum_f alpha_f W_dec[f] at the chosen positions (see `steering_vector` for `norm`)."""
   v = steering_vector(site, features, alpha, norm)
   return edit(site, lambda x: x + v.to(x.device), where, prompt_ids)
 
 
-def clamp(site: Site, features: Sequence[int], value: float | Sequence[float],
-          where: Where = 'all', prompt_ids: torch.Tensor | None = None):
+def clamp(
+    site: Site,
+    features: Sequence[int],
+    value: float | Sequence[float],
+    where: Where = 'all',
+    prompt_ids: torch.Tensor | None = None,
+):
   """Set features to `value` and keep the SAE's error term: decode(a') + (x - decode(a)).
 
   Written as x + (a' - a) @ W_dec, the same sum without the round trip through x_hat, so that
@@ -198,8 +227,12 @@ def clamp(site: Site, features: Sequence[int], value: float | Sequence[float],
   return edit(site, fn, where, prompt_ids)
 
 
-def splice(site: Site, keep_error: bool = False, where: Where = 'all',
-           prompt_ids: torch.Tensor | None = None):
+def splice(
+    site: Site,
+    keep_error: bool = False,
+    where: Where = 'all',
+    prompt_ids: torch.Tensor | None = None,
+):
   """Replace x by the SAE's reconstruction x_hat (keep_error: x_hat + (x - x_hat))."""
   sae = site.require_sae()
 
@@ -235,12 +268,15 @@ def load_site(c: ml_collections.ConfigDict, weights: str) -> tuple[Site, Any]:
   """(Site for c.model's layer with the SAE in `weights`, processor): the model and processor
   named in the config, the SAE on the model's device, its recorded layer checked."""
   from jaxsae.bridge import sae as sae_lib  # pylint: disable=import-outside-toplevel
+
   sae = sae_lib.load(weights)  # fails fast, before the model loads
   if sae.layer is not None and sae.layer != c.model.layer:
-    raise ConfigError(f'the SAE in {weights} was trained on layer {sae.layer} (its config says so) '
-                      f'but the config hooks layer {c.model.layer}; pass '
-                      f'--config.model.layer={sae.layer} and a matching --config.model.hook_name '
-                      '(or "" to find the layer by number).')
+    raise ConfigError(
+        f'the SAE in {weights} was trained on layer {sae.layer} (its config says so) '
+        f'but the config hooks layer {c.model.layer}; pass '
+        f'--config.model.layer={sae.layer} and a matching --config.model.hook_name '
+        '(or "" to find the layer by number).'
+    )
   model, processor = loading.load(c)
   sae = sae.to(next(model.parameters()).device)
   return Site(model, sae, c.model.layer, c.model.hook_name), processor

@@ -19,8 +19,10 @@ import transformers
 from jaxsae.config import ConfigError
 
 # transformers 4.x nested LLaVA's decoder as language_model.model; 5.x as model.language_model.
-_RENAMES = ((r'^language_model\.model\.layers\.', 'model.language_model.layers.'),
-            (r'^model\.language_model\.layers\.', 'language_model.model.layers.'))
+_RENAMES = (
+    (r'^language_model\.model\.layers\.', 'model.language_model.layers.'),
+    (r'^model\.language_model\.layers\.', 'language_model.model.layers.'),
+)
 
 
 def _check_name(name: str) -> None:
@@ -28,8 +30,10 @@ def _check_name(name: str) -> None:
   if os.path.isdir(name):
     return
   if name.startswith(('.', '/', '~')) or name.count('/') != 1:
-    raise ConfigError(f'model.name={name!r} is neither a local directory nor a Hub id '
-                      "(org/name). For the offline demo model, run tools/make_demo_data.py first.")
+    raise ConfigError(
+        f'model.name={name!r} is neither a local directory nor a Hub id '
+        '(org/name). For the offline demo model, run tools/make_demo_data.py first.'
+    )
 
 
 def load(c: ml_collections.ConfigDict) -> tuple[torch.nn.Module, Any]:
@@ -66,12 +70,17 @@ def fingerprint(name: str) -> str:
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
   """The language model's list of decoder layers (not the vision tower's)."""
-  lists = [(n, m) for n, m in model.named_modules()
-           if isinstance(m, torch.nn.ModuleList) and n.endswith('layers') and 'vision' not in n]
+  lists = [
+      (n, m)
+      for n, m in model.named_modules()
+      if isinstance(m, torch.nn.ModuleList) and n.endswith('layers') and 'vision' not in n
+  ]
   lists.sort(key=lambda nm: 'language_model' not in nm[0])
   if not lists:
-    raise ConfigError(f'{type(model).__name__} has no decoder layer list; set model.hook_name to '
-                      'the module whose output to capture.')
+    raise ConfigError(
+        f'{type(model).__name__} has no decoder layer list; set model.hook_name to '
+        'the module whose output to capture.'
+    )
   return lists[0]
 
 
@@ -81,18 +90,24 @@ def find_layer(model: torch.nn.Module, hook_name: str, layer: int) -> tuple[str,
   path, layers = decoder_layers(model)
   if not hook_name:
     if not 0 <= layer < len(layers):
-      raise ConfigError(f'model.layer={layer} but {type(model).__name__} has {len(layers)} '
-                        f'decoder layers ({path}.0 .. {path}.{len(layers) - 1}).')
+      raise ConfigError(
+          f'model.layer={layer} but {type(model).__name__} has {len(layers)} '
+          f'decoder layers ({path}.0 .. {path}.{len(layers) - 1}).'
+      )
     return f'{path}.{layer}', layers[layer]
   match = re.search(r'layers\.(\d+)$', hook_name)
   if match and int(match.group(1)) != layer:
-    raise ConfigError(f'model.hook_name={hook_name!r} is layer {match.group(1)} but '
-                      f'model.layer={layer}; make them agree.')
+    raise ConfigError(
+        f'model.hook_name={hook_name!r} is layer {match.group(1)} but '
+        f'model.layer={layer}; make them agree.'
+    )
   for candidate in [hook_name] + [re.sub(a, b, hook_name) for a, b in _RENAMES]:
     try:
       return candidate, model.get_submodule(candidate)
     except AttributeError:
       continue
-  raise ConfigError(f'model.hook_name={hook_name!r} is not a module of {type(model).__name__}; '
-                    f'its decoder layers are {path}.0 .. {path}.{len(layers) - 1}. Set '
-                    'model.hook_name to one of them, or to "" to use model.layer.')
+  raise ConfigError(
+      f'model.hook_name={hook_name!r} is not a module of {type(model).__name__}; '
+      f'its decoder layers are {path}.0 .. {path}.{len(layers) - 1}. Set '
+      'model.hook_name to one of them, or to "" to use model.layer.'
+  )

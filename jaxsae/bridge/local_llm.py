@@ -70,28 +70,39 @@ class LocalChat:
   device gains nothing from concurrent generate() calls.
   """
 
-  def __init__(self, model_name_or_path: str, device: str = 'cpu', dtype: str = 'float32',
-               max_new_tokens: int = 256, trust_remote_code: bool = False):
+  def __init__(
+      self,
+      model_name_or_path: str,
+      device: str = 'cpu',
+      dtype: str = 'float32',
+      max_new_tokens: int = 256,
+      trust_remote_code: bool = False,
+  ):
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-      raise ValueError(f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or "
-                       "'float16'.")
+      raise ValueError(
+          f"dtype={dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or " "'float16'."
+      )
     if max_new_tokens < 1:
       raise ValueError(f'interpret.llm.max_new_tokens={max_new_tokens} must be >= 1.')
     if not os.path.isdir(model_name_or_path) and model_name_or_path.count('/') != 1:
-      raise ValueError(f'interpret.llm.model={model_name_or_path!r} is neither a local directory '
-                       'nor a Hub id (org/name).')
+      raise ValueError(
+          f'interpret.llm.model={model_name_or_path!r} is neither a local directory '
+          'nor a Hub id (org/name).'
+      )
     transformers.utils.logging.disable_progress_bar()
     kw = dict(trust_remote_code=trust_remote_code)
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, **kw)
     torch_dtype = getattr(torch, dtype)
     try:
-      model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path,
-                                                                dtype=torch_dtype, **kw)
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          model_name_or_path, dtype=torch_dtype, **kw
+      )
     except ValueError as e:  # a LLaVA-style checkpoint is not a causal-LM class
       if 'Unrecognized configuration class' not in str(e):
         raise
       model = transformers.AutoModelForImageTextToText.from_pretrained(
-          model_name_or_path, dtype=torch_dtype, **kw)
+          model_name_or_path, dtype=torch_dtype, **kw
+      )
     self.model = model.to(torch.device(device)).eval()
     self.device = torch.device(device)
     self.max_new_tokens = int(max_new_tokens)
@@ -110,7 +121,11 @@ class LocalChat:
     enc = tok(text, return_tensors='pt', add_special_tokens=not has_bos).to(self.device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with self._lock, torch.no_grad():
-      out = self.model.generate(**enc, max_new_tokens=max(1, min(max_tokens, self.max_new_tokens)),
-                                do_sample=False, pad_token_id=pad)
-    new = out[0, enc['input_ids'].shape[1]:]
+      out = self.model.generate(
+          **enc,
+          max_new_tokens=max(1, min(max_tokens, self.max_new_tokens)),
+          do_sample=False,
+          pad_token_id=pad,
+      )
+    new = out[0, enc['input_ids'].shape[1] :]
     return tok.decode(new, skip_special_tokens=True).strip()

@@ -27,10 +27,12 @@ class BadStudyError(ConfigError):
 
   def __init__(self, study: str, field: str, file: str | None, problem: str, where: str):
     self.study, self.field, self.file, self.problem = study, field, file, problem
-    what = f"field '{field}'" + (f", file {file!r}" if file else '')
-    super().__init__(f'study {study!r} ({where}): {what}: {problem}. Fix the manifest row, or '
-                     'rerun with --skip_bad to skip such studies (they are listed in the '
-                     "store's skipped_studies.json).")
+    what = f"field '{field}'" + (f', file {file!r}' if file else '')
+    super().__init__(
+        f'study {study!r} ({where}): {what}: {problem}. Fix the manifest row, or '
+        'rerun with --skip_bad to skip such studies (they are listed in the '
+        "store's skipped_studies.json)."
+    )
 
   def record(self) -> dict:
     return {'field': self.field, 'file': self.file, 'error': self.problem}
@@ -39,8 +41,8 @@ class BadStudyError(ConfigError):
 @dataclasses.dataclass(frozen=True)
 class Study:
   study_id: str
-  index: int                  # row in the manifest (0-based): the store's `study` column
-  where: str                  # "manifest.jsonl line 8", for messages
+  index: int  # row in the manifest (0-based): the store's `study` column
+  where: str  # "manifest.jsonl line 8", for messages
   frontal: str
   lateral: str | None = None
   prior_frontal: str | None = None
@@ -67,8 +69,13 @@ def _load_image(study: Study, field: str, path: str) -> Image.Image:
   except FileNotFoundError:
     raise BadStudyError(study.study_id, field, path, 'image file does not exist', study.where)
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
-    raise BadStudyError(study.study_id, field, path,
-                        f'cannot be read as an image ({type(e).__name__}: {e})', study.where)
+    raise BadStudyError(
+        study.study_id,
+        field,
+        path,
+        f'cannot be read as an image ({type(e).__name__}: {e})',
+        study.where,
+    )
 
 
 def _rows(path: str) -> list[tuple[str, dict]]:
@@ -92,9 +99,11 @@ def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
   image file) — so that with skip_bad a bad row is skipped, and without it the first one stops
   the export before the model is loaded. Unreadable image content shows up when it is loaded."""
   if not path:
-    raise ConfigError('export.manifest is empty: set it to a JSONL or CSV file with one study per '
-                      'row (study_id, frontal, lateral, prior_frontal, indication, technique, '
-                      'comparison, prior_report, findings).')
+    raise ConfigError(
+        'export.manifest is empty: set it to a JSONL or CSV file with one study per '
+        'row (study_id, frontal, lateral, prior_frontal, indication, technique, '
+        'comparison, prior_report, findings).'
+    )
   if not os.path.exists(path):
     raise ConfigError(f'export.manifest={path!r} does not exist.')
   base = os.path.dirname(os.path.abspath(path))
@@ -103,15 +112,20 @@ def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
   for index, (where, row) in enumerate(_rows(path)):
     sid = str(row.get('study_id') or f'<row {index}>')
     if sid in seen:
-      raise ConfigError(f'{path}: study_id {sid!r} appears twice ({seen[sid]} and {where}); '
-                        'study ids must be unique.')
+      raise ConfigError(
+          f'{path}: study_id {sid!r} appears twice ({seen[sid]} and {where}); '
+          'study ids must be unique.'
+      )
     seen[sid] = where
     values = {k: (str(v) if v not in (None, '') else None) for k, v in row.items()}
     missing = [f for f in required if values.get(f) is None]
     if missing:
       absent = missing[0] not in row
-      out.append(BadStudyError(sid, missing[0], None, 'missing from the row' if absent
-                               else 'is empty', where))
+      out.append(
+          BadStudyError(
+              sid, missing[0], None, 'missing from the row' if absent else 'is empty', where
+          )
+      )
       continue
     for field in IMAGE_FIELDS:
       if values.get(field) is not None:
@@ -120,8 +134,14 @@ def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
     if bad:
       out.append(BadStudyError(sid, bad, values[bad], 'image file does not exist', where))
       continue
-    out.append(Study(study_id=sid, index=index, where=where,
-                     **{f: values.get(f) for f in IMAGE_FIELDS + TEXT_FIELDS}))
+    out.append(
+        Study(
+            study_id=sid,
+            index=index,
+            where=where,
+            **{f: values.get(f) for f in IMAGE_FIELDS + TEXT_FIELDS},
+        )
+    )
   return out
 
 

@@ -21,25 +21,34 @@ from jaxsae.config import ConfigError
 from jaxsae.formats.tokens import TOKEN_KINDS
 
 MISSING = 'N/A'
-IMAGE, PROMPT, BOILERPLATE, REPORT = (TOKEN_KINDS.index(k) for k in
-                                      ('image', 'prompt', 'boilerplate', 'report'))
+IMAGE, PROMPT, BOILERPLATE, REPORT = (
+    TOKEN_KINDS.index(k) for k in ('image', 'prompt', 'boilerplate', 'report')
+)
 FRONTAL, LATERAL, PRIOR = 0, 1, 2  # the store's `image` column
 # A Vicuna-style template for processors without one (MAIRA-2's tokenizer brings its own).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<image>"
     "{% endif %}{% endfor %}{% if m['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    '{% if add_generation_prompt %}ASSISTANT:{% endif %}'
+)
 
 
 def _section(text: str | None) -> str:
   return text if isinstance(text, str) and text else MISSING
 
 
-def reporting_messages(has_lateral: bool, has_prior: bool, indication: str | None,
-                       technique: str | None, comparison: str | None, prior_report: str | None,
-                       assistant_text: str | None = None) -> list[dict[str, Any]]:
+def reporting_messages(
+    has_lateral: bool,
+    has_prior: bool,
+    indication: str | None,
+    technique: str | None,
+    comparison: str | None,
+    prior_report: str | None,
+    assistant_text: str | None = None,
+) -> list[dict[str, Any]]:
   """MAIRA-2's findings-generation chat messages (its processor's wording, item for item)."""
+
   def text(t):
     return {'index': None, 'text': t, 'type': 'text'}
 
@@ -58,22 +67,29 @@ def reporting_messages(has_lateral: bool, has_prior: bool, indication: str | Non
       prompt += [text(' and the current lateral image'), image(1)]
   if has_prior:
     prompt.append(text(f' PRIOR_REPORT: {_section(prior_report)}'))
-  prompt.append(text(
-      ' Provide a structured description of the findings in the radiology study in comparison to '
-      f'the prior frontal image. INDICATION: {_section(indication)} TECHNIQUE: '
-      f'{_section(technique)} COMPARISON: {_section(comparison)}'))
+  prompt.append(
+      text(
+          ' Provide a structured description of the findings in the radiology study in comparison to '
+          f'the prior frontal image. INDICATION: {_section(indication)} TECHNIQUE: '
+          f'{_section(technique)} COMPARISON: {_section(comparison)}'
+      )
+  )
   messages = [{'content': prompt, 'role': 'user'}]
   if assistant_text is not None:
     messages.append({'content': [text(assistant_text)], 'role': 'assistant'})
   return messages
 
 
-def _spans(text: str, study: manifest.Study, has_prior: bool,
-           assistant_text: str | None) -> list[tuple[int, int, int]]:
+def _spans(
+    text: str, study: manifest.Study, has_prior: bool, assistant_text: str | None
+) -> list[tuple[int, int, int]]:
   """Character spans (start, stop, kind) of the study's own texts in the rendered prompt."""
   labelled = ([(' PRIOR_REPORT: ', study.prior_report, PROMPT)] if has_prior else []) + [
-      ('INDICATION: ', study.indication, PROMPT), (' TECHNIQUE: ', study.technique, PROMPT),
-      (' COMPARISON: ', study.comparison, PROMPT), ('', assistant_text, REPORT)]
+      ('INDICATION: ', study.indication, PROMPT),
+      (' TECHNIQUE: ', study.technique, PROMPT),
+      (' COMPARISON: ', study.comparison, PROMPT),
+      ('', assistant_text, REPORT),
+  ]
   spans, cursor = [], 0
   for label, value, kind in labelled:
     if not value:  # absent: "N/A" is boilerplate
@@ -82,8 +98,10 @@ def _spans(text: str, study: manifest.Study, has_prior: bool,
     at = text.find(label + value, cursor)
     if at < 0:
       what = label.strip(' :') or 'findings'
-      raise ConfigError(f'study {study.study_id!r}: cannot find its {what} text in the prompt the '
-                        'processor rendered; token kinds would be wrong.')
+      raise ConfigError(
+          f'study {study.study_id!r}: cannot find its {what} text in the prompt the '
+          'processor rendered; token kinds would be wrong.'
+      )
     spans.append((at + len(label), at + len(label) + len(value), kind))
     cursor = at + len(label) + len(value)
   return spans
@@ -92,40 +110,73 @@ def _spans(text: str, study: manifest.Study, has_prior: bool,
 class Prepared:
   """One study's model inputs and, per token, its kind, patch index and image."""
 
-  def __init__(self, study: manifest.Study, inputs: dict[str, torch.Tensor], kinds: np.ndarray,
-               patch: np.ndarray, image: np.ndarray):
+  def __init__(
+      self,
+      study: manifest.Study,
+      inputs: dict[str, torch.Tensor],
+      kinds: np.ndarray,
+      patch: np.ndarray,
+      image: np.ndarray,
+  ):
     self.study, self.inputs = study, inputs
     self.input_ids = inputs['input_ids'][0]
     self.kinds, self.patch, self.image = kinds, patch, image
 
 
-def prepare(processor: Any, study: manifest.Study, images: dict[str, Image.Image | None],
-            teacher_forcing: bool, image_token_id: int) -> Prepared:
+def prepare(
+    processor: Any,
+    study: manifest.Study,
+    images: dict[str, Image.Image | None],
+    teacher_forcing: bool,
+    image_token_id: int,
+) -> Prepared:
   """Model inputs for `study` and the kind of every input token."""
   frontal, lateral, prior = (images.get(f) for f in manifest.IMAGE_FIELDS)
   assistant = study.findings if teacher_forcing else None
-  args = dict(current_frontal=frontal, current_lateral=lateral, prior_frontal=prior,
-              indication=study.indication, technique=study.technique,
-              comparison=study.comparison, prior_report=study.prior_report,
-              get_grounding=False, assistant_text=assistant)
+  args = dict(
+      current_frontal=frontal,
+      current_lateral=lateral,
+      prior_frontal=prior,
+      indication=study.indication,
+      technique=study.technique,
+      comparison=study.comparison,
+      prior_report=study.prior_report,
+      get_grounding=False,
+      assistant_text=assistant,
+  )
   if hasattr(processor, 'format_and_preprocess_reporting_input'):  # MAIRA-2's processor
     inputs = processor.format_and_preprocess_reporting_input(**args, return_tensors='pt')
     text = processor.format_reporting_input(**args)[0]
   else:
-    messages = reporting_messages(lateral is not None, prior is not None, study.indication,
-                                  study.technique, study.comparison, study.prior_report, assistant)
+    messages = reporting_messages(
+        lateral is not None,
+        prior is not None,
+        study.indication,
+        study.technique,
+        study.comparison,
+        study.prior_report,
+        assistant,
+    )
     tokenizer = processor.tokenizer
-    template = (tokenizer.chat_template or getattr(processor, 'chat_template', None)
-                or DEFAULT_CHAT_TEMPLATE)
-    text = tokenizer.apply_chat_template(messages, chat_template=template,
-                                         add_generation_prompt=assistant is None, tokenize=False)
+    template = (
+        tokenizer.chat_template
+        or getattr(processor, 'chat_template', None)
+        or DEFAULT_CHAT_TEMPLATE
+    )
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=assistant is None, tokenize=False
+    )
     ordered = [manifest.normalise(im) for im in (frontal, lateral, prior) if im is not None]
     inputs = processor(text=text, images=ordered, return_tensors='pt')
-  roles = ([FRONTAL] + ([LATERAL] if lateral is not None else [])
-           + ([PRIOR] if prior is not None else []))
+  roles = (
+      [FRONTAL]
+      + ([LATERAL] if lateral is not None else [])
+      + ([PRIOR] if prior is not None else [])
+  )
   spans = _spans(text, study, prior is not None, assistant)
-  kinds, patch, image = _token_kinds(processor.tokenizer, text, spans, inputs['input_ids'][0],
-                                     image_token_id, roles, study)
+  kinds, patch, image = _token_kinds(
+      processor.tokenizer, text, spans, inputs['input_ids'][0], image_token_id, roles, study
+  )
   return Prepared(study, dict(inputs), kinds, patch, image)
 
 
@@ -137,8 +188,10 @@ def _token_kinds(tokenizer, text, spans, input_ids, image_token_id, roles, study
   n_placeholders = sum(i == image_token_id for i in ids)
   n_image_tokens = int((input_ids == image_token_id).sum())
   if n_placeholders != len(roles) or n_image_tokens % max(n_placeholders, 1):
-    raise ConfigError(f'study {study.study_id!r}: {len(roles)} images but {n_placeholders} image '
-                      f'placeholders and {n_image_tokens} image tokens in the inputs.')
+    raise ConfigError(
+        f'study {study.study_id!r}: {len(roles)} images but {n_placeholders} image '
+        f'placeholders and {n_image_tokens} image tokens in the inputs.'
+    )
   per_image = n_image_tokens // max(n_placeholders, 1)
   char_kind = np.full(len(text) + 1, BOILERPLATE, np.int8)
   for a, b, kind in spans:
@@ -159,7 +212,9 @@ def _token_kinds(tokenizer, text, spans, input_ids, image_token_id, roles, study
     patch.append(-1)
     image.append(-1)
   if out_ids != input_ids.tolist():
-    raise ConfigError(f'study {study.study_id!r}: the processor\'s input_ids differ from the '
-                      'tokenised prompt text, so token kinds cannot be assigned. Is the tokenizer '
-                      'a fast tokenizer, and does the processor add tokens of its own?')
+    raise ConfigError(
+        f"study {study.study_id!r}: the processor's input_ids differ from the "
+        'tokenised prompt text, so token kinds cannot be assigned. Is the tokenizer '
+        'a fast tokenizer, and does the processor add tokens of its own?'
+    )
   return np.array(kinds, np.int32), np.array(patch, np.int32), np.array(image, np.int32)

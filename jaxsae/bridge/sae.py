@@ -29,16 +29,28 @@ from jaxsae.formats.weights import PARAMS
 class TorchSAE(torch.nn.Module):
   """A Matryoshka BatchTopK SAE at inference: JumpReLU encoder, linear decoder, nested prefixes."""
 
-  def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-               b_dec: torch.Tensor, threshold: torch.Tensor | float, k: int | None = None,
-               group_sizes: Sequence[int] | None = None, layer: int | None = None,
-               hook_name: str | None = None, source: str = ''):
+  def __init__(
+      self,
+      W_enc: torch.Tensor,
+      b_enc: torch.Tensor,
+      W_dec: torch.Tensor,
+      b_dec: torch.Tensor,
+      threshold: torch.Tensor | float,
+      k: int | None = None,
+      group_sizes: Sequence[int] | None = None,
+      layer: int | None = None,
+      hook_name: str | None = None,
+      source: str = '',
+  ):
     super().__init__()
     threshold = torch.as_tensor(threshold, dtype=W_enc.dtype)
     sizes = None if group_sizes is None else [int(s) for s in group_sizes]
     d, F = weights_format.check_shapes(
-        {n: t.shape for n, t in zip(PARAMS, (W_enc, b_enc, W_dec, b_dec))}, threshold.shape, sizes,
-        source or 'SAE')
+        {n: t.shape for n, t in zip(PARAMS, (W_enc, b_enc, W_dec, b_dec))},
+        threshold.shape,
+        sizes,
+        source or 'SAE',
+    )
     for name, value in zip(PARAMS + ('threshold',), (W_enc, b_enc, W_dec, b_dec, threshold)):
       self.register_buffer(name, value.contiguous())
     self.d, self.F, self.k = int(d), int(F), k
@@ -70,24 +82,36 @@ class TorchSAE(torch.nn.Module):
     out = [int(f) for f in features]
     bad = [f for f in out if not 0 <= f < self.F]
     if bad:
-      raise ConfigError(f'feature {bad[0]} is out of range: this SAE ({self.source or "in memory"})'
-                        f' has F={self.F} latents, numbered 0..{self.F - 1}. Pick a feature in '
-                        'that range.')
+      raise ConfigError(
+          f'feature {bad[0]} is out of range: this SAE ({self.source or "in memory"})'
+          f' has F={self.F} latents, numbered 0..{self.F - 1}. Pick a feature in '
+          'that range.'
+      )
     return out
 
   def extra_repr(self) -> str:
     theta = 'per-latent' if self.threshold.ndim else f'{float(self.threshold):.4g}'
-    return (f'd={self.d}, F={self.F}, k={self.k}, groups={self.group_sizes}, layer={self.layer}, '
-            f'threshold={theta}')
+    return (
+        f'd={self.d}, F={self.F}, k={self.k}, groups={self.group_sizes}, layer={self.layer}, '
+        f'threshold={theta}'
+    )
 
 
-def load(path: str, device: str | torch.device = 'cpu',
-         dtype: torch.dtype = torch.float32) -> TorchSAE:
+def load(
+    path: str, device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32
+) -> TorchSAE:
   """The SAE exported to directory `path` (layout detected from its files)."""
   w = weights_format.read(path)
   params = [_tensor(w.params[n], dtype) for n in PARAMS]
-  sae = TorchSAE(*params, threshold=_tensor(w.threshold, dtype), k=w.k, group_sizes=w.group_sizes,
-                 layer=w.layer, hook_name=w.hook_name, source=path)
+  sae = TorchSAE(
+      *params,
+      threshold=_tensor(w.threshold, dtype),
+      k=w.k,
+      group_sizes=w.group_sizes,
+      layer=w.layer,
+      hook_name=w.hook_name,
+      source=path,
+  )
   return sae.to(device).eval()
 
 

@@ -72,8 +72,8 @@ def parse(text: str) -> Parsed:
   at = 0
   for m in _TAG.finditer(text):
     if state != 'box':
-      words.append(text[at:m.start()])
-    elif text[at:m.start()].strip():
+      words.append(text[at : m.start()])
+    elif text[at : m.start()].strip():
       problems.append(f'text {text[at:m.start()].strip()!r} inside <box>')
     at, tag = m.end(), m.group(0)
     if tag == '<obj>':
@@ -139,7 +139,7 @@ def contains(text: str, target: str) -> bool:
 def distinct_ngrams(text: str, n: int = 3) -> float:
   """Share of distinct word n-grams (1.0: no repetition; near 0: a loop), 1.0 if too short."""
   w = text.split()
-  grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+  grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
   return len(set(grams)) / len(grams) if grams else 1.0
 
 
@@ -152,19 +152,22 @@ def distinct_ngrams(text: str, n: int = 3) -> float:
 class StudyInputs:
   study: manifest.Study
   inputs: dict[str, torch.Tensor]  # on the model's device, pixel values in its dtype
-  prompt_ids: torch.Tensor          # [T] on the CPU
+  prompt_ids: torch.Tensor  # [T] on the CPU
 
 
-def studies(path: str, ids: Sequence[str] = (), count: int | None = None,
-            teacher_forcing: bool = False) -> list[manifest.Study]:
+def studies(
+    path: str, ids: Sequence[str] = (), count: int | None = None, teacher_forcing: bool = False
+) -> list[manifest.Study]:
   """The manifest's studies named in `ids` (in that order), else its first `count` usable ones."""
   rows = manifest.read(path, teacher_forcing)
   if ids:
     by_id = {(r.study if isinstance(r, manifest.BadStudyError) else r.study_id): r for r in rows}
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-      raise ConfigError(f'study {unknown[0]!r} is not in {path}; it has '
-                        f'{len(rows)} studies, e.g. {list(by_id)[:3]}.')
+      raise ConfigError(
+          f'study {unknown[0]!r} is not in {path}; it has '
+          f'{len(rows)} studies, e.g. {list(by_id)[:3]}.'
+      )
     out = [by_id[i] for i in ids]
     bad = next((r for r in out if isinstance(r, manifest.BadStudyError)), None)
     if bad is not None:
@@ -178,23 +181,33 @@ def studies(path: str, ids: Sequence[str] = (), count: int | None = None,
 
 def to_device(inputs: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
   device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-  return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-          for k, v in inputs.items()}
+  return {
+      k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()
+  }
 
 
-def prepare(site: iv.Site, processor: Any, study: manifest.Study,
-            grounding: bool = False) -> StudyInputs:
+def prepare(
+    site: iv.Site, processor: Any, study: manifest.Study, grounding: bool = False
+) -> StudyInputs:
   """Prompt-only model inputs for `study` (MAIRA-2's grounded prompt if `grounding`)."""
   images = dict(study.images())
   if grounding:
     if not hasattr(processor, 'format_and_preprocess_reporting_input'):
-      raise ConfigError(f'--grounding needs MAIRA-2\'s processor (it builds the grounded reporting '
-                        f'prompt); {type(processor).__name__} has none. Drop --grounding.')
+      raise ConfigError(
+          f"--grounding needs MAIRA-2's processor (it builds the grounded reporting "
+          f'prompt); {type(processor).__name__} has none. Drop --grounding.'
+      )
     inputs = processor.format_and_preprocess_reporting_input(
-        current_frontal=images.get('frontal'), current_lateral=images.get('lateral'),
-        prior_frontal=images.get('prior_frontal'), indication=study.indication,
-        technique=study.technique, comparison=study.comparison, prior_report=study.prior_report,
-        get_grounding=True, return_tensors='pt')
+        current_frontal=images.get('frontal'),
+        current_lateral=images.get('lateral'),
+        prior_frontal=images.get('prior_frontal'),
+        indication=study.indication,
+        technique=study.technique,
+        comparison=study.comparison,
+        prior_report=study.prior_report,
+        get_grounding=True,
+        return_tensors='pt',
+    )
     inputs = dict(inputs)
   else:
     inputs = prompt.prepare(processor, study, images, False, site.image_token_id).inputs
@@ -222,9 +235,14 @@ def generate(site: iv.Site, processor: Any, s: StudyInputs, max_new_tokens: int)
     eos = tok.eos_token_id
   eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
   with torch.inference_mode():
-    out = site.model.generate(**s.inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                              num_beams=1, pad_token_id=tok.pad_token_id)
-  new = out[0, s.inputs['input_ids'].shape[1]:].tolist()
+    out = site.model.generate(
+        **s.inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tok.pad_token_id,
+    )
+  new = out[0, s.inputs['input_ids'].shape[1] :].tolist()
   end = next((i for i, t in enumerate(new) if t in eos), None)
   ids = new if end is None else new[:end]
   text = tok.decode(ids, skip_special_tokens=False)  # MAIRA-2's <obj>/<box> tokens are special
@@ -234,8 +252,15 @@ def generate(site: iv.Site, processor: Any, s: StudyInputs, max_new_tokens: int)
   return Generation(text.strip(), len(ids), end is not None, parse(text))
 
 
-def intervention(site: iv.Site, mode: str, features: Sequence[int], alpha: float, where: iv.Where,
-                 prompt_ids: torch.Tensor, norm: float | None):
+def intervention(
+    site: iv.Site,
+    mode: str,
+    features: Sequence[int],
+    alpha: float,
+    where: iv.Where,
+    prompt_ids: torch.Tensor,
+    norm: float | None,
+):
   """`add` alpha * W_dec[f] (alpha in units of `norm` if given), or `clamp` f to alpha."""
   if mode == 'add':
     return iv.add(site, features, alpha, where, prompt_ids, norm)
@@ -270,53 +295,101 @@ def describe(g: Generation) -> list[str]:
   lines = [g.text or '(empty)', '']
   for p in g.parsed.phrases:
     if p.boxes:
-      lines.append(f'- {p.text}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')'
-                                                for b in p.boxes))
-  lines.append(f'[{g.tokens} tokens, {"finished" if g.finished else "cut at max_new_tokens"}, '
-               f'{len(g.parsed.phrases)} phrases, {g.parsed.boxes} boxes'
-               + (f', problems: {"; ".join(g.parsed.problems)}' if g.parsed.problems else '') + ']')
+      lines.append(
+          f'- {p.text}: ' + '; '.join('(' + ', '.join(f'{v:.3f}' for v in b) + ')' for b in p.boxes)
+      )
+  lines.append(
+      f'[{g.tokens} tokens, {"finished" if g.finished else "cut at max_new_tokens"}, '
+      f'{len(g.parsed.phrases)} phrases, {g.parsed.boxes} boxes'
+      + (f', problems: {"; ".join(g.parsed.problems)}' if g.parsed.problems else '')
+      + ']'
+  )
   return lines
 
 
-def side_by_side(left_title: str, left: Generation, right_title: str, right: Generation,
-                 width: int = 60) -> str:
+def side_by_side(
+    left_title: str, left: Generation, right_title: str, right: Generation, width: int = 60
+) -> str:
   def column(title, g):
     out = [title, '-' * min(width, max(len(title), 1))]
     for line in describe(g):
       out += textwrap.wrap(line, width) or ['']
     return out
+
   a, b = column(left_title, left), column(right_title, right)
   a += [''] * (len(b) - len(a))
   b += [''] * (len(a) - len(b))
   return '\n'.join(f'{x:<{width}} | {y}' for x, y in zip(a, b))
 
 
-CSV_FIELDS = ('study_id', 'mode', 'features', 'alpha', 'where', 'relative', 'tokens', 'finished',
-              'markup_ok', 'well_formed', 'has_target', 'phrases', 'boxes', 'distinct_3grams',
-              'report')
+CSV_FIELDS = (
+    'study_id',
+    'mode',
+    'features',
+    'alpha',
+    'where',
+    'relative',
+    'tokens',
+    'finished',
+    'markup_ok',
+    'well_formed',
+    'has_target',
+    'phrases',
+    'boxes',
+    'distinct_3grams',
+    'report',
+)
 
 
-def row(study_id: str, mode: str, features: Sequence[int], alpha: float | None, where: iv.Where,
-        relative: bool, g: Generation, target: str) -> dict[str, Any]:
-  return {'study_id': study_id, 'mode': mode, 'features': ' '.join(map(str, features)),
-          'alpha': '' if alpha is None else alpha, 'where': where, 'relative': relative,
-          'tokens': g.tokens, 'finished': g.finished, 'markup_ok': not g.parsed.problems,
-          'well_formed': g.well_formed,
-          'has_target': contains(g.parsed.plain, target) if target else '',
-          'phrases': len(g.parsed.phrases), 'boxes': g.parsed.boxes,
-          'distinct_3grams': round(distinct_ngrams(g.parsed.plain), 4), 'report': g.text}
+def row(
+    study_id: str,
+    mode: str,
+    features: Sequence[int],
+    alpha: float | None,
+    where: iv.Where,
+    relative: bool,
+    g: Generation,
+    target: str,
+) -> dict[str, Any]:
+  return {
+      'study_id': study_id,
+      'mode': mode,
+      'features': ' '.join(map(str, features)),
+      'alpha': '' if alpha is None else alpha,
+      'where': where,
+      'relative': relative,
+      'tokens': g.tokens,
+      'finished': g.finished,
+      'markup_ok': not g.parsed.problems,
+      'well_formed': g.well_formed,
+      'has_target': contains(g.parsed.plain, target) if target else '',
+      'phrases': len(g.parsed.phrases),
+      'boxes': g.parsed.boxes,
+      'distinct_3grams': round(distinct_ngrams(g.parsed.plain), 4),
+      'report': g.text,
+  }
 
 
-def sweep(site: iv.Site, processor: Any, batch: Sequence[StudyInputs], features: Sequence[int],
-          alphas: Sequence[float], mode: str = 'add', where: iv.Where = 'all',
-          norm: float | None = None, target: str = '', max_new_tokens: int = 300,
-          progress=None) -> list[dict[str, Any]]:
+def sweep(
+    site: iv.Site,
+    processor: Any,
+    batch: Sequence[StudyInputs],
+    features: Sequence[int],
+    alphas: Sequence[float],
+    mode: str = 'add',
+    where: iv.Where = 'all',
+    norm: float | None = None,
+    target: str = '',
+    max_new_tokens: int = 300,
+    progress=None,
+) -> list[dict[str, Any]]:
   """One baseline (mode 'baseline', no hook) and one steered report per study and alpha."""
   rows = []
   for s in batch:
     g = generate(site, processor, s, max_new_tokens)
-    rows.append(row(s.study.study_id, 'baseline', features, None, where, norm is not None, g,
-                    target))
+    rows.append(
+        row(s.study.study_id, 'baseline', features, None, where, norm is not None, g, target)
+    )
     for alpha in alphas:
       with intervention(site, mode, features, alpha, where, s.prompt_ids, norm):
         g = generate(site, processor, s, max_new_tokens)
@@ -333,19 +406,29 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups.setdefault('baseline' if r['mode'] == 'baseline' else r['alpha'], []).append(r)
   out = []
   for key, rs in groups.items():
-    out.append({'alpha': key, 'studies': len(rs),
-                'target_rate': (float(np.mean([bool(r['has_target']) for r in rs]))
-                                if rs[0]['has_target'] != '' else None),
-                'well_formed_rate': float(np.mean([bool(r['well_formed']) for r in rs])),
-                'finished_rate': float(np.mean([bool(r['finished']) for r in rs])),
-                'distinct_3grams': float(np.mean([r['distinct_3grams'] for r in rs]))})
+    out.append(
+        {
+            'alpha': key,
+            'studies': len(rs),
+            'target_rate': (
+                float(np.mean([bool(r['has_target']) for r in rs]))
+                if rs[0]['has_target'] != ''
+                else None
+            ),
+            'well_formed_rate': float(np.mean([bool(r['well_formed']) for r in rs])),
+            'finished_rate': float(np.mean([bool(r['finished']) for r in rs])),
+            'distinct_3grams': float(np.mean([r['distinct_3grams'] for r in rs])),
+        }
+    )
   return out
 
 
-def write_sweep(out_dir: str, rows: Sequence[dict[str, Any]], target: str,
-                title: str) -> tuple[str, str]:
+def write_sweep(
+    out_dir: str, rows: Sequence[dict[str, Any]], target: str, title: str
+) -> tuple[str, str]:
   """steer_sweep.csv (one row per report) and steer_sweep.png (rates per alpha)."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 

@@ -50,8 +50,10 @@ def open_source(c: ml_collections.ConfigDict) -> ActivationSource:
   else:
     source = store_source.StoreSource.from_config(c)  # checks path, width, dtype, size
   if source.d != c.sae.d:
-    raise ConfigError(f'the data has width d={source.d} but the config says sae.d={c.sae.d}; '
-                      'set --config.sae.d to the data width.')
+    raise ConfigError(
+        f'the data has width d={source.d} but the config says sae.d={c.sae.d}; '
+        'set --config.sae.d to the data width.'
+    )
   return source
 
 
@@ -85,6 +87,8 @@ def activation_scale(source: ActivationSource, n_batches: int) -> float:
   sq = [jnp.mean(jnp.sum(source.batch(i) ** 2, axis=-1)) for i in range(n_batches)]
   mean_sq = float(jnp.mean(jnp.stack(sq)))
   if not mean_sq > 0 or not jnp.isfinite(mean_sq):
-    raise ConfigError(f'cannot normalise the data: the mean squared norm of the first {n_batches} '
-                      f'batches is {mean_sq}. Check the source for zeros or NaN/Inf.')
+    raise ConfigError(
+        f'cannot normalise the data: the mean squared norm of the first {n_batches} '
+        f'batches is {mean_sq}. Check the source for zeros or NaN/Inf.'
+    )
   return (mean_sq / source.d) ** 0.5

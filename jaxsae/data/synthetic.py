@@ -21,12 +21,23 @@ __all__ = ['SyntheticSource', 'recovery']
 class SyntheticSource:
   """Batch i of planted-feature activations, generated on the device."""
 
-  def __init__(self, d: int, batch_size: int, n_features: int, mean_active: float,
-               zipf_exponent: float, n_parents: int, children_per_parent: int, noise_std: float,
-               seed: int):
+  def __init__(
+      self,
+      d: int,
+      batch_size: int,
+      n_features: int,
+      mean_active: float,
+      zipf_exponent: float,
+      n_parents: int,
+      children_per_parent: int,
+      noise_std: float,
+      seed: int,
+  ):
     if n_parents * (1 + children_per_parent) > n_features:
-      raise ValueError(f'{n_parents} parents with {children_per_parent} children each need '
-                       f'{n_parents * (1 + children_per_parent)} features; only {n_features}.')
+      raise ValueError(
+          f'{n_parents} parents with {children_per_parent} children each need '
+          f'{n_parents * (1 + children_per_parent)} features; only {n_features}.'
+      )
     self.d, self.batch_size, self.n_features = d, batch_size, n_features
     self.mean_active, self.noise_std = mean_active, noise_std
     self.scale = None  # unknown in advance: training measures it on the first batches
@@ -35,23 +46,31 @@ class SyntheticSource:
     feats = jax.random.normal(k_feat, (n_features, d), jnp.float32)
     self.features = feats / jnp.linalg.norm(feats, axis=1, keepdims=True)
     rank = np.arange(1, n_features + 1, dtype=np.float64)
-    probs = rank ** -zipf_exponent / np.sum(rank ** -zipf_exponent)
+    probs = rank**-zipf_exponent / np.sum(rank**-zipf_exponent)
     self.probs = jnp.asarray(probs, jnp.float32)
     self._cdf = jnp.asarray(np.cumsum(probs), jnp.float32)
     # Feature layout: parents first, then each parent's children, then independent features.
     parent = np.full(n_features, -1, np.int32)
     for p in range(n_parents):
       start = n_parents + p * children_per_parent
-      parent[start:start + children_per_parent] = p
+      parent[start : start + children_per_parent] = p
     self.parent = jnp.asarray(parent)
     self.max_active = max(1, int(np.ceil(4 * mean_active)))
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict) -> 'SyntheticSource':
     s = c.data.synthetic
-    return cls(d=c.sae.d, batch_size=c.data.batch_size, n_features=s.n_features,
-               mean_active=s.mean_active, zipf_exponent=s.zipf_exponent, n_parents=s.n_parents,
-               children_per_parent=s.children_per_parent, noise_std=s.noise_std, seed=s.seed)
+    return cls(
+        d=c.sae.d,
+        batch_size=c.data.batch_size,
+        n_features=s.n_features,
+        mean_active=s.mean_active,
+        zipf_exponent=s.zipf_exponent,
+        n_parents=s.n_parents,
+        children_per_parent=s.children_per_parent,
+        noise_std=s.noise_std,
+        seed=s.seed,
+    )
 
   def batch(self, index: int) -> jax.Array:
     return self._batch(jnp.asarray(index, jnp.uint32))
@@ -71,17 +90,23 @@ class SyntheticSource:
     mag = jnp.where(on, 1.0 + 0.5 * jnp.abs(jax.random.normal(k_mag, (B, m))), 0.0)
     # A child brings its parent along, so parents fire at least as often as all their children.
     par = self.parent[idx]
-    par_mag = jnp.where(on & (par >= 0), 1.0 + 0.5 * jnp.abs(jax.random.normal(k_pmag, (B, m))),
-                        0.0)
-    x = (jnp.einsum('bm,bmd->bd', mag, self.features[idx])
-         + jnp.einsum('bm,bmd->bd', par_mag, self.features[jnp.maximum(par, 0)]))
+    par_mag = jnp.where(
+        on & (par >= 0), 1.0 + 0.5 * jnp.abs(jax.random.normal(k_pmag, (B, m))), 0.0
+    )
+    x = jnp.einsum('bm,bmd->bd', mag, self.features[idx]) + jnp.einsum(
+        'bm,bmd->bd', par_mag, self.features[jnp.maximum(par, 0)]
+    )
     return x + self.noise_std * jax.random.normal(k_noise, x.shape)
 
 
-def recovery(learned_W_dec: jax.Array, true_features: jax.Array,
-             threshold: float = 0.9) -> dict[str, float]:
+def recovery(
+    learned_W_dec: jax.Array, true_features: jax.Array, threshold: float = 0.9
+) -> dict[str, float]:
   """Mean max cosine similarity (MMCS) of each true feature to its closest decoder row, and the
   fraction of true features with a match above `threshold`."""
   learned = learned_W_dec / jnp.linalg.norm(learned_W_dec, axis=1, keepdims=True)
   best = jnp.max(true_features @ learned.T, axis=1)
-  return {'mmcs': float(best.mean()), f'frac_recovered_{threshold}': float((best > threshold).mean())}
+  return {
+      'mmcs': float(best.mean()),
+      f'frac_recovered_{threshold}': float((best > threshold).mean()),
+  }

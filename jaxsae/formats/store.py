@@ -32,8 +32,19 @@ import tensorstore as ts
 from jaxsae.errors import ConfigError
 from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
-__all__ = ['FORMAT', 'COMMIT', 'REPORT', 'DTYPES', 'TOKEN_COLUMNS', 'TOKEN_KINDS', 'url', 'exists',
-           'ActivationStore', 'open_store', 'StoreWriter']
+__all__ = [
+    'FORMAT',
+    'COMMIT',
+    'REPORT',
+    'DTYPES',
+    'TOKEN_COLUMNS',
+    'TOKEN_KINDS',
+    'url',
+    'exists',
+    'ActivationStore',
+    'open_store',
+    'StoreWriter',
+]
 
 FORMAT = 'jaxsae-activations/1'
 COMMIT = 'store.json'
@@ -70,16 +81,28 @@ def _array_spec(path: str, name: str) -> dict:
   return {'driver': 'zarr3', 'kvstore': url(path) + name + '/'}
 
 
-def _sharded_metadata(shape: list[int], dtype: str, rows_per_chunk: int,
-                      rows_per_shard: int) -> dict:
+def _sharded_metadata(
+    shape: list[int], dtype: str, rows_per_chunk: int, rows_per_shard: int
+) -> dict:
   raw = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
   return {
-      'shape': shape, 'data_type': dtype,
-      'chunk_grid': {'name': 'regular',
-                     'configuration': {'chunk_shape': [rows_per_shard, shape[1]]}},
-      'codecs': [{'name': 'sharding_indexed', 'configuration': {
-          'chunk_shape': [rows_per_chunk, shape[1]], 'codecs': raw,
-          'index_codecs': raw + [{'name': 'crc32c'}]}}]}
+      'shape': shape,
+      'data_type': dtype,
+      'chunk_grid': {
+          'name': 'regular',
+          'configuration': {'chunk_shape': [rows_per_shard, shape[1]]},
+      },
+      'codecs': [
+          {
+              'name': 'sharding_indexed',
+              'configuration': {
+                  'chunk_shape': [rows_per_chunk, shape[1]],
+                  'codecs': raw,
+                  'index_codecs': raw + [{'name': 'crc32c'}],
+              },
+          }
+      ],
+  }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +120,8 @@ class ActivationStore:
       raise ConfigError(
           f'activation store not found: data.store_path={path!r} does not exist. Write it first '
           'with `python -m jaxsae.export_activations --config=<this experiment>` (it needs the '
-          'model weights), or point --config.data.store_path at an existing store.')
+          'model weights), or point --config.data.store_path at an existing store.'
+      )
     try:
       meta = _read_json(_kvstore(path), COMMIT)
     except (ValueError, json.JSONDecodeError) as e:
@@ -106,10 +130,13 @@ class ActivationStore:
       raise ConfigError(
           f'{path!r} is not a committed activation store: it has no {COMMIT}. Either it is not a '
           'store, or its export has not committed a single study yet (still running, or killed '
-          'before the first commit): rerun `python -m jaxsae.export_activations` to finish it.')
+          'before the first commit): rerun `python -m jaxsae.export_activations` to finish it.'
+      )
     if meta.get('format') != FORMAT:
-      raise ConfigError(f'{path}/{COMMIT} has format {meta.get("format")!r}; this version of '
-                        f'jaxsae reads {FORMAT!r}. Re-export the activations.')
+      raise ConfigError(
+          f'{path}/{COMMIT} has format {meta.get("format")!r}; this version of '
+          f'jaxsae reads {FORMAT!r}. Re-export the activations.'
+      )
     self._set(meta)
 
   def _set(self, meta: dict) -> None:
@@ -120,12 +147,14 @@ class ActivationStore:
           f'the activation store at {self.path!r} is empty: 0 rows committed '
           f'({meta["studies"]} studies processed, token kinds kept '
           f'{meta["info"].get("keep_kinds")}). '
-          'Check export.manifest and export.keep_kinds, then re-export.')
+          'Check export.manifest and export.keep_kinds, then re-export.'
+      )
     self.mean_sq_norm = float(meta['mean_sq_norm'])
     self.scale = float(meta['scale'])
-    arr = ts.open({**_array_spec(self.path, 'activations'), 'open': True}, context=_CONTEXT,
-                  read=True).result()
-    self._acts = arr[:self.rows]  # only committed rows are visible
+    arr = ts.open(
+        {**_array_spec(self.path, 'activations'), 'open': True}, context=_CONTEXT, read=True
+    ).result()
+    self._acts = arr[: self.rows]  # only committed rows are visible
     self._tokens = None
 
   def __getstate__(self):  # worker processes reopen the same committed rows
@@ -163,9 +192,10 @@ class ActivationStore:
   def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Token metadata [rows, len(TOKEN_COLUMNS)] of rows [start, stop)."""
     if self._tokens is None:
-      arr = ts.open({**_array_spec(self.path, 'tokens'), 'open': True}, context=_CONTEXT,
-                    read=True).result()
-      self._tokens = arr[:self.rows]
+      arr = ts.open(
+          {**_array_spec(self.path, 'tokens'), 'open': True}, context=_CONTEXT, read=True
+      ).result()
+      self._tokens = arr[: self.rows]
     return self._tokens[start:stop].read().result()
 
   def tokens_at(self, indices: np.ndarray) -> np.ndarray:
@@ -201,33 +231,68 @@ class StoreWriter:
   kinds, ...) must match on resume.
   """
 
-  def __init__(self, path: str, d: int, dtype: str, info: dict, rows_per_chunk: int = 4,
-               rows_per_shard: int = 4096):
+  def __init__(
+      self,
+      path: str,
+      d: int,
+      dtype: str,
+      info: dict,
+      rows_per_chunk: int = 4,
+      rows_per_shard: int = 4096,
+  ):
     if dtype not in DTYPES:
-      raise ConfigError(f"data.store_dtype must be one of {tuple(DTYPES)}, got {dtype!r}.")
+      raise ConfigError(f'data.store_dtype must be one of {tuple(DTYPES)}, got {dtype!r}.')
     self.path, self.d, self.dtype, self.info = path, d, dtype, info
     self.rows_per_shard = rows_per_shard
     self._kv = _kvstore(path)
     meta = _read_json(self._kv, COMMIT)
     if meta is None:  # fresh store, or one whose first commit never happened: start over
-      meta = {'format': FORMAT, 'd': d, 'dtype': dtype, 'rows': 0, 'studies': 0, 'commits': 0,
-              'skipped': 0, 'sum_sq_norm': 0.0, 'mean_sq_norm': None, 'scale': None,
-              'kind_counts': {k: 0 for k in TOKEN_KINDS}, 'last_study_id': None,
-              'token_columns': list(TOKEN_COLUMNS), 'kinds': list(TOKEN_KINDS), 'info': info,
-              'rows_per_chunk': rows_per_chunk, 'rows_per_shard': rows_per_shard}
+      meta = {
+          'format': FORMAT,
+          'd': d,
+          'dtype': dtype,
+          'rows': 0,
+          'studies': 0,
+          'commits': 0,
+          'skipped': 0,
+          'sum_sq_norm': 0.0,
+          'mean_sq_norm': None,
+          'scale': None,
+          'kind_counts': {k: 0 for k in TOKEN_KINDS},
+          'last_study_id': None,
+          'token_columns': list(TOKEN_COLUMNS),
+          'kinds': list(TOKEN_KINDS),
+          'info': info,
+          'rows_per_chunk': rows_per_chunk,
+          'rows_per_shard': rows_per_shard,
+      }
       create = {'create': True, 'delete_existing': True}
-      self._acts = ts.open({**_array_spec(path, 'activations'), **create, 'metadata':
-                            _sharded_metadata([0, d], dtype, rows_per_chunk, rows_per_shard)},
-                           context=_CONTEXT).result()
-      self._tokens = ts.open({**_array_spec(path, 'tokens'), **create, 'metadata':
-                              _sharded_metadata([0, len(TOKEN_COLUMNS)], 'int32', rows_per_shard,
-                                                rows_per_shard)}, context=_CONTEXT).result()
+      self._acts = ts.open(
+          {
+              **_array_spec(path, 'activations'),
+              **create,
+              'metadata': _sharded_metadata([0, d], dtype, rows_per_chunk, rows_per_shard),
+          },
+          context=_CONTEXT,
+      ).result()
+      self._tokens = ts.open(
+          {
+              **_array_spec(path, 'tokens'),
+              **create,
+              'metadata': _sharded_metadata(
+                  [0, len(TOKEN_COLUMNS)], 'int32', rows_per_shard, rows_per_shard
+              ),
+          },
+          context=_CONTEXT,
+      ).result()
     else:
       self._check_resumable(meta)
-      self._acts = ts.open({**_array_spec(path, 'activations'), 'open': True},
-                           context=_CONTEXT).result()
-      self._tokens = ts.open({**_array_spec(path, 'tokens'), 'open': True},
-                             context=_CONTEXT).result()
+      self._acts = ts.open(
+          {**_array_spec(path, 'activations'), 'open': True}, context=_CONTEXT
+      ).result()
+      self._tokens = ts.open(
+          {**_array_spec(path, 'tokens'), 'open': True}, context=_CONTEXT
+      ).result()
     self.meta = meta
     self._skipped = [s for s in self._committed_records() if s.get('skipped')]
     self._rows, self._toks, self._records = [], [], []
@@ -236,15 +301,22 @@ class StoreWriter:
 
   def _check_resumable(self, meta: dict) -> None:
     want = {'d': self.d, 'dtype': self.dtype, **{f'info.{k}': v for k, v in self.info.items()}}
-    got = {'d': meta['d'], 'dtype': meta['dtype'],
-           **{f'info.{k}': meta['info'].get(k) for k in self.info}}
-    diff = [f'{k}: store {got[k]!r}, config {v!r}' for k, v in want.items()
-            if json.loads(json.dumps(got[k])) != json.loads(json.dumps(v))]
+    got = {
+        'd': meta['d'],
+        'dtype': meta['dtype'],
+        **{f'info.{k}': meta['info'].get(k) for k in self.info},
+    }
+    diff = [
+        f'{k}: store {got[k]!r}, config {v!r}'
+        for k, v in want.items()
+        if json.loads(json.dumps(got[k])) != json.loads(json.dumps(v))
+    ]
     if diff:
       raise ConfigError(
           f'the activation store at {self.path!r} was written with other settings '
           f'({"; ".join(diff)}); nothing was changed. Use another data.store_path, or delete it '
-          'to start over.')
+          'to start over.'
+      )
 
   def _committed_records(self) -> list[dict]:
     out = []
@@ -265,8 +337,9 @@ class StoreWriter:
     """Add the rows of whole studies (`records`, in manifest order, row ranges relative to this
     call's rows; skipped studies carry `skipped` and no rows). Commits when enough rows wait."""
     if rows.shape[1:] != (self.d,) or len(rows) != len(tokens):
-      raise ValueError(f'rows {rows.shape} / tokens {tokens.shape} do not fit a [n, {self.d}] '
-                       'store')
+      raise ValueError(
+          f'rows {rows.shape} / tokens {tokens.shape} do not fit a [n, {self.d}] ' 'store'
+      )
     offset = int(self.meta['rows']) + sum(len(r) for r in self._rows)
     for r in records:
       r = dict(r)
@@ -284,8 +357,7 @@ class StoreWriter:
     if not self._records:
       return
     rows = np.concatenate(self._rows) if self._rows else np.zeros((0, self.d), DTYPES[self.dtype])
-    toks = (np.concatenate(self._toks) if self._toks
-            else np.zeros((0, len(TOKEN_COLUMNS)), np.int32))
+    toks = np.concatenate(self._toks) if self._toks else np.zeros((0, len(TOKEN_COLUMNS)), np.int32)
     records, self._rows, self._toks, self._records = self._records, [], [], []
     x = rows.astype(np.float32)  # statistics of what training will read, after any rounding
     sum_sq = float(np.sum(np.einsum('ij,ij->i', x, x), dtype=np.float64))
@@ -303,8 +375,9 @@ class StoreWriter:
     self._skipped += [r for r in records if r.get('skipped')]
     m['skipped'] = len(self._skipped)
     self.meta = m
-    self._pending = self._pool.submit(self._write_and_commit, start, rows, toks, records, m,
-                                      list(self._skipped))
+    self._pending = self._pool.submit(
+        self._write_and_commit, start, rows, toks, records, m, list(self._skipped)
+    )
 
   def _write_and_commit(self, start, rows, toks, records, meta, skipped) -> None:
     stop = start + len(rows)
@@ -312,8 +385,9 @@ class StoreWriter:
     if stop > self._acts.shape[0]:
       self._acts = self._acts.resize(exclusive_max=[stop, self.d], expand_only=True).result()
     if stop > self._tokens.shape[0]:
-      self._tokens = self._tokens.resize(exclusive_max=[stop, len(TOKEN_COLUMNS)],
-                                         expand_only=True).result()
+      self._tokens = self._tokens.resize(
+          exclusive_max=[stop, len(TOKEN_COLUMNS)], expand_only=True
+      ).result()
     writes = [self._acts[start:stop].write(rows), self._tokens[start:stop].write(toks)]
     writes.append(self._kv.write(f'studies/{meta["commits"] - 1:08d}.json', json.dumps(records)))
     if any(r.get('skipped') for r in records):

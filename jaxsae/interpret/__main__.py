@@ -18,8 +18,9 @@ from jaxsae import host_memory
 from jaxsae.config import ConfigError
 from jaxsae.interpret import llm, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (get_config()).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment file (get_config()).', lock_config=True
+)
 _WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
 _OUT = flags.DEFINE_string('out', 'outputs/interpret', 'Output folder (resumed if it exists).')
 flags.mark_flags_as_required(['config', 'weights'])
@@ -27,7 +28,7 @@ flags.mark_flags_as_required(['config', 'weights'])
 
 def main(argv):
   del argv
-  host_memory.reuse_freed_memory()   # before JAX's thread pools start (see its docstring)
+  host_memory.reuse_freed_memory()  # before JAX's thread pools start (see its docstring)
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:
@@ -37,8 +38,11 @@ def main(argv):
     return 2
   print(json.dumps({k: v for k, v in summary.items() if k != 'sae_config'}, indent=1))
   if summary['failed']:
-    print(f'{len(summary["failed"])} features could not be explained (LLM errors); rerun to '
-          'retry them.', file=sys.stderr)
+    print(
+        f'{len(summary["failed"])} features could not be explained (LLM errors); rerun to '
+        'retry them.',
+        file=sys.stderr,
+    )
   print(f'feature browser: {summary["index"]}')
   return 0
 

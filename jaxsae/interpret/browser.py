@@ -52,9 +52,15 @@ HEATMAP_WIDTH = 320  # CSS px; the height follows the image (or the grid's aspec
 _PAGE_RE = re.compile(r'^\d+\.html$')
 
 
-def write_site(out_dir: str, records: Iterable[FeatureRecord],
-               explanations: dict[int, Explanation], *, title: str, meta: dict,
-               page_size: int = 200) -> str:
+def write_site(
+    out_dir: str,
+    records: Iterable[FeatureRecord],
+    explanations: dict[int, Explanation],
+    *,
+    title: str,
+    meta: dict,
+    page_size: int = 200,
+) -> str:
   """Write the browser under `out_dir` and return the path of its `index.html`.
 
   Args:
@@ -86,16 +92,20 @@ def write_site(out_dir: str, records: Iterable[FeatureRecord],
     rows.append(_index_row(record, explanation))
     if record['count'] > 0:
       live.append(f)
-      _write(os.path.join(features_dir, f'{f}.html'),
-             _feature_page(record, explanation, title, out_dir))
+      _write(
+          os.path.join(features_dir, f'{f}.html'),
+          _feature_page(record, explanation, title, out_dir),
+      )
 
   live.sort()
   live_names = {f'{f}.html' for f in live}
   for name in os.listdir(features_dir):  # pages of features no longer live, from an earlier run
     if _PAGE_RE.match(name) and name not in live_names:
       os.remove(os.path.join(features_dir, name))
-  _write(os.path.join(static_dir, 'nav.js'),
-         'window.LIVE_FEATURES = ' + json.dumps(live, separators=(',', ':')) + ';\n')
+  _write(
+      os.path.join(static_dir, 'nav.js'),
+      'window.LIVE_FEATURES = ' + json.dumps(live, separators=(',', ':')) + ';\n',
+  )
   rows.sort(key=lambda r: r[0])
   path = os.path.join(out_dir, INDEX)
   _write(path, _index_html(rows, title, meta, page_size))
@@ -148,20 +158,30 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
   dead = sum(1 for r in rows if r[2] == 0)
   explained = sum(1 for r in rows if r[5] is not None)
   scores = [r[6] for r in rows if r[6] is not None]
-  counts = [('features', f'{n:,}'), ('live', f'{n - dead:,}'), ('dead', f'{dead:,}'),
-            ('explained', f'{explained:,}')]
+  counts = [
+      ('features', f'{n:,}'),
+      ('live', f'{n - dead:,}'),
+      ('dead', f'{dead:,}'),
+      ('explained', f'{explained:,}'),
+  ]
   if scores:
     counts.append(('mean detection score', f'{sum(scores) / len(scores):.3f}'))
   data = {'fields': ROW_FIELDS, 'pageSize': page_size, 'rows': rows}
   meta_html = ''.join(f'<dt>{_esc(k)}</dt><dd>{_esc(_fmt_meta(v))}</dd>' for k, v in meta.items())
-  counts_html = ''.join(f'<span class="count"><b>{_esc(v)}</b> {_esc(k)}</span>'
-                        for k, v in counts)
+  counts_html = ''.join(f'<span class="count"><b>{_esc(v)}</b> {_esc(k)}</span>' for k, v in counts)
   headers = ''.join(
       f'<th data-key="{key}" class="{"sortable" if sortable else ""} {key}">{_esc(label)}</th>'
       for key, label, sortable in (
-          ('id', 'id', True), ('density', 'density', True), ('mean', 'mean act', True),
-          ('max', 'max act', True), ('explanation', 'explanation', True),
-          ('score', 'score', True), ('tokens', 'top tokens', False), ('kind', 'kind', False)))
+          ('id', 'id', True),
+          ('density', 'density', True),
+          ('mean', 'mean act', True),
+          ('max', 'max act', True),
+          ('explanation', 'explanation', True),
+          ('score', 'score', True),
+          ('tokens', 'top tokens', False),
+          ('kind', 'kind', False),
+      )
+  )
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -192,8 +212,9 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
 # --------------------------------------------------------------------------------------------------
 
 
-def _feature_page(record: FeatureRecord, explanation: Explanation | None, title: str,
-                  out_dir: str) -> str:
+def _feature_page(
+    record: FeatureRecord, explanation: Explanation | None, title: str, out_dir: str
+) -> str:
   """The pre-rendered page of one live feature."""
   f = int(record['feature'])
   scale = record['max'] if record['max'] > 0 else 1.0
@@ -203,8 +224,15 @@ def _feature_page(record: FeatureRecord, explanation: Explanation | None, title:
       _section('histogram', 'Activation histogram', _histogram_svg(record.get('histogram'))),
   ]
   if record.get('heatmaps'):
-    sections.append(_section('heatmaps', 'Image heatmaps', '<div class="heatmap-row">' + ''.join(
-        _heatmap_html(h, out_dir) for h in record['heatmaps']) + '</div>'))
+    sections.append(
+        _section(
+            'heatmaps',
+            'Image heatmaps',
+            '<div class="heatmap-row">'
+            + ''.join(_heatmap_html(h, out_dir) for h in record['heatmaps'])
+            + '</div>',
+        )
+    )
   sections.append(_section('top', 'Top activations', _examples_html(record.get('top'), scale)))
   quantiles = record.get('quantiles') or []
   if any(quantiles):
@@ -213,21 +241,31 @@ def _feature_page(record: FeatureRecord, explanation: Explanation | None, title:
       if not quantiles[i]:
         continue
       acts = [e['activation'] for e in quantiles[i]]
-      parts.append(f'<h3>Bin {i + 1} of {len(quantiles)} '
-                   f'<span class="range">({_fmt(min(acts))} – {_fmt(max(acts))})</span></h3>'
-                   + _examples_html(quantiles[i], scale))
+      parts.append(
+          f'<h3>Bin {i + 1} of {len(quantiles)} '
+          f'<span class="range">({_fmt(min(acts))} – {_fmt(max(acts))})</span></h3>'
+          + _examples_html(quantiles[i], scale)
+      )
     sections.append(_section('quantiles', 'Samples by activation quantile', ''.join(parts)))
   if record.get('negatives'):
     sections.append(
         f'<details id="negatives"><summary>Non-activating samples '
         f'({len(record["negatives"])})</summary>{_examples_html(record["negatives"], scale)}'
-        '</details>')
+        '</details>'
+    )
   if record.get('promoted_tokens'):
-    items = ''.join(f'<li><span class="ptok">{_esc(_display_token(t))}</span> '
-                    f'<span class="num">{_fmt(v)}</span></li>'
-                    for t, v in record['promoted_tokens'])
-    sections.append(_section('promoted', 'Top promoted tokens (W_dec · unembedding)',
-                             f'<ol class="promoted">{items}</ol>'))
+    items = ''.join(
+        f'<li><span class="ptok">{_esc(_display_token(t))}</span> '
+        f'<span class="num">{_fmt(v)}</span></li>'
+        for t, v in record['promoted_tokens']
+    )
+    sections.append(
+        _section(
+            'promoted',
+            'Top promoted tokens (W_dec · unembedding)',
+            f'<ol class="promoted">{items}</ol>',
+        )
+    )
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -254,22 +292,34 @@ def _explanation_html(explanation: Explanation | None) -> str:
     return '<section id="explanation"><p class="explanation none">No explanation yet.</p></section>'
   score = explanation.get('score')
   if score:
-    s = (f'<p class="score">Detection balanced accuracy <b id="score-value">'
-         f'{score["balanced_accuracy"]:.3f}</b> <span class="confusion">(tp {score["tp"]}, '
-         f'fp {score["fp"]}, tn {score["tn"]}, fn {score["fn"]}, unparsed '
-         f'{score["unparsed"]})</span></p>')
+    s = (
+        f'<p class="score">Detection balanced accuracy <b id="score-value">'
+        f'{score["balanced_accuracy"]:.3f}</b> <span class="confusion">(tp {score["tp"]}, '
+        f'fp {score["fp"]}, tn {score["tn"]}, fn {score["fn"]}, unparsed '
+        f'{score["unparsed"]})</span></p>'
+    )
   else:
     s = '<p class="score none">Not scored (too few examples).</p>'
-  by = ' · '.join(f'{k}: {_esc(explanation.get(k) or "")}' for k in ('explainer', 'scorer')
-                  if explanation.get(k))
-  return (f'<section id="explanation"><p class="explanation">'
-          f'{_esc(explanation["explanation"])}</p>{s}'
-          + (f'<p class="by">{by}</p>' if by else '') + '</section>')
+  by = ' · '.join(
+      f'{k}: {_esc(explanation.get(k) or "")}'
+      for k in ('explainer', 'scorer')
+      if explanation.get(k)
+  )
+  return (
+      f'<section id="explanation"><p class="explanation">'
+      f'{_esc(explanation["explanation"])}</p>{s}'
+      + (f'<p class="by">{by}</p>' if by else '')
+      + '</section>'
+  )
 
 
 def _stats_html(record: FeatureRecord) -> str:
-  rows = [('density', _fmt(record['density'])), ('count', f'{record["count"]:,}'),
-          ('mean activation', _fmt(record['mean'])), ('max activation', _fmt(record['max']))]
+  rows = [
+      ('density', _fmt(record['density'])),
+      ('count', f'{record["count"]:,}'),
+      ('mean activation', _fmt(record['mean'])),
+      ('max activation', _fmt(record['max'])),
+  ]
   rows += [(f'{k} tokens', f'{v:,}') for k, v in (record.get('kind_counts') or {}).items()]
   body = ''.join(f'<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>' for k, v in rows)
   return f'<section id="stats"><table class="stats">{body}</table></section>'
@@ -287,15 +337,21 @@ def _histogram_svg(hist: Histogram | None) -> str:
   bars = []
   for i, c in enumerate(counts):
     bh = (h - axis - 4) * c / top
-    bars.append(f'<rect class="bar" x="{i * bw:.2f}" y="{h - axis - bh:.2f}" '
-                f'width="{max(bw - 1, 0.5):.2f}" height="{bh:.2f}"><title>'
-                f'{_fmt(edges[i])} – {_fmt(edges[i + 1])}: {c:,}</title></rect>')
-  labels = (f'<text x="0" y="{h - 4}">{_fmt(edges[0])}</text>'
-            f'<text x="{w}" y="{h - 4}" text-anchor="end">{_fmt(edges[-1])}</text>'
-            f'<text x="{w}" y="12" text-anchor="end">max bin {top:,}</text>')
-  return (f'<svg class="hist" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-          f'role="img" aria-label="activation histogram">{"".join(bars)}'
-          f'<line x1="0" y1="{h - axis}" x2="{w}" y2="{h - axis}" class="axis"/>{labels}</svg>')
+    bars.append(
+        f'<rect class="bar" x="{i * bw:.2f}" y="{h - axis - bh:.2f}" '
+        f'width="{max(bw - 1, 0.5):.2f}" height="{bh:.2f}"><title>'
+        f'{_fmt(edges[i])} – {_fmt(edges[i + 1])}: {c:,}</title></rect>'
+    )
+  labels = (
+      f'<text x="0" y="{h - 4}">{_fmt(edges[0])}</text>'
+      f'<text x="{w}" y="{h - 4}" text-anchor="end">{_fmt(edges[-1])}</text>'
+      f'<text x="{w}" y="12" text-anchor="end">max bin {top:,}</text>'
+  )
+  return (
+      f'<svg class="hist" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+      f'role="img" aria-label="activation histogram">{"".join(bars)}'
+      f'<line x1="0" y1="{h - axis}" x2="{w}" y2="{h - axis}" class="axis"/>{labels}</svg>'
+  )
 
 
 def _heatmap_html(hm: Heatmap, out_dir: str) -> str:
@@ -309,22 +365,29 @@ def _heatmap_html(hm: Heatmap, out_dir: str) -> str:
   for y, row in enumerate(grid):
     for x, v in enumerate(row):
       if v > 0 and peak > 0:
-        cells.append(f'<rect x="{x}" y="{y}" width="1" height="1" '
-                     f'fill-opacity="{0.15 + 0.6 * min(v / peak, 1.0):.2f}">'
-                     f'<title>{_fmt(v)}</title></rect>')
-  svg = (f'<svg class="hm-grid" viewBox="0 0 {n_cols} {n_rows}" preserveAspectRatio="none" '
-         f'shape-rendering="crispEdges">{"".join(cells)}</svg>')
+        cells.append(
+            f'<rect x="{x}" y="{y}" width="1" height="1" '
+            f'fill-opacity="{0.15 + 0.6 * min(v / peak, 1.0):.2f}">'
+            f'<title>{_fmt(v)}</title></rect>'
+        )
+  svg = (
+      f'<svg class="hm-grid" viewBox="0 0 {n_cols} {n_rows}" preserveAspectRatio="none" '
+      f'shape-rendering="crispEdges">{"".join(cells)}</svg>'
+  )
   src = _image_src(hm.get('image_file') or '', out_dir)
-  caption = (f'study {_esc(hm.get("study_id", ""))} · image {hm.get("image", 0)} · '
-             f'max {_fmt(peak)}')
+  caption = (
+      f'study {_esc(hm.get("study_id", ""))} · image {hm.get("image", 0)} · ' f'max {_fmt(peak)}'
+  )
   if src:
     inner = f'<img src="{_esc(src)}" alt="{caption}">{svg}'
     style = ''
   else:
     inner, style = svg, f' style="aspect-ratio: {n_cols} / {n_rows}"'
-  return (f'<figure class="heatmap" data-rows="{n_rows}" data-cols="{n_cols}" '
-          f'data-cells="{len(cells)}"><div class="hm-wrap{"" if src else " no-image"}"{style}>'
-          f'{inner}</div><figcaption>{caption}</figcaption></figure>')
+  return (
+      f'<figure class="heatmap" data-rows="{n_rows}" data-cols="{n_cols}" '
+      f'data-cells="{len(cells)}"><div class="hm-wrap{"" if src else " no-image"}"{style}>'
+      f'{inner}</div><figcaption>{caption}</figcaption></figure>'
+  )
 
 
 def _image_src(image_file: str, out_dir: str) -> str:
@@ -350,12 +413,18 @@ def _examples_html(examples: Sequence[Example] | None, scale: float) -> str:
       alpha = min(max(a, 0.0) / scale, 1.0)
       style = f' style="--a:{alpha:.2f}"' if alpha >= 0.005 else ''
       cls = 'tok target' if i == ex['target'] else 'tok'
-      toks.append(f'<span class="{cls}"{style} title="{_esc(f"{_fmt(a)} · {tok!r}")}">'
-                  f'{_esc(_display_token(tok))}</span>')
-    info = (f'<b>{_fmt(ex["activation"])}</b> · {_esc(ex.get("kind", ""))} · study '
-            f'{_esc(ex.get("study_id", ""))} · pos {ex.get("position", "")}')
-    out.append(f'<div class="example" data-activation="{_fmt(ex["activation"])}">'
-               f'<div class="ex-meta">{info}</div><div class="ctx">{"".join(toks)}</div></div>')
+      toks.append(
+          f'<span class="{cls}"{style} title="{_esc(f"{_fmt(a)} · {tok!r}")}">'
+          f'{_esc(_display_token(tok))}</span>'
+      )
+    info = (
+        f'<b>{_fmt(ex["activation"])}</b> · {_esc(ex.get("kind", ""))} · study '
+        f'{_esc(ex.get("study_id", ""))} · pos {ex.get("position", "")}'
+    )
+    out.append(
+        f'<div class="example" data-activation="{_fmt(ex["activation"])}">'
+        f'<div class="ex-meta">{info}</div><div class="ctx">{"".join(toks)}</div></div>'
+    )
   return ''.join(out)
 
 
@@ -403,11 +472,15 @@ def _fmt_meta(v: Any) -> str:
 def _script_json(obj: Any) -> str:
   """JSON safe inside a <script> element: no '<', '>' or '&' can end it or open a comment."""
   text = json.dumps(obj, separators=(',', ':'), ensure_ascii=False, allow_nan=False)
-  return (text.replace('<', '\\u003c').replace('>', '\\u003e').replace('&', '\\u0026')
-          .replace('\u2028', '\\u2028').replace('\u2029', '\\u2029'))
+  return (
+      text.replace('<', '\\u003c')
+      .replace('>', '\\u003e')
+      .replace('&', '\\u0026')
+      .replace('\u2028', '\\u2028')
+      .replace('\u2029', '\\u2029')
+  )
 
 
 def _write(path: str, text: str) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)
-

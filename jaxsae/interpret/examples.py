@@ -54,6 +54,7 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
     log.warning('no tokenizer at %s: examples show token ids', path)
     return lambda ids: [f'<{int(i)}>' for i in ids]
   import tokenizers  # pylint: disable=import-outside-toplevel  (Rust; does not import torch)
+
   tok = tokenizers.Tokenizer.from_file(path)
   vocab = tok.get_vocab()
   marked = any(t.startswith(('\u2581', '\u0120')) for t in vocab)
@@ -79,6 +80,7 @@ def load_unembedding(model_dir: str) -> np.ndarray | None:
   """The language model's output embedding [vocab, d], with the final RMSNorm's weight folded in
   when found, read from the model's safetensors files; None if the model is not at hand."""
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
   if not model_dir or not os.path.isdir(model_dir):
     return None
   index = os.path.join(model_dir, 'model.safetensors.index.json')
@@ -108,14 +110,15 @@ def load_unembedding(model_dir: str) -> np.ndarray | None:
   return U * norm[None] if norm is not None and norm.shape == (U.shape[1],) else U
 
 
-def promoted_tokens(W_dec: np.ndarray, U: np.ndarray, tokenizer: Tokenizer, n: int = 10,
-                    chunk: int = 1024) -> list[list[tuple[str, float]]]:
+def promoted_tokens(
+    W_dec: np.ndarray, U: np.ndarray, tokenizer: Tokenizer, n: int = 10, chunk: int = 1024
+) -> list[list[tuple[str, float]]]:
   """Per feature, the n tokens whose logits its decoder direction raises most."""
   Uj = jnp.asarray(U.T)
   top = jax.jit(lambda w: jax.lax.top_k(w @ Uj, n))
   out = []
   for s in range(0, len(W_dec), chunk):
-    vals, ids = (np.asarray(a) for a in top(jnp.asarray(W_dec[s:s + chunk], jnp.float32)))
+    vals, ids = (np.asarray(a) for a in top(jnp.asarray(W_dec[s : s + chunk], jnp.float32)))
     for v, i in zip(vals, ids):
       out.append([(t, _sig(x)) for t, x in zip(tokenizer(i), v)])
   return out
@@ -126,11 +129,13 @@ def promoted_tokens(W_dec: np.ndarray, U: np.ndarray, tokenizer: Tokenizer, n: i
 # --------------------------------------------------------------------------------------------------
 
 
-def feature_acts(params: dict[str, np.ndarray], x: np.ndarray,
-                 features: np.ndarray) -> np.ndarray:
+def feature_acts(params: dict[str, np.ndarray], x: np.ndarray, features: np.ndarray) -> np.ndarray:
   """Activations [rows, len(features)] of the given features only (a slice of W_enc)."""
-  sub = {'W_enc': params['W_enc'][:, features], 'b_enc': params['b_enc'][features],
-         'b_dec': params['b_dec']}
+  sub = {
+      'W_enc': params['W_enc'][:, features],
+      'b_enc': params['b_enc'][features],
+      'b_dec': params['b_dec'],
+  }
   thr = np.broadcast_to(params['threshold'], params['b_enc'].shape)[features]
   return np.asarray(_acts(sub, jnp.asarray(x, jnp.float32), jnp.asarray(thr)))
 
@@ -171,7 +176,7 @@ def _occupied(edges: list[float], counts: np.ndarray) -> rec.Histogram:
   if not len(nz):
     return {'edges': [], 'counts': []}
   lo, hi = int(nz[0]), int(nz[-1]) + 1
-  return {'edges': edges[lo:hi + 1], 'counts': counts[lo:hi].tolist()}
+  return {'edges': edges[lo : hi + 1], 'counts': counts[lo:hi].tolist()}
 
 
 def _quantile_rows(vals: np.ndarray, rows: np.ndarray, bins: int, per_bin: int) -> list[list[int]]:
@@ -182,14 +187,18 @@ def _quantile_rows(vals: np.ndarray, rows: np.ndarray, bins: int, per_bin: int) 
   order = np.argsort(vals, kind='stable')
   out = []
   for part in np.array_split(order, bins):
-    pick = part[np.unique(np.linspace(0, len(part) - 1, min(per_bin, len(part))).astype(int))] \
-        if len(part) else part
+    pick = (
+        part[np.unique(np.linspace(0, len(part) - 1, min(per_bin, len(part))).astype(int))]
+        if len(part)
+        else part
+    )
     out.append([int(r) for r in rows[pick]])
   return out
 
 
-def negative_rows(c: ml_collections.ConfigDict, source: ActivationStore,
-                  params: dict[str, np.ndarray]) -> list[list[int]]:
+def negative_rows(
+    c: ml_collections.ConfigDict, source: ActivationStore, params: dict[str, np.ndarray]
+) -> list[list[int]]:
   """Per feature, up to `n_negatives` rows from a seeded random pool where it does not fire."""
   i = c.interpret
   F = params['W_enc'].shape[1]
@@ -197,15 +206,20 @@ def negative_rows(c: ml_collections.ConfigDict, source: ActivationStore,
   pool = rng.choice(source.rows, size=min(i.negative_pool, source.rows), replace=False)
   quiet = np.zeros((len(pool), F), bool)
   for s in range(0, len(pool), 1024):
-    quiet[s:s + 1024] = feature_acts(params, source.read(pool[s:s + 1024]), np.arange(F)) <= 0
-  return [[int(r) for r in pool[np.flatnonzero(quiet[:, f])[:i.n_negatives]]] for f in range(F)]
+    quiet[s : s + 1024] = feature_acts(params, source.read(pool[s : s + 1024]), np.arange(F)) <= 0
+  return [[int(r) for r in pool[np.flatnonzero(quiet[:, f])[: i.n_negatives]]] for f in range(F)]
 
 
-def build(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[str, np.ndarray],
-          result: Result, tokenizer: Tokenizer,
-          images: Callable[[dict, int], str] | None = None,
-          promoted: list[list[tuple[str, float]]] | None = None,
-          chunk: int = 256) -> Iterator[rec.FeatureRecord]:
+def build(
+    c: ml_collections.ConfigDict,
+    source: ActivationStore,
+    params: dict[str, np.ndarray],
+    result: Result,
+    tokenizer: Tokenizer,
+    images: Callable[[dict, int], str] | None = None,
+    promoted: list[list[tuple[str, float]]] | None = None,
+    chunk: int = 256,
+) -> Iterator[rec.FeatureRecord]:
   """Feature records in feature order (dead features included, with no examples).
 
   `images(study_record, image_index)` returns the image file a heatmap is drawn over, relative to
@@ -222,15 +236,19 @@ def build(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[st
     wanted: dict[int, dict[str, list]] = {}
     for f in feats:
       top = [int(r) for r in result.get('top_row')[f] if r >= 0]
-      quant = _quantile_rows(result.get('res_val')[f], result.get('res_row')[f], i.n_quantiles,
-                             i.per_quantile)
+      quant = _quantile_rows(
+          result.get('res_val')[f], result.get('res_row')[f], i.n_quantiles, i.per_quantile
+      )
       wanted[int(f)] = {'top': top, 'quantiles': quant, 'negatives': negatives[f]}
     # Every row any example's context needs, read once for the chunk.
     targets = {r for w in wanted.values() for r in w['top'] + w['negatives']}
     targets |= {r for w in wanted.values() for q in w['quantiles'] for r in q}
     windows = {r: rows.window(r, i.context_before, i.context_after) for r in targets}
-    need = np.unique(np.concatenate([np.arange(lo, hi) for lo, hi in windows.values()])
-                     if windows else np.zeros(0, np.int64))
+    need = np.unique(
+        np.concatenate([np.arange(lo, hi) for lo, hi in windows.values()])
+        if windows
+        else np.zeros(0, np.int64)
+    )
     x, toks = rows.read(need) if len(need) else (np.zeros((0, source.d)), np.zeros((0, 6)))
     acts = feature_acts(params, x, feats) if len(need) else np.zeros((0, len(feats)))
     where = {int(r): j for j, r in enumerate(need)}
@@ -240,29 +258,44 @@ def build(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[st
       lo, hi = windows[r]
       js = [where[q] for q in range(lo, hi)]
       t = toks[js]
-      return {'study_id': rows.study_of(r)['study_id'], 'row': r,
-              'position': int(t[r - lo, COL['position']]),
-              'kind': TOKEN_KINDS[int(t[r - lo, COL['kind']])],
-              'activation': _sig(acts[where[r], col]),
-              'tokens': tokenizer(t[:, COL['token_id']]),
-              'acts': [_sig(a) for a in acts[js, col]], 'target': r - lo}
+      return {
+          'study_id': rows.study_of(r)['study_id'],
+          'row': r,
+          'position': int(t[r - lo, COL['position']]),
+          'kind': TOKEN_KINDS[int(t[r - lo, COL['kind']])],
+          'activation': _sig(acts[where[r], col]),
+          'tokens': tokenizer(t[:, COL['token_id']]),
+          'acts': [_sig(a) for a in acts[js, col]],
+          'target': r - lo,
+      }
 
     for col, f in enumerate(feats):
       w, f = wanted[int(f)], int(f)
       n = int(count[f])
-      yield {'feature': f, 'density': n / max(result.tokens, 1), 'count': n,
-             'mean': float(total[f] / n) if n else 0.0, 'max': float(mx[f]),
-             'kind_counts': {k: int(v) for k, v in zip(TOKEN_KINDS, result.get('kinds')[:, f])},
-             'histogram': _occupied(edges, result.get('hist')[f]),
-             'top': [example(r, col) for r in w['top']],
-             'quantiles': [[example(r, col) for r in q] for q in w['quantiles']] if n else [],
-             'negatives': [example(r, col) for r in w['negatives']] if n else [],
-             'heatmaps': heat.get(f, []),
-             'promoted_tokens': promoted[f] if promoted else []}
+      yield {
+          'feature': f,
+          'density': n / max(result.tokens, 1),
+          'count': n,
+          'mean': float(total[f] / n) if n else 0.0,
+          'max': float(mx[f]),
+          'kind_counts': {k: int(v) for k, v in zip(TOKEN_KINDS, result.get('kinds')[:, f])},
+          'histogram': _occupied(edges, result.get('hist')[f]),
+          'top': [example(r, col) for r in w['top']],
+          'quantiles': [[example(r, col) for r in q] for q in w['quantiles']] if n else [],
+          'negatives': [example(r, col) for r in w['negatives']] if n else [],
+          'heatmaps': heat.get(f, []),
+          'promoted_tokens': promoted[f] if promoted else [],
+      }
 
 
-def _heatmaps(c, rows: Rows, params, result: Result, feats: np.ndarray,
-              images: Callable[[dict, int], str] | None) -> dict[int, list[rec.Heatmap]]:
+def _heatmaps(
+    c,
+    rows: Rows,
+    params,
+    result: Result,
+    feats: np.ndarray,
+    images: Callable[[dict, int], str] | None,
+) -> dict[int, list[rec.Heatmap]]:
   """Per feature of `feats` that fired on image tokens: its activation over the patch grid of
   the images holding its top image tokens. Each image's rows are read and encoded once."""
   img_rows = result.get('img_row')[feats]  # [features, heatmaps], -1 where none
@@ -288,10 +321,15 @@ def _heatmaps(c, rows: Rows, params, result: Result, feats: np.ndarray,
     for col, f in enumerate(fs):
       grid[:] = 0
       grid.flat[patches] = acts[:, col]
-      out.setdefault(f, []).append({
-          'study_id': study['study_id'], 'image': image,
-          'image_file': images(study, image) if images else '',
-          'grid': [[_sig(a) for a in line] for line in grid], 'max': float(acts[:, col].max())})
+      out.setdefault(f, []).append(
+          {
+              'study_id': study['study_id'],
+              'image': image,
+              'image_file': images(study, image) if images else '',
+              'grid': [[_sig(a) for a in line] for line in grid],
+              'max': float(acts[:, col].max()),
+          }
+      )
   for maps in out.values():
     maps.sort(key=lambda m: -m['max'])
   return out

@@ -23,8 +23,15 @@ import re
 from typing import Callable, Iterable, Sized
 
 from jaxsae.interpret.llm import ChatModel, LLMConfigError, LLMError
-from jaxsae.interpret.records import (Example, Explanation, FeatureRecord, Score, append_jsonl,
-                                      drop_torn_tail, read_jsonl)
+from jaxsae.interpret.records import (
+    Example,
+    Explanation,
+    FeatureRecord,
+    Score,
+    append_jsonl,
+    drop_torn_tail,
+    read_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,8 @@ EXPLAINER_SYSTEM = (
     "feature's strongest activation).\n"
     'Find what the marked tokens, and the text around them, have in common; weigh the strongest '
     'activations most. Be concise and specific, and do not list the examples.\n'
-    'Answer with one sentence in the form "Explanation: <your explanation>".')
+    'Answer with one sentence in the form "Explanation: <your explanation>".'
+)
 
 SCORER_SYSTEM = (
     'You are a meticulous interpretability researcher. You will see an explanation of a feature '
@@ -49,7 +57,8 @@ SCORER_SYSTEM = (
     'activates on tokens of some examples and on no token of the others. For each example, '
     'decide whether the feature, as the explanation describes it, activates anywhere in it.\n'
     'Answer with only a JSON list with one number per example, in order: 1 if it activates, 0 if '
-    'not. For instance, for 4 examples: [1, 0, 0, 1]')
+    'not. For instance, for 4 examples: [1, 0, 0, 1]'
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,8 +89,10 @@ def token_text(token: str) -> str:
 def render(tokens: list[str], acts: list[float] | None = None) -> str:
   """The context as one line of text; with `acts`, runs of tokens with act > 0 go in <<...>>."""
   if acts is not None and len(acts) != len(tokens):
-    raise ValueError(f'an example has {len(tokens)} tokens but {len(acts)} activations; the '
-                     'features file is damaged. Rerun the examples stage.')
+    raise ValueError(
+        f'an example has {len(tokens)} tokens but {len(acts)} activations; the '
+        'features file is damaged. Rerun the examples stage.'
+    )
   out, inside = [], False
   for i, (space, text) in enumerate(_pieces(tokens)):
     active = acts is not None and acts[i] > 0
@@ -108,12 +119,15 @@ def _fires(ex: Example) -> bool:
 
 def _check_counts(n_top: int, n_quantile: int) -> None:
   if n_top < 0 or n_quantile < 0 or n_top + n_quantile == 0:
-    raise ValueError(f'interpret.n_top={n_top} and interpret.n_quantile={n_quantile} must be >= 0 '
-                     'and not both 0 (the explainer needs examples).')
+    raise ValueError(
+        f'interpret.n_top={n_top} and interpret.n_quantile={n_quantile} must be >= 0 '
+        'and not both 0 (the explainer needs examples).'
+    )
 
 
-def split_examples(record: FeatureRecord, n_top: int,
-                   n_quantile: int) -> tuple[list[Example], list[Example]]:
+def split_examples(
+    record: FeatureRecord, n_top: int, n_quantile: int
+) -> tuple[list[Example], list[Example]]:
   """(examples shown to the explainer, held-out activating examples for the scorer).
 
   The explainer gets the `n_top` top examples plus up to `n_quantile` quantile samples drawn
@@ -145,15 +159,21 @@ def explainer_messages(record: FeatureRecord, n_top: int, n_quantile: int) -> li
   """The explainer's chat: marked examples, each followed by its activations scaled to 1-10."""
   shown, _ = split_examples(record, n_top, n_quantile)
   if not shown:
-    raise ValueError(f'feature {record["feature"]} has no examples to explain (dead feature); '
-                     'skip it.')
+    raise ValueError(
+        f'feature {record["feature"]} has no examples to explain (dead feature); ' 'skip it.'
+    )
   scale = _scale(record, shown)
   parts = []
   for i, ex in enumerate(shown, 1):
-    acts = [f'{token_text(t)} ({max(1, round(10 * a / scale))})'
-            for t, a in zip(ex['tokens'], ex['acts']) if a > 0]
-    parts.append(f'Example {i}: {render(ex["tokens"], ex["acts"])}\n'
-                 f'Activations: {", ".join(acts) or "none"}')
+    acts = [
+        f'{token_text(t)} ({max(1, round(10 * a / scale))})'
+        for t, a in zip(ex['tokens'], ex['acts'])
+        if a > 0
+    ]
+    parts.append(
+        f'Example {i}: {render(ex["tokens"], ex["acts"])}\n'
+        f'Activations: {", ".join(acts) or "none"}'
+    )
   user = 'Examples where the feature activates:\n\n' + '\n\n'.join(parts)
   return [{'role': 'system', 'content': EXPLAINER_SYSTEM}, {'role': 'user', 'content': user}]
 
@@ -192,7 +212,9 @@ def parse_explanation(text: str | None) -> str:
     line = _unquote(_PREFIX.sub('', line).strip().strip('*_'))
     if line:
       line = _unquote(_SENTENCE_END.split(line)[0])
-      return line if len(line) <= MAX_EXPLANATION else line[:MAX_EXPLANATION - 1].rstrip() + '\u2026'
+      return (
+          line if len(line) <= MAX_EXPLANATION else line[: MAX_EXPLANATION - 1].rstrip() + '\u2026'
+      )
   return ''
 
 
@@ -227,22 +249,33 @@ def parse_labels(text: str | None, n: int) -> list[int] | None:
 def balanced_accuracy(tp: int, fp: int, tn: int, fn: int) -> float:
   """(TPR + TNR) / 2: chance is 0.5 whatever the mix of positives and negatives."""
   if tp + fn == 0 or tn + fp == 0:
-    raise ValueError(f'balanced accuracy needs positives and negatives; got tp={tp} fn={fn} '
-                     f'tn={tn} fp={fp}.')
+    raise ValueError(
+        f'balanced accuracy needs positives and negatives; got tp={tp} fn={fn} ' f'tn={tn} fp={fp}.'
+    )
   return (tp / (tp + fn) + tn / (tn + fp)) / 2
 
 
 def scorer_messages(explanation: str, texts: list[str]) -> list[dict]:
   """The scorer's chat: the explanation and the numbered, unmarked examples."""
   examples = '\n'.join(f'Example {i}: {t}' for i, t in enumerate(texts, 1))
-  user = (f'Explanation: {explanation}\n\n{examples}\n\nAnswer with a JSON list of {len(texts)} '
-          'numbers (0 or 1).')
+  user = (
+      f'Explanation: {explanation}\n\n{examples}\n\nAnswer with a JSON list of {len(texts)} '
+      'numbers (0 or 1).'
+  )
   return [{'role': 'system', 'content': SCORER_SYSTEM}, {'role': 'user', 'content': user}]
 
 
-def detection_score(record: FeatureRecord, explanation: str, scorer: ChatModel, *, n_top: int,
-                    n_quantile: int, score_batch: int, seed: int,
-                    max_tokens: int = 256) -> Score | None:
+def detection_score(
+    record: FeatureRecord,
+    explanation: str,
+    scorer: ChatModel,
+    *,
+    n_top: int,
+    n_quantile: int,
+    score_batch: int,
+    seed: int,
+    max_tokens: int = 256,
+) -> Score | None:
   """Balanced accuracy of the scorer's detection answers; None with < 2 positives or negatives.
 
   Positives are the held-out quantile examples, negatives the record's non-activating ones; the
@@ -260,10 +293,11 @@ def detection_score(record: FeatureRecord, explanation: str, scorer: ChatModel, 
   random.Random(seed * 1_000_003 + record['feature']).shuffle(items)
   tp = fp = tn = fn = unparsed = 0
   for start in range(0, len(items), score_batch):
-    batch = items[start:start + score_batch]
+    batch = items[start : start + score_batch]
     messages = scorer_messages(explanation, [render(ex['tokens']) for ex, _ in batch])
-    answer = scorer.complete(messages, max_tokens=max(max_tokens, 8 * len(batch) + 16),
-                             temperature=0.0)
+    answer = scorer.complete(
+        messages, max_tokens=max(max_tokens, 8 * len(batch) + 16), temperature=0.0
+    )
     guesses = parse_labels(answer, len(batch))
     if guesses is None:
       unparsed += len(batch)
@@ -277,26 +311,57 @@ def detection_score(record: FeatureRecord, explanation: str, scorer: ChatModel, 
         fp += 1
       else:
         tn += 1
-  return Score(balanced_accuracy=balanced_accuracy(tp, fp, tn, fn), tp=tp, fp=fp, tn=tn, fn=fn,
-               unparsed=unparsed)
+  return Score(
+      balanced_accuracy=balanced_accuracy(tp, fp, tn, fn),
+      tp=tp,
+      fp=fp,
+      tn=tn,
+      fn=fn,
+      unparsed=unparsed,
+  )
 
 
-def explain_feature(record: FeatureRecord, explainer: ChatModel, scorer: ChatModel, *, n_top: int,
-                    n_quantile: int, score_batch: int, seed: int,
-                    max_tokens: int = 256) -> Explanation:
+def explain_feature(
+    record: FeatureRecord,
+    explainer: ChatModel,
+    scorer: ChatModel,
+    *,
+    n_top: int,
+    n_quantile: int,
+    score_batch: int,
+    seed: int,
+    max_tokens: int = 256,
+) -> Explanation:
   """Explain one feature and score the explanation (an empty explanation is kept, unscored)."""
-  answer = explainer.complete(explainer_messages(record, n_top, n_quantile),
-                              max_tokens=max_tokens, temperature=0.0)
+  answer = explainer.complete(
+      explainer_messages(record, n_top, n_quantile), max_tokens=max_tokens, temperature=0.0
+  )
   text = parse_explanation(answer)
   if not text:
-    log.warning('feature %d: the explainer gave no explanation (answer %r); recorded as empty.',
-                record['feature'], (answer or '')[:200])
+    log.warning(
+        'feature %d: the explainer gave no explanation (answer %r); recorded as empty.',
+        record['feature'],
+        (answer or '')[:200],
+    )
   score = None
   if text:
-    score = detection_score(record, text, scorer, n_top=n_top, n_quantile=n_quantile,
-                            score_batch=score_batch, seed=seed, max_tokens=max_tokens)
-  return Explanation(feature=record['feature'], explanation=text, score=score,
-                     explainer=explainer.name, scorer=scorer.name)
+    score = detection_score(
+        record,
+        text,
+        scorer,
+        n_top=n_top,
+        n_quantile=n_quantile,
+        score_batch=score_batch,
+        seed=seed,
+        max_tokens=max_tokens,
+    )
+  return Explanation(
+      feature=record['feature'],
+      explanation=text,
+      score=score,
+      explainer=explainer.name,
+      scorer=scorer.name,
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,17 +372,28 @@ def explain_feature(record: FeatureRecord, explainer: ChatModel, scorer: ChatMod
 @dataclasses.dataclass(frozen=True)
 class RunResult:
   """What `run` did; `failed` features are not in the cache, so a rerun retries them."""
+
   explanations: list[Explanation]  # cached + new, for the given records, by feature id
-  cached: int                      # features found in the cache (no requests made)
-  new: int                         # features explained by this run
-  dead: int                        # features skipped for having no top examples
-  failed: list[int]                # features whose LLM calls failed after retries
+  cached: int  # features found in the cache (no requests made)
+  new: int  # features explained by this run
+  dead: int  # features skipped for having no top examples
+  failed: list[int]  # features whose LLM calls failed after retries
 
 
-def run(records: Iterable[FeatureRecord], explainer: ChatModel, scorer: ChatModel,
-        cache_path: str, *, concurrency: int = 4, n_top: int = 10, n_quantile: int = 10,
-        score_batch: int = 10, seed: int = 0, max_tokens: int = 256,
-        progress: Callable[[int, int | None], None] | None = None) -> RunResult:
+def run(
+    records: Iterable[FeatureRecord],
+    explainer: ChatModel,
+    scorer: ChatModel,
+    cache_path: str,
+    *,
+    concurrency: int = 4,
+    n_top: int = 10,
+    n_quantile: int = 10,
+    score_batch: int = 10,
+    seed: int = 0,
+    max_tokens: int = 256,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> RunResult:
   """Explain and score every live feature not yet in `cache_path`, `concurrency` at a time.
 
   Each finished feature is appended to the cache from this (the main) thread as it completes, so
@@ -352,8 +428,9 @@ def run(records: Iterable[FeatureRecord], explainer: ChatModel, scorer: ChatMode
   if isinstance(records, Sized):
     total = sum(1 for r in records if r['feature'] not in cache and r.get('top'))
   pending_records = todo()
-  kw = dict(n_top=n_top, n_quantile=n_quantile, score_batch=score_batch, seed=seed,
-            max_tokens=max_tokens)
+  kw = dict(
+      n_top=n_top, n_quantile=n_quantile, score_batch=score_batch, seed=seed, max_tokens=max_tokens
+  )
   failed: list[int] = []
   new = finished = 0
   pool = cf.ThreadPoolExecutor(concurrency, thread_name_prefix='explain')
@@ -376,8 +453,12 @@ def run(records: Iterable[FeatureRecord], explainer: ChatModel, scorer: ChatMode
         except LLMConfigError:
           raise
         except LLMError as e:
-          log.warning('feature %d failed: %s It is left out of %s; rerun to retry it.', feature, e,
-                      cache_path)
+          log.warning(
+              'feature %d failed: %s It is left out of %s; rerun to retry it.',
+              feature,
+              e,
+              cache_path,
+          )
           failed.append(feature)
         else:
           append_jsonl(cache_path, dict(explanation))
@@ -390,7 +471,16 @@ def run(records: Iterable[FeatureRecord], explainer: ChatModel, scorer: ChatMode
   finally:
     pool.shutdown(wait=clean, cancel_futures=True)
   if failed:
-    log.warning('%d feature(s) failed and are not in %s; rerun to retry them: %s', len(failed),
-                cache_path, sorted(failed)[:20])
-  return RunResult(explanations=[results[f] for f in sorted(results)], cached=counts['cached'],
-                   new=new, dead=counts['dead'], failed=sorted(failed))
+    log.warning(
+        '%d feature(s) failed and are not in %s; rerun to retry them: %s',
+        len(failed),
+        cache_path,
+        sorted(failed)[:20],
+    )
+  return RunResult(
+      explanations=[results[f] for f in sorted(results)],
+      cached=counts['cached'],
+      new=new,
+      dead=counts['dead'],
+      failed=sorted(failed),
+  )

@@ -39,6 +39,7 @@ class LLMConfigError(LLMError):
 
 class ChatModel(Protocol):
   """What the explain/score stages need from an LLM; `name` is recorded with each result."""
+
   name: str
 
   def complete(self, messages: list[dict], *, max_tokens: int, temperature: float) -> str:
@@ -78,19 +79,32 @@ class OpenAIChat:
   It holds no mutable state besides its settings, and each request opens its own connection.
   """
 
-  def __init__(self, base_url: str, model: str, api_key_env: str = 'OPENAI_API_KEY',
-               timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 1.0,
-               max_backoff_s: float = 60.0):
+  def __init__(
+      self,
+      base_url: str,
+      model: str,
+      api_key_env: str = 'OPENAI_API_KEY',
+      timeout_s: float = 60.0,
+      max_retries: int = 5,
+      backoff_s: float = 1.0,
+      max_backoff_s: float = 60.0,
+  ):
     if not isinstance(base_url, str) or not base_url.startswith(('http://', 'https://')):
-      raise ValueError(f'interpret.llm.base_url={base_url!r} must be an http(s) URL such as '
-                       "'https://api.openai.com/v1' or 'http://localhost:8000/v1'.")
+      raise ValueError(
+          f'interpret.llm.base_url={base_url!r} must be an http(s) URL such as '
+          "'https://api.openai.com/v1' or 'http://localhost:8000/v1'."
+      )
     if not model:
-      raise ValueError('interpret.llm.model is empty; set it to the served model name '
-                       "(e.g. 'gpt-4o-mini', or the name a vLLM server was started with).")
+      raise ValueError(
+          'interpret.llm.model is empty; set it to the served model name '
+          "(e.g. 'gpt-4o-mini', or the name a vLLM server was started with)."
+      )
     if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_backoff_s < 0:
-      raise ValueError(f'need timeout_s > 0 and max_retries, backoff_s, max_backoff_s >= 0; got '
-                       f'timeout_s={timeout_s}, max_retries={max_retries}, backoff_s={backoff_s}, '
-                       f'max_backoff_s={max_backoff_s}.')
+      raise ValueError(
+          f'need timeout_s > 0 and max_retries, backoff_s, max_backoff_s >= 0; got '
+          f'timeout_s={timeout_s}, max_retries={max_retries}, backoff_s={backoff_s}, '
+          f'max_backoff_s={max_backoff_s}.'
+      )
     base = base_url.rstrip('/')
     self.url = base if base.endswith('/chat/completions') else base + '/chat/completions'
     self.model = model
@@ -111,7 +125,7 @@ class OpenAIChat:
     """Exponential backoff with jitter, or the server's Retry-After; both capped."""
     if retry_after is not None:
       return min(retry_after, self.max_backoff_s)
-    return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + 0.5 * random.random())
+    return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + 0.5 * random.random())
 
   def _redact(self, text: str, key: str | None) -> str:
     return text.replace(key, '<redacted>') if key else text
@@ -119,12 +133,21 @@ class OpenAIChat:
   def complete(self, messages: list[dict], *, max_tokens: int, temperature: float) -> str:
     """The assistant's reply text ('' when the server returned no content)."""
     key = self._key()
-    headers = {'Content-Type': 'application/json', 'Accept': 'application/json',
-               'User-Agent': 'jaxsae'}
+    headers = {
+        'Content-Type': 'application/json',
+        'Accept': 'application/json',
+        'User-Agent': 'jaxsae',
+    }
     if key:
       headers['Authorization'] = f'Bearer {key}'
-    body = json.dumps({'model': self.model, 'messages': messages, 'max_tokens': int(max_tokens),
-                       'temperature': float(temperature)}).encode()
+    body = json.dumps(
+        {
+            'model': self.model,
+            'messages': messages,
+            'max_tokens': int(max_tokens),
+            'temperature': float(temperature),
+        }
+    ).encode()
     attempts = self.max_retries + 1
     last = 'no attempt'
     for attempt in range(attempts):
@@ -145,7 +168,9 @@ class OpenAIChat:
           raise cls(
               f'{self.url} answered HTTP {status}: {detail or e.reason}. Check '
               f'interpret.llm.base_url, interpret.llm.model ({self.model!r}) and the API key in '
-              f'${self.api_key_env} ({"set" if key else "unset"}).', status) from None
+              f'${self.api_key_env} ({"set" if key else "unset"}).',
+              status,
+          ) from None
         retry_after = _retry_after(e.headers.get('Retry-After') if e.headers else None)
         last = f'HTTP {status}' + (f': {detail}' if detail else '')
       except (OSError, http.client.HTTPException) as e:  # URLError, time-outs, resets, TLS
@@ -157,23 +182,29 @@ class OpenAIChat:
         last = self._redact(last, key)
       if attempt + 1 < attempts:
         delay = self._delay(attempt, retry_after)
-        log.warning('%s: %s; retry %d/%d in %.2fs', self.url, last, attempt + 1, self.max_retries,
-                    delay)
+        log.warning(
+            '%s: %s; retry %d/%d in %.2fs', self.url, last, attempt + 1, self.max_retries, delay
+        )
         time.sleep(delay)
-    raise LLMError(f'{self.url}: no answer after {attempts} attempt(s); last: {last}. Is the '
-                   'server up and the model served? Raise interpret.llm.max_retries or '
-                   'interpret.llm.timeout_s, or lower interpret.llm.concurrency if rate-limited.',
-                   None)
+    raise LLMError(
+        f'{self.url}: no answer after {attempts} attempt(s); last: {last}. Is the '
+        'server up and the model served? Raise interpret.llm.max_retries or '
+        'interpret.llm.timeout_s, or lower interpret.llm.concurrency if rate-limited.',
+        None,
+    )
 
   def _content(self, raw: bytes, key: str | None) -> str:
     try:
       data = json.loads(raw)
       if isinstance(data, dict) and 'error' in data and 'choices' not in data:
-        raise LLMError(f'{self.url} returned an error: '
-                       f'{self._redact(_server_message(raw), key)}')
+        raise LLMError(
+            f'{self.url} returned an error: ' f'{self._redact(_server_message(raw), key)}'
+        )
       content = data['choices'][0]['message'].get('content')
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-      raise LLMError(f'{self.url} sent a reply without choices[0].message.content: '
-                     f'{self._redact(raw[:300].decode("utf-8", "replace"), key)!r}. Is '
-                     'interpret.llm.base_url an OpenAI-compatible /v1 endpoint?') from None
+      raise LLMError(
+          f'{self.url} sent a reply without choices[0].message.content: '
+          f'{self._redact(raw[:300].decode("utf-8", "replace"), key)!r}. Is '
+          'interpret.llm.base_url an OpenAI-compatible /v1 endpoint?'
+      ) from None
     return content if isinstance(content, str) else ''

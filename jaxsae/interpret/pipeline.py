@@ -35,33 +35,64 @@ log = logging.getLogger(__name__)
 
 def validate(c: ml_collections.ConfigDict) -> None:
   i = c.interpret
-  positive = ('batch_size', 'top_examples', 'reservoir', 'n_quantiles', 'per_quantile',
-              'histogram_bins_per_octave', 'checkpoint_every', 'negative_pool', 'score_batch',
-              'llm.concurrency', 'llm.max_new_tokens')
+  positive = (
+      'batch_size',
+      'top_examples',
+      'reservoir',
+      'n_quantiles',
+      'per_quantile',
+      'histogram_bins_per_octave',
+      'checkpoint_every',
+      'negative_pool',
+      'score_batch',
+      'llm.concurrency',
+      'llm.max_new_tokens',
+  )
   bad = [f'interpret.{k}={i[k]}' for k in positive if not i[k] > 0]
-  bad += [f'interpret.{k}={i[k]}' for k in ('heatmaps', 'n_negatives', 'context_before',
-                                            'context_after', 'row_capacity', 'n_top',
-                                            'n_quantile', 'llm.max_retries') if i[k] < 0]
+  bad += [
+      f'interpret.{k}={i[k]}'
+      for k in (
+          'heatmaps',
+          'n_negatives',
+          'context_before',
+          'context_after',
+          'row_capacity',
+          'n_top',
+          'n_quantile',
+          'llm.max_retries',
+      )
+      if i[k] < 0
+  ]
   if bad:
-    raise ConfigError(f'{", ".join(bad)}: must be positive (or >= 0 for heatmaps, n_negatives, '
-                      'context_*, row_capacity, n_top, n_quantile, llm.max_retries).')
+    raise ConfigError(
+        f'{", ".join(bad)}: must be positive (or >= 0 for heatmaps, n_negatives, '
+        'context_*, row_capacity, n_top, n_quantile, llm.max_retries).'
+    )
   if i.explain and i.n_top + i.n_quantile == 0:
-    raise ConfigError('interpret.n_top and interpret.n_quantile are both 0: the explainer needs '
-                      'examples.')
+    raise ConfigError(
+        'interpret.n_top and interpret.n_quantile are both 0: the explainer needs ' 'examples.'
+    )
   if i.explain and i.llm.backend not in ('openai', 'local'):
-    raise ConfigError(f"interpret.llm.backend must be 'openai' or 'local', got "
-                      f'{i.llm.backend!r}.')
+    raise ConfigError(
+        f"interpret.llm.backend must be 'openai' or 'local', got " f'{i.llm.backend!r}.'
+    )
   if i.explain and i.llm.backend == 'openai' and not i.llm.model:
-    raise ConfigError('interpret.llm.model is empty: name the model the server at '
-                      f'interpret.llm.base_url={i.llm.base_url!r} serves (or set '
-                      '--config.interpret.explain=False for statistics and the browser only).')
+    raise ConfigError(
+        'interpret.llm.model is empty: name the model the server at '
+        f'interpret.llm.base_url={i.llm.base_url!r} serves (or set '
+        '--config.interpret.explain=False for statistics and the browser only).'
+    )
   local = i.llm.model or c.model.name
   if i.explain and i.llm.backend == 'local' and not os.path.isdir(local) and local.count('/') != 1:
-    raise ConfigError(f'interpret.llm.backend=local: the model {local!r} (interpret.llm.model, '
-                      'else model.name) is neither a local directory nor a Hub id (org/name).')
+    raise ConfigError(
+        f'interpret.llm.backend=local: the model {local!r} (interpret.llm.model, '
+        'else model.name) is neither a local directory nor a Hub id (org/name).'
+    )
   if not c.data.store_path or not store.exists(c.data.store_path):
-    raise ConfigError(f'no activation store at data.store_path={c.data.store_path!r}; export '
-                      'one with `python -m jaxsae.export_activations` first.')
+    raise ConfigError(
+        f'no activation store at data.store_path={c.data.store_path!r}; export '
+        'one with `python -m jaxsae.export_activations` first.'
+    )
 
 
 def chat_model(c: ml_collections.ConfigDict) -> llm.ChatModel:
@@ -69,18 +100,26 @@ def chat_model(c: ml_collections.ConfigDict) -> llm.ChatModel:
   l = c.interpret.llm
   if l.backend == 'local':
     from jaxsae.bridge import local_llm  # pylint: disable=import-outside-toplevel  (torch)
-    return local_llm.LocalChat(l.model or c.model.name, device=l.device,
-                               max_new_tokens=l.max_new_tokens)
-  return llm.OpenAIChat(l.base_url, l.model, api_key_env=l.api_key_env, timeout_s=l.timeout_s,
-                        max_retries=l.max_retries)
+
+    return local_llm.LocalChat(
+        l.model or c.model.name, device=l.device, max_new_tokens=l.max_new_tokens
+    )
+  return llm.OpenAIChat(
+      l.base_url,
+      l.model,
+      api_key_env=l.api_key_env,
+      timeout_s=l.timeout_s,
+      max_retries=l.max_retries,
+  )
 
 
 def _sae_params(weights_dir: str) -> tuple[dict[str, np.ndarray], dict]:
   sae, cfg = weights.load(weights_dir)
   params = {k: np.asarray(v, np.float32) for k, v in sae.params().items()}
   F = params['b_enc'].shape[0]
-  params['threshold'] = np.broadcast_to(np.asarray(sae.threshold.get_value(), np.float32),
-                                        (F,)).copy()
+  params['threshold'] = np.broadcast_to(
+      np.asarray(sae.threshold.get_value(), np.float32), (F,)
+  ).copy()
   return params, cfg
 
 
@@ -92,12 +131,14 @@ class _Images:
     self.out, self.size, self.studies = out, size, {}
     if c.export.manifest and os.path.exists(c.export.manifest):
       from jaxsae.bridge import manifest  # pylint: disable=import-outside-toplevel  (PIL only)
+
       for s in manifest.read(c.export.manifest, teacher_forcing=False):
         if not isinstance(s, manifest.BadStudyError):
           self.studies[s.study_id] = s
     else:
-      log.warning('export.manifest %r not found: heatmaps are drawn without their X-ray',
-                  c.export.manifest)
+      log.warning(
+          'export.manifest %r not found: heatmaps are drawn without their X-ray', c.export.manifest
+      )
 
   def __call__(self, study: dict, image: int) -> str:
     s = self.studies.get(study['study_id'])
@@ -112,20 +153,29 @@ class _Images:
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im.crop((left, top, left + side, top + side)).resize((self.size, self.size)).save(
-            os.path.join(self.out, name))
+            os.path.join(self.out, name)
+        )
     return name
 
 
 def _stats_npz(out: str, r: stats.Result) -> None:
   count = r.get('count')
-  np.savez(os.path.join(out, 'stats.npz'), count=count, density=count / max(r.tokens, 1),
-           mean=np.where(count > 0, r.get('total') / np.maximum(count, 1), 0.0), max=r.get('max'),
-           kind_counts=r.get('kinds'), histogram=r.get('hist'),
-           histogram_edges=stats.histogram_edges(r.sizes), tokens=r.tokens)
+  np.savez(
+      os.path.join(out, 'stats.npz'),
+      count=count,
+      density=count / max(r.tokens, 1),
+      mean=np.where(count > 0, r.get('total') / np.maximum(count, 1), 0.0),
+      max=r.get('max'),
+      kind_counts=r.get('kinds'),
+      histogram=r.get('hist'),
+      histogram_edges=stats.histogram_edges(r.sizes),
+      tokens=r.tokens,
+  )
 
 
-def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
-        progress: bool = True) -> dict[str, Any]:
+def run(
+    c: ml_collections.ConfigDict, weights_dir: str, out: str, progress: bool = True
+) -> dict[str, Any]:
   """Every stage; returns (and writes to out/summary.json) what was done."""
   validate(c)
   os.makedirs(out, exist_ok=True)
@@ -144,11 +194,19 @@ def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
   settings = c.interpret.to_dict()
   for k in ('llm', 'explain', 'n_top', 'n_quantile', 'score_batch', 'max_features'):
     settings.pop(k)  # these change explanations, not records
-  stamp = {'tokens': result.tokens, 'sae': stats.fingerprint(params), 'interpret': settings,
-           'model': c.model.name, 'manifest': c.export.manifest}
+  stamp = {
+      'tokens': result.tokens,
+      'sae': stats.fingerprint(params),
+      'interpret': settings,
+      'model': c.model.name,
+      'manifest': c.export.manifest,
+  }
   stamp_path = features + '.stamp.json'
-  fresh = (os.path.exists(features) and os.path.exists(stamp_path)
-           and json.load(open(stamp_path)) == json.loads(json.dumps(stamp)))
+  fresh = (
+      os.path.exists(features)
+      and os.path.exists(stamp_path)
+      and json.load(open(stamp_path)) == json.loads(json.dumps(stamp))
+  )
   if not fresh:
     t0 = time.perf_counter()
     tokenizer = examples.load_tokenizer(c.model.name)
@@ -177,33 +235,57 @@ def run(c: ml_collections.ConfigDict, weights_dir: str, out: str,
         if limit is None or rec['feature'] < limit:
           yield rec
 
-    done = explain.run(todo(), model, model, os.path.join(out, records.EXPLANATIONS),
-                       concurrency=c.interpret.llm.concurrency, n_top=c.interpret.n_top,
-                       n_quantile=c.interpret.n_quantile, score_batch=c.interpret.score_batch,
-                       seed=c.interpret.seed, max_tokens=c.interpret.llm.max_new_tokens)
+    done = explain.run(
+        todo(),
+        model,
+        model,
+        os.path.join(out, records.EXPLANATIONS),
+        concurrency=c.interpret.llm.concurrency,
+        n_top=c.interpret.n_top,
+        n_quantile=c.interpret.n_quantile,
+        score_batch=c.interpret.score_batch,
+        seed=c.interpret.seed,
+        max_tokens=c.interpret.llm.max_new_tokens,
+    )
     explained = {e['feature']: e for e in done.explanations}
     failed = list(done.failed)
   else:
-    explained = {e['feature']: e for e in records.read_jsonl(
-        os.path.join(out, records.EXPLANATIONS))}
+    explained = {
+        e['feature']: e for e in records.read_jsonl(os.path.join(out, records.EXPLANATIONS))
+    }
 
   # ---- browser --------------------------------------------------------------------------------
   count = result.get('count')
   scores = [e['score']['balanced_accuracy'] for e in explained.values() if e.get('score')]
   summary = {
-      'weights': os.path.abspath(weights_dir), 'store': os.path.abspath(c.data.store_path),
-      'features': F, 'dead': int((count == 0).sum()), 'tokens': result.tokens,
-      'statistics_seconds': round(result.seconds, 2), 'statistics_tokens_per_s': round(rate, 1),
-      'redone_batches': result.redone_batches, 'explained': len(explained),
-      'failed': failed, 'mean_detection_score': float(np.mean(scores)) if scores else None,
-      'llm': (f'{c.interpret.llm.backend}:{c.interpret.llm.model or c.model.name}'
-              if c.interpret.explain else None)}
-  index = browser.write_site(out, records.read_jsonl(features), explained,
-                             title=f'SAE features: {os.path.basename(os.path.abspath(weights_dir))}',
-                             meta={k: v for k, v in summary.items() if k != 'failed'})
+      'weights': os.path.abspath(weights_dir),
+      'store': os.path.abspath(c.data.store_path),
+      'features': F,
+      'dead': int((count == 0).sum()),
+      'tokens': result.tokens,
+      'statistics_seconds': round(result.seconds, 2),
+      'statistics_tokens_per_s': round(rate, 1),
+      'redone_batches': result.redone_batches,
+      'explained': len(explained),
+      'failed': failed,
+      'mean_detection_score': float(np.mean(scores)) if scores else None,
+      'llm': (
+          f'{c.interpret.llm.backend}:{c.interpret.llm.model or c.model.name}'
+          if c.interpret.explain
+          else None
+      ),
+  }
+  index = browser.write_site(
+      out,
+      records.read_jsonl(features),
+      explained,
+      title=f'SAE features: {os.path.basename(os.path.abspath(weights_dir))}',
+      meta={k: v for k, v in summary.items() if k != 'failed'},
+  )
   summary['index'] = os.path.abspath(index)
-  summary['sae_config'] = {k: sae_cfg.get(k) for k in ('k', 'dict_size', 'activation_dim')
-                           if k in sae_cfg}
+  summary['sae_config'] = {
+      k: sae_cfg.get(k) for k in ('k', 'dict_size', 'activation_dim') if k in sae_cfg
+  }
   with open(os.path.join(out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   return summary

@@ -48,14 +48,17 @@ IMAGE = TOKEN_KINDS.index('image')
 KIND = TOKEN_COLUMNS.index('kind')
 
 # Per-feature tables: (key, payloads). Each keeps the n entries with the largest key.
-TABLES = {'top': ('top_val', ('top_row',)),
-          'reservoir': ('res_key', ('res_val', 'res_row')),
-          'image': ('img_val', ('img_row',))}
+TABLES = {
+    'top': ('top_val', ('top_row',)),
+    'reservoir': ('res_key', ('res_val', 'res_row')),
+    'image': ('img_val', ('img_row',)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """Table widths (static: they shape the arrays)."""
+
   top: int
   reservoir: int
   image: int
@@ -89,24 +92,33 @@ def histogram_edges(sizes: Sizes) -> np.ndarray:
 def empty_tables(F: int, sizes: Sizes, shards: int = 1) -> dict[str, np.ndarray]:
   """Tables for `shards` independent slices of the tokens (leading axis)."""
   D, K = shards, len(TOKEN_KINDS)
-  t = {'count': np.zeros((D, F), np.int32), 'total': np.zeros((D, F), np.float32),
-       'max': np.zeros((D, F), np.float32), 'kinds': np.zeros((D, K, F), np.int32),
-       'hist': np.zeros((D, F, sizes.bins), np.int32)}
+  t = {
+      'count': np.zeros((D, F), np.int32),
+      'total': np.zeros((D, F), np.float32),
+      'max': np.zeros((D, F), np.float32),
+      'kinds': np.zeros((D, K, F), np.int32),
+      'hist': np.zeros((D, F, sizes.bins), np.int32),
+  }
   for table, (key, payloads) in TABLES.items():
     n = sizes.width(table)
     t[key] = np.full((D, F, n), -np.inf, np.float32)
     for p in payloads:
-      t[p] = np.full((D, F, n), -1, np.int32) if p.endswith('row') else np.zeros((D, F, n),
-                                                                                  np.float32)
+      t[p] = (
+          np.full((D, F, n), -1, np.int32) if p.endswith('row') else np.zeros((D, F, n), np.float32)
+      )
   return t
 
 
 def merge_shards(t: dict[str, np.ndarray], sizes: Sizes) -> dict[str, np.ndarray]:
   """Fold the leading shard axis into one slice (exact: every statistic is a sum, a max or a
   top-n; ties are broken by the lower row, so the result does not depend on the sharding)."""
-  out = {'count': t['count'].sum(0, dtype=np.int64), 'total': t['total'].sum(0, dtype=np.float64),
-         'max': t['max'].max(0), 'kinds': t['kinds'].sum(0, dtype=np.int64),
-         'hist': t['hist'].sum(0, dtype=np.int64)}
+  out = {
+      'count': t['count'].sum(0, dtype=np.int64),
+      'total': t['total'].sum(0, dtype=np.float64),
+      'max': t['max'].max(0),
+      'kinds': t['kinds'].sum(0, dtype=np.int64),
+      'hist': t['hist'].sum(0, dtype=np.int64),
+  }
   for table, (key, payloads) in TABLES.items():
     n = sizes.width(table)
     cat = {name: np.concatenate(list(t[name]), axis=-1) for name in (key, *payloads)}  # [F, D*n]
@@ -119,15 +131,17 @@ def merge_shards(t: dict[str, np.ndarray], sizes: Sizes) -> dict[str, np.ndarray
 def _priority(rows: jax.Array, features: jax.Array, seed: int) -> jax.Array:
   """A fixed pseudo-random number in [0, 1) per (row, feature): lowbias32 of both."""
   h = (rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)) ^ (
-      (features.astype(jnp.uint32) + jnp.uint32(seed)) * jnp.uint32(0x85EBCA77))
+      (features.astype(jnp.uint32) + jnp.uint32(seed)) * jnp.uint32(0x85EBCA77)
+  )
   h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
   h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
   h = h ^ (h >> 16)
   return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-def _segment_top(f: int, n: int, feat: jax.Array, key: jax.Array,
-                 payloads: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+def _segment_top(
+    f: int, n: int, feat: jax.Array, key: jax.Array, payloads: tuple[jax.Array, ...]
+) -> tuple[jax.Array, ...]:
   """Per feature, the n entries with the largest key, as [f, n] tables (empty slots: key -inf).
 
   Entries whose `feat` is f (the sentinel) are dropped.
@@ -150,9 +164,17 @@ def _merge(old: tuple[jax.Array, ...], new: tuple[jax.Array, ...], n: int) -> tu
   return tuple(jnp.take_along_axis(c, pick, axis=1) for c in cat)
 
 
-def update(t: dict[str, jax.Array], x: jax.Array, kinds: jax.Array, rows: jax.Array,
-           params: dict[str, jax.Array], *, capacity: int, sizes: Sizes,
-           feature_offset: jax.Array | int = 0) -> tuple[dict[str, jax.Array], jax.Array]:
+def update(
+    t: dict[str, jax.Array],
+    x: jax.Array,
+    kinds: jax.Array,
+    rows: jax.Array,
+    params: dict[str, jax.Array],
+    *,
+    capacity: int,
+    sizes: Sizes,
+    feature_offset: jax.Array | int = 0,
+) -> tuple[dict[str, jax.Array], jax.Array]:
   """One batch into one shard's tables (leading shard axis of size 1); also returns whether some
   token fired on more than `capacity` features (then the caller redoes the batch with more).
 
@@ -184,8 +206,11 @@ def update(t: dict[str, jax.Array], x: jax.Array, kinds: jax.Array, rows: jax.Ar
 
   prio = _priority(row, jnp.minimum(feat, f - 1) + feature_offset, sizes.seed)
   image_feat = jnp.where(kind == IMAGE, feat, f)
-  for table, entries in (('top', (feat, v, (row,))), ('reservoir', (feat, prio, (v, row))),
-                         ('image', (image_feat, v, (row,)))):
+  for table, entries in (
+      ('top', (feat, v, (row,))),
+      ('reservoir', (feat, prio, (v, row))),
+      ('image', (image_feat, v, (row,))),
+  ):
     key, payloads = TABLES[table]
     n = sizes.width(table)
     names = (key, *payloads)
@@ -197,27 +222,42 @@ def update(t: dict[str, jax.Array], x: jax.Array, kinds: jax.Array, rows: jax.Ar
 
 def table_specs(t: dict[str, Any]) -> dict[str, P]:
   """Tables: shards over `data`, features over `model`."""
-  return {k: P('data', None, 'model') if k == 'kinds' else
-          P('data', 'model') if np.ndim(v) == 2 else P('data', 'model', None) for k, v in t.items()}
+  return {
+      k: P('data', None, 'model')
+      if k == 'kinds'
+      else P('data', 'model')
+      if np.ndim(v) == 2
+      else P('data', 'model', None)
+      for k, v in t.items()
+  }
 
 
-PARAM_SPECS = {'W_enc': P(None, 'model'), 'b_enc': P('model'), 'threshold': P('model'),
-               'b_dec': P()}
+PARAM_SPECS = {
+    'W_enc': P(None, 'model'),
+    'b_enc': P('model'),
+    'threshold': P('model'),
+    'b_dec': P(),
+}
 
 
 def sharded_update(mesh: jax.sharding.Mesh, tables: dict[str, Any], sizes: Sizes, capacity: int):
   """`update` over the mesh: each device its tokens and features, no communication."""
+
   def local(t, x, kinds, rows, params):
     f = params['W_enc'].shape[1]
     offset = jax.lax.axis_index('model') * f
-    new, full = update(t, x, kinds, rows, params, capacity=capacity, sizes=sizes,
-                       feature_offset=offset)
+    new, full = update(
+        t, x, kinds, rows, params, capacity=capacity, sizes=sizes, feature_offset=offset
+    )
     return new, full[None, None]
 
   specs = table_specs(tables)
-  fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(specs, P('data', None), P('data'), P('data'), PARAM_SPECS),
-                     out_specs=(specs, P('data', 'model')))
+  fn = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(specs, P('data', None), P('data'), P('data'), PARAM_SPECS),
+      out_specs=(specs, P('data', 'model')),
+  )
   return jax.jit(fn)
 
 
@@ -229,6 +269,7 @@ def sharded_update(mesh: jax.sharding.Mesh, tables: dict[str, Any], sizes: Sizes
 @dataclasses.dataclass
 class Result:
   """Merged statistics (host arrays, leading shard axis of size 1) and how they were made."""
+
   tables: dict[str, np.ndarray]
   tokens: int
   sizes: Sizes
@@ -248,60 +289,89 @@ def fingerprint(params: dict[str, np.ndarray]) -> str:
   return h.hexdigest()[:16]
 
 
-def _read_batch(source: ActivationStore, B: int, first_row: int, rows_end: int,
-                i: int) -> tuple[np.ndarray, ...]:
+def _read_batch(
+    source: ActivationStore, B: int, first_row: int, rows_end: int, i: int
+) -> tuple[np.ndarray, ...]:
   start = first_row + i * B
   stop = min(start + B, rows_end)
   x = np.zeros((B, source.d), np.float32)
   kinds = np.zeros(B, np.int32)
   rows = np.full(B, -1, np.int32)
-  x[:stop - start] = source.read_range(start, stop)
-  kinds[:stop - start] = source.tokens(start, stop)[:, KIND]
-  rows[:stop - start] = np.arange(start, stop, dtype=np.int32)
+  x[: stop - start] = source.read_range(start, stop)
+  kinds[: stop - start] = source.tokens(start, stop)[:, KIND]
+  rows[: stop - start] = np.arange(start, stop, dtype=np.int32)
   return x, kinds, rows
 
 
-def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[str, np.ndarray],
-            checkpoint_dir: str, progress: bool = True) -> Result:
+def compute(
+    c: ml_collections.ConfigDict,
+    source: ActivationStore,
+    params: dict[str, np.ndarray],
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> Result:
   """The statistics of every committed row of `source` under the SAE `params` (raw-activation
   weights: W_enc, b_enc, W_dec, b_dec, threshold [F]); resumes from `checkpoint_dir`."""
   sizes = Sizes.from_config(c)
   d, F = params['W_enc'].shape
   if source.d != d:
-    raise ConfigError(f'the store at {source.path!r} holds width-{source.d} activations but the '
-                      f'SAE expects d={d}: interpret with the weights trained on this store.')
+    raise ConfigError(
+        f'the store at {source.path!r} holds width-{source.d} activations but the '
+        f'SAE expects d={d}: interpret with the weights trained on this store.'
+    )
   if source.rows >= 2**31 - 1:
     raise ConfigError(f'{source.rows} rows do not fit int32 row ids; split the store.')
   mesh = sharding.make_mesh(c)
   D, M = mesh.shape['data'], mesh.shape['model']
   B = c.interpret.batch_size
   if B % D or F % M:
-    raise ConfigError(f'interpret.batch_size={B} must divide over mesh.data={D} and the '
-                      f'{F} features over mesh.model={M}.')
+    raise ConfigError(
+        f'interpret.batch_size={B} must divide over mesh.data={D} and the '
+        f'{F} features over mesh.model={M}.'
+    )
   capacity = c.interpret.row_capacity or 4 * c.sae.k
   rows_end = source.rows  # the committed rows now; a rerun after more are exported adds them
-  meta_want = {'F': F, 'd': d, 'batch_size': B, 'sae': fingerprint(params),
-               'sizes': dataclasses.asdict(sizes), 'store': os.path.abspath(source.path)}
+  meta_want = {
+      'F': F,
+      'd': d,
+      'batch_size': B,
+      'sae': fingerprint(params),
+      'sizes': dataclasses.asdict(sizes),
+      'store': os.path.abspath(source.path),
+  }
 
   manager = ocp.CheckpointManager(
       os.path.abspath(checkpoint_dir),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False),
-      item_names=('tables', 'meta'))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
+      ),
+      item_names=('tables', 'meta'),
+  )
   first_row, tokens, seconds, redone, tables, meta = 0, 0, 0.0, 0, None, None
   if manager.latest_step() is not None:
     step = manager.latest_step()
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     diff = {k: (meta.get(k), v) for k, v in meta_want.items() if meta.get(k) != v}
     if diff:
-      raise ConfigError(f'{checkpoint_dir} holds statistics of another run ({diff}: saved vs '
-                        'now); use another --out, or delete that folder to start over.')
-    restored = manager.restore(step, args=ocp.args.Composite(tables=ocp.args.StandardRestore(
-        {k: np.zeros(v.shape, v.dtype) for k, v in empty_tables(F, sizes).items()})))['tables']
+      raise ConfigError(
+          f'{checkpoint_dir} holds statistics of another run ({diff}: saved vs '
+          'now); use another --out, or delete that folder to start over.'
+      )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            tables=ocp.args.StandardRestore(
+                {k: np.zeros(v.shape, v.dtype) for k, v in empty_tables(F, sizes).items()}
+            )
+        ),
+    )['tables']
     tables = {k: np.asarray(v) for k, v in restored.items()}
-    first_row, tokens, seconds, redone = (meta['next_row'], meta['tokens'], meta['seconds'],
-                                          meta['redone_batches'])
+    first_row, tokens, seconds, redone = (
+        meta['next_row'],
+        meta['tokens'],
+        meta['seconds'],
+        meta['redone_batches'],
+    )
     log.info('statistics: resuming at row %d of %d', first_row, rows_end)
 
   host = empty_tables(F, sizes, D)
@@ -310,11 +380,18 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
       host[k][0] = v[0]
   specs = table_specs(host)
   put = lambda tree, spec: jax.tree.map(
-      lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, spec)
+      lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), tree, spec
+  )
   t = put(host, specs)
-  dev_params = put({'W_enc': params['W_enc'], 'b_enc': params['b_enc'],
-                    'threshold': np.broadcast_to(params['threshold'], (F,)).astype(np.float32),
-                    'b_dec': params['b_dec']}, PARAM_SPECS)
+  dev_params = put(
+      {
+          'W_enc': params['W_enc'],
+          'b_enc': params['b_enc'],
+          'threshold': np.broadcast_to(params['threshold'], (F,)).astype(np.float32),
+          'b_dec': params['b_dec'],
+      },
+      PARAM_SPECS,
+  )
   steps = {}
 
   def step_fn(cap):
@@ -324,23 +401,43 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
 
   def save(next_row):
     merged = merge_shards(jax.device_get(t), sizes)
-    saved = {**meta_want, 'next_row': next_row, 'tokens': tokens,
-             'seconds': seconds + time.perf_counter() - t0, 'redone_batches': redone}
-    manager.save(next_row, args=ocp.args.Composite(tables=ocp.args.StandardSave(merged),
-                                                   meta=ocp.args.JsonSave(saved)), force=True)
+    saved = {
+        **meta_want,
+        'next_row': next_row,
+        'tokens': tokens,
+        'seconds': seconds + time.perf_counter() - t0,
+        'redone_batches': redone,
+    }
+    manager.save(
+        next_row,
+        args=ocp.args.Composite(
+            tables=ocp.args.StandardSave(merged), meta=ocp.args.JsonSave(saved)
+        ),
+        force=True,
+    )
     manager.wait_until_finished()
     return merged, saved
 
   n_batches = -(-(rows_end - first_row) // B)
-  reader = grain.MapDataset.range(n_batches).map(
-      functools.partial(_read_batch, source, B, first_row, rows_end)).to_iter_dataset(
-          grain.ReadOptions(num_threads=max(1, c.data.num_threads), prefetch_buffer_size=4))
-  batch_sharding, row_sharding = NamedSharding(mesh, P('data', None)), NamedSharding(mesh, P('data'))
+  reader = (
+      grain.MapDataset.range(n_batches)
+      .map(functools.partial(_read_batch, source, B, first_row, rows_end))
+      .to_iter_dataset(
+          grain.ReadOptions(num_threads=max(1, c.data.num_threads), prefetch_buffer_size=4)
+      )
+  )
+  batch_sharding, row_sharding = NamedSharding(mesh, P('data', None)), NamedSharding(
+      mesh, P('data')
+  )
   t0 = time.perf_counter()
   cap = capacity  # grows for good once a token needs more: the next batches are likely alike
   for i, (x, kinds, rows) in enumerate(reader):
-    args = (jax.device_put(x, batch_sharding), jax.device_put(kinds, row_sharding),
-            jax.device_put(rows, row_sharding), dev_params)
+    args = (
+        jax.device_put(x, batch_sharding),
+        jax.device_put(kinds, row_sharding),
+        jax.device_put(rows, row_sharding),
+        dev_params,
+    )
     new, full = step_fn(cap)(t, *args)
     while bool(np.asarray(full).any()):  # a token fired on more features than fit: redo wider
       cap = min(2 * cap, F // M)
@@ -352,8 +449,7 @@ def compute(c: ml_collections.ConfigDict, source: ActivationStore, params: dict[
       save(first_row + (i + 1) * B)
     if progress and (i + 1) % 10 == 0:
       rate = tokens / (seconds + time.perf_counter() - t0)
-      print(f'\rstatistics: batch {i + 1}/{n_batches} ({rate:,.0f} tokens/s)', end='',
-            flush=True)
+      print(f'\rstatistics: batch {i + 1}/{n_batches} ({rate:,.0f} tokens/s)', end='', flush=True)
   if progress:
     print()
   if n_batches or tables is None:

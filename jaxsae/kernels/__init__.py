@@ -37,16 +37,35 @@ from jaxsae import model
 from jaxsae.kernels.common import GPU_BACKENDS, L2Result, LossAndGrads, StepConfig, StepStats
 from jaxsae.kernels import common
 
-__all__ = ['BACKENDS', 'Backend', 'GPU_BACKENDS', 'L2Result', 'LossAndGrads', 'StepConfig',
-           'StepStats', 'get', 'resolve']
+__all__ = [
+    'BACKENDS',
+    'Backend',
+    'GPU_BACKENDS',
+    'L2Result',
+    'LossAndGrads',
+    'StepConfig',
+    'StepStats',
+    'get',
+    'resolve',
+]
 
 BACKENDS = ('dense', 'xla', 'pallas_gpu', 'pallas_tpu', 'cpu')
 
 LossAndGradsFn = Callable[[model.Params, jax.Array, jax.Array, StepConfig], LossAndGrads]
 ProjectAndNormFn = Callable[[model.Params, model.Params], tuple[model.Params, jax.Array]]
-UpdateFn = Callable[[model.Params, optax.OptState, model.Params, jax.Array, jax.Array, StepConfig,
-                     optax.GradientTransformation, optax.Schedule],
-                    tuple[model.Params, optax.OptState]]
+UpdateFn = Callable[
+    [
+        model.Params,
+        optax.OptState,
+        model.Params,
+        jax.Array,
+        jax.Array,
+        StepConfig,
+        optax.GradientTransformation,
+        optax.Schedule,
+    ],
+    tuple[model.Params, optax.OptState],
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +81,7 @@ class Backend:
   The last two default to the plain-JAX / optax ones; a backend with native versions (cpu) brings
   its own, on the same state layout, so checkpoints move between backends.
   """
+
   name: str
   loss_and_grads: LossAndGradsFn
   project_and_norm: ProjectAndNormFn = common.project_and_norm
@@ -74,21 +94,28 @@ def get(name: str) -> Backend:
   # pylint: disable=import-outside-toplevel
   if name == 'dense':
     from jaxsae.kernels import dense
+
     return Backend(name, dense.loss_and_grads)
   if name == 'xla':
     from jaxsae.kernels import xla
+
     return Backend(name, xla.loss_and_grads)
   if name == 'pallas_gpu':
     from jaxsae.kernels import pallas_gpu
+
     return Backend(name, pallas_gpu.loss_and_grads)
   if name == 'pallas_tpu':
     from jaxsae.kernels import pallas_tpu
+
     return Backend(name, pallas_tpu.loss_and_grads)
   if name == 'cpu':
     from jaxsae.kernels import cpu
+
     return Backend(name, cpu.loss_and_grads, cpu.project_and_norm, cpu.update)
-  raise ValueError(f'unknown kernel backend {name!r}: one of {", ".join(BACKENDS)} '
-                   "(sae.kernel's 'auto' and 'pallas' go through kernels.resolve)")
+  raise ValueError(
+      f'unknown kernel backend {name!r}: one of {", ".join(BACKENDS)} '
+      "(sae.kernel's 'auto' and 'pallas' go through kernels.resolve)"
+  )
 
 
 def _pallas_triton_available() -> bool:
@@ -99,8 +126,12 @@ def _pallas_triton_available() -> bool:
     return False
 
 
-def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
-            num_devices: int | None = None) -> str:
+def resolve(
+    kernel: str,
+    mesh_model_axis: int = 1,
+    backend: str | None = None,
+    num_devices: int | None = None,
+) -> str:
   """The backend a step runs for `sae.kernel`: 'dense', 'xla', 'pallas_gpu', 'pallas_tpu' or 'cpu'.
 
   'auto' is the fastest measured path (README's Performance section): 'pallas_gpu' on a single
@@ -121,25 +152,35 @@ def resolve(kernel: str, mesh_model_axis: int = 1, backend: str | None = None,
     num_devices = jax.device_count() if num_devices is None else num_devices
     if num_devices == 1 and backend == 'cpu':
       from jaxsae.kernels import cpu_build  # pylint: disable=import-outside-toplevel (compiles)
+
       return 'cpu' if cpu_build.available() else 'xla'
     fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
     return 'pallas_gpu' if fast else 'dense'
   if kernel == 'cpu':
     if backend != 'cpu':
-      raise ValueError(f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
-                       "use 'auto', 'pallas' or 'xla'.")
+      raise ValueError(
+          f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
+          "use 'auto', 'pallas' or 'xla'."
+      )
     num_devices = jax.device_count() if num_devices is None else num_devices
     if num_devices > 1:
-      logging.warning("sae.kernel='cpu' runs on one device; with %d devices the step is the "
-                      "sharded 'dense' one.", num_devices)
+      logging.warning(
+          "sae.kernel='cpu' runs on one device; with %d devices the step is the "
+          "sharded 'dense' one.",
+          num_devices,
+      )
       return 'dense'
   if kernel == 'pallas':
     if backend == 'tpu':
-      logging.warning("sae.kernel='pallas' on TPU runs the Mosaic kernels of "
-                      "jaxsae.kernels.pallas_tpu, so far tested only in interpret mode.")
+      logging.warning(
+          "sae.kernel='pallas' on TPU runs the Mosaic kernels of "
+          'jaxsae.kernels.pallas_tpu, so far tested only in interpret mode.'
+      )
     elif backend not in GPU_BACKENDS:
-      logging.warning("sae.kernel='pallas' on %s runs the Pallas kernels in interpret mode: exact "
-                      "but very slow, meant for tests. Use 'auto' or 'xla' to train here.",
-                      backend)
+      logging.warning(
+          "sae.kernel='pallas' on %s runs the Pallas kernels in interpret mode: exact "
+          "but very slow, meant for tests. Use 'auto' or 'xla' to train here.",
+          backend,
+      )
     return 'pallas_tpu' if backend == 'tpu' else 'pallas_gpu'
   return kernel

@@ -25,6 +25,7 @@ GPU_BACKENDS = ('gpu', 'cuda', 'rocm')  # platform names the Pallas Triton kerne
 class StepConfig:
   """The static hyper-parameters a compiled step closes over (`train_step.StepConfig.from_config`
   makes one from a config)."""
+
   k: int
   group_sizes: tuple[int, ...]
   group_weights: tuple[float, ...]
@@ -35,7 +36,7 @@ class StepConfig:
   threshold_start_step: int
   candidates_per_row: int
   skip_nonfinite: bool
-  kernel: str = 'dense'   # a backend name, as `jaxsae.kernels.resolve` returns it
+  kernel: str = 'dense'  # a backend name, as `jaxsae.kernels.resolve` returns it
   # The optimizer's constants, for a backend's own update (the 'cpu' one; optax's otherwise).
   b1: float = 0.9
   b2: float = 0.999
@@ -45,28 +46,31 @@ class StepConfig:
 
 class L2Result(NamedTuple):
   """The sparse kernels' result: the Matryoshka reconstruction loss and its gradients."""
-  l2: jax.Array          # mean_i w_i * MSE_i
-  sq_err: jax.Array      # [G] mean over tokens of ||x - x_hat_i||^2
-  x_hat: jax.Array       # [B, d] full reconstruction (for the AuxK residual)
-  grads: model.Params    # gradients of l2 w.r.t. W_enc, b_enc, W_dec, b_dec
+
+  l2: jax.Array  # mean_i w_i * MSE_i
+  sq_err: jax.Array  # [G] mean over tokens of ||x - x_hat_i||^2
+  x_hat: jax.Array  # [B, d] full reconstruction (for the AuxK residual)
+  grads: model.Params  # gradients of l2 w.r.t. W_enc, b_enc, W_dec, b_dec
 
 
 class StepStats(NamedTuple):
   """What a loss evaluation reports besides the loss and gradients."""
-  sq_err: jax.Array     # [G] mean ||x - x_hat_i||^2 per prefix
+
+  sq_err: jax.Array  # [G] mean ||x - x_hat_i||^2 per prefix
   l2_loss: jax.Array
   auxk_loss: jax.Array
-  l0: jax.Array         # mean selected latents per token
-  smallest: jax.Array   # smallest selected activation (inf if none), for the threshold EMA
+  l0: jax.Array  # mean selected latents per token
+  smallest: jax.Array  # smallest selected activation (inf if none), for the threshold EMA
   sparse_path: jax.Array  # 1.0 when a sparse kernel ran this step, 0.0 if the dense one did
   ties_dropped: jax.Array  # entries tied at the threshold beyond a kernel's capacity ('cpu')
 
 
 class LossAndGrads(NamedTuple):
   """What a backend's `loss_and_grads` returns."""
+
   loss: jax.Array
   stats: StepStats
-  tokens_since_fired: jax.Array   # the dead-latent counters, updated with this batch
+  tokens_since_fired: jax.Array  # the dead-latent counters, updated with this batch
   grads: model.Params
 
 
@@ -101,8 +105,9 @@ def l2_coefficients(group_weights: Sequence[float], batch: int) -> np.ndarray:
   return -2.0 * w / (len(w) * batch)
 
 
-def b_dec_grad(W_enc: jax.Array, db_enc: jax.Array,
-               decoder_sum: jax.Array | None = None) -> jax.Array:
+def b_dec_grad(
+    W_enc: jax.Array, db_enc: jax.Array, decoder_sum: jax.Array | None = None
+) -> jax.Array:
   """b_dec's gradient: through every decode (`decoder_sum`, the sum over tokens of R_0, when the
   loss decodes with b_dec) and, as -b_dec @ W_enc, through the encoder's selected values."""
   if decoder_sum is None:
@@ -126,8 +131,14 @@ def interpret_override() -> bool | None:
 AuxkFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, model.Params]]  # (residual, dead)
 
 
-def with_auxk(r: L2Result, x: jax.Array, fired: jax.Array, tokens_since_fired: jax.Array,
-              sc: StepConfig, auxk: AuxkFn) -> tuple[jax.Array, model.Params, jax.Array]:
+def with_auxk(
+    r: L2Result,
+    x: jax.Array,
+    fired: jax.Array,
+    tokens_since_fired: jax.Array,
+    sc: StepConfig,
+    auxk: AuxkFn,
+) -> tuple[jax.Array, model.Params, jax.Array]:
   """(AuxK loss, gradients of l2 + auxk_alpha * AuxK, updated counters) after a sparse l2.
 
   As in `model.loss_fn`, the dead set already counts this batch; AuxK, and its gradients from
@@ -141,8 +152,7 @@ def with_auxk(r: L2Result, x: jax.Array, fired: jax.Array, tokens_since_fired: j
     aux, aux_grads = auxk(residual, dead)
     return aux, jax.tree.map(lambda g, a: g + sc.auxk_alpha * a, r.grads, aux_grads)
 
-  aux, grads = jax.lax.cond(jnp.any(dead), add_auxk,
-                            lambda: (jnp.zeros((), x.dtype), r.grads))
+  aux, grads = jax.lax.cond(jnp.any(dead), add_auxk, lambda: (jnp.zeros((), x.dtype), r.grads))
   return aux, grads, silence
 
 
@@ -153,13 +163,19 @@ def project_and_norm(params: model.Params, grads: model.Params) -> tuple[model.P
   return grads, optax.tree.norm(grads)
 
 
-def optax_update(params: model.Params, opt_state: optax.OptState, grads: model.Params,
-                 grad_norm: jax.Array, finite: jax.Array, sc: StepConfig,
-                 optimizer: optax.GradientTransformation,
-                 schedule: optax.Schedule) -> tuple[model.Params, optax.OptState]:
+def optax_update(
+    params: model.Params,
+    opt_state: optax.OptState,
+    grads: model.Params,
+    grad_norm: jax.Array,
+    finite: jax.Array,
+    sc: StepConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[model.Params, optax.OptState]:
   """`optimizer`'s update, then unit decoder rows; nothing changes unless `finite`. A cond, not a
   select per array: the update then runs in place on the donated state."""
-  del grad_norm, sc, schedule   # the optimizer computes its own
+  del grad_norm, sc, schedule  # the optimizer computes its own
 
   def update():
     updates, new_opt_state = optimizer.update(grads, opt_state, params)

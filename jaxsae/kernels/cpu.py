@@ -54,9 +54,10 @@ from jaxsae.kernels.cpu_build import register as _register
 class Entries(NamedTuple):
   """Selected entries as CSR by token: token b owns slots row_ptr[b]:row_ptr[b+1] of lat/val,
   latents ascending. Slots past the count hold latent 0, value 0."""
-  row_ptr: jax.Array   # [B + 1] int32
-  lat: jax.Array       # [capacity] int32
-  val: jax.Array       # [capacity] float32
+
+  row_ptr: jax.Array  # [B + 1] int32
+  lat: jax.Array  # [capacity] int32
+  val: jax.Array  # [capacity] float32
 
   @property
   def count(self) -> jax.Array:
@@ -68,10 +69,10 @@ class Entries(NamedTuple):
 
 class Selection(NamedTuple):
   entries: Entries
-  tau: jax.Array          # the exact (B*k)-th largest pre-activation (0: fewer are positive)
+  tau: jax.Array  # the exact (B*k)-th largest pre-activation (0: fewer are positive)
   ties_dropped: jax.Array  # entries == tau beyond the capacity (kept: the earliest rows')
-  path: jax.Array         # 0: the sampled estimate sufficed; 1, 2: loosened; 3: radix select
-  collected: jax.Array    # candidates gathered before the exact selection (diagnostics)
+  path: jax.Array  # 0: the sampled estimate sufficed; 1, 2: loosened; 3: radix select
+  collected: jax.Array  # candidates gathered before the exact selection (diagnostics)
 
 
 def capacity(batch: int, k: int) -> int:
@@ -84,15 +85,24 @@ def select(z: jax.Array, c: jax.Array, budget: int, cap: int) -> Selection:
   budget-th largest value, and the entries == tau that fit `cap` (earliest rows first). Without
   dropped ties this is `pre >= selection.reference_threshold(pre, budget)` (and > 0) exactly."""
   if not 1 <= budget <= cap:
-    raise ValueError(f'select needs 1 <= budget <= capacity, got budget {budget}, '
-                     f'capacity {cap}')
+    raise ValueError(
+        f'select needs 1 <= budget <= capacity, got budget {budget}, ' f'capacity {cap}'
+    )
   _register()
   B, _ = z.shape
-  count = jax.ShapeDtypeStruct((), jnp.int32)   # ties_dropped, path, collected
-  row_ptr, lat, val, tau, ties_dropped, path, collected = jax.ffi.ffi_call('jaxsae_select', (
-      jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
-      jax.ShapeDtypeStruct((cap,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
-      count, count, count))(z.astype(jnp.float32), c.astype(jnp.float32), budget=np.int64(budget))
+  count = jax.ShapeDtypeStruct((), jnp.int32)  # ties_dropped, path, collected
+  row_ptr, lat, val, tau, ties_dropped, path, collected = jax.ffi.ffi_call(
+      'jaxsae_select',
+      (
+          jax.ShapeDtypeStruct((B + 1,), jnp.int32),
+          jax.ShapeDtypeStruct((cap,), jnp.int32),
+          jax.ShapeDtypeStruct((cap,), jnp.float32),
+          jax.ShapeDtypeStruct((), jnp.float32),
+          count,
+          count,
+          count,
+      ),
+  )(z.astype(jnp.float32), c.astype(jnp.float32), budget=np.int64(budget))
   return Selection(Entries(row_ptr, lat, val), tau, ties_dropped, path, collected)
 
 
@@ -103,24 +113,35 @@ def aux_select(z: jax.Array, c: jax.Array, dead: jax.Array, k_aux: int) -> Entri
   _register()
   B, _ = z.shape
   cap = B * k_aux
-  return Entries(*jax.ffi.ffi_call('jaxsae_aux_select', (
-      jax.ShapeDtypeStruct((B + 1,), jnp.int32), jax.ShapeDtypeStruct((cap,), jnp.int32),
-      jax.ShapeDtypeStruct((cap,), jnp.float32)))(
-          z.astype(jnp.float32), c.astype(jnp.float32), dead.astype(jnp.int32),
-          k_aux=np.int64(k_aux)))
+  return Entries(
+      *jax.ffi.ffi_call(
+          'jaxsae_aux_select',
+          (
+              jax.ShapeDtypeStruct((B + 1,), jnp.int32),
+              jax.ShapeDtypeStruct((cap,), jnp.int32),
+              jax.ShapeDtypeStruct((cap,), jnp.float32),
+          ),
+      )(z.astype(jnp.float32), c.astype(jnp.float32), dead.astype(jnp.int32), k_aux=np.int64(k_aux))
+  )
 
 
 class L2Grads(NamedTuple):
-  resid: jax.Array     # [B, d] target - full reconstruction
-  sq: jax.Array        # [B, G] ||target - x_hat_g||^2 per token
-  up0: jax.Array       # [d] sum over tokens of R_0 (the decodes' share of b_dec's gradient)
-  dW_dec: jax.Array    # [F, d]
-  dW_enc: jax.Array    # [d, F]
-  db_enc: jax.Array    # [F]
+  resid: jax.Array  # [B, d] target - full reconstruction
+  sq: jax.Array  # [B, G] ||target - x_hat_g||^2 per token
+  up0: jax.Array  # [d] sum over tokens of R_0 (the decodes' share of b_dec's gradient)
+  dW_dec: jax.Array  # [F, d]
+  dW_enc: jax.Array  # [d, F]
+  db_enc: jax.Array  # [F]
 
 
-def l2_grads_kernel(target: jax.Array, xc: jax.Array, W_dec: jax.Array, e: Entries,
-                    group_ends: Sequence[int], coef: jax.Array) -> L2Grads:
+def l2_grads_kernel(
+    target: jax.Array,
+    xc: jax.Array,
+    W_dec: jax.Array,
+    e: Entries,
+    group_ends: Sequence[int],
+    coef: jax.Array,
+) -> L2Grads:
   """Prefix reconstructions of `target` [B, d] from the entries (x_hat_g sums v * W_dec[f] over
   entries with latent < group_ends[g]), their squared errors, and the gradients of
   L = -sum_g coef_g / 2 * sum_b ||target_b - x_hat_g||^2 with respect to W_dec and, through the
@@ -128,12 +149,28 @@ def l2_grads_kernel(target: jax.Array, xc: jax.Array, W_dec: jax.Array, e: Entri
   _register()
   (B, d), G, F = target.shape, len(group_ends), int(group_ends[-1])
   f32 = jnp.float32
-  return L2Grads(*jax.ffi.ffi_call('jaxsae_l2_grads', (
-      jax.ShapeDtypeStruct((B, d), f32), jax.ShapeDtypeStruct((B, G), f32),
-      jax.ShapeDtypeStruct((d,), f32), jax.ShapeDtypeStruct((F, d), f32),
-      jax.ShapeDtypeStruct((d, F), f32), jax.ShapeDtypeStruct((F,), f32)))(
-          target, xc, W_dec, e.row_ptr, e.lat, e.val, coef.astype(f32),
-          group_ends=np.asarray(group_ends, np.int64)))
+  return L2Grads(
+      *jax.ffi.ffi_call(
+          'jaxsae_l2_grads',
+          (
+              jax.ShapeDtypeStruct((B, d), f32),
+              jax.ShapeDtypeStruct((B, G), f32),
+              jax.ShapeDtypeStruct((d,), f32),
+              jax.ShapeDtypeStruct((F, d), f32),
+              jax.ShapeDtypeStruct((d, F), f32),
+              jax.ShapeDtypeStruct((F,), f32),
+          ),
+      )(
+          target,
+          xc,
+          W_dec,
+          e.row_ptr,
+          e.lat,
+          e.val,
+          coef.astype(f32),
+          group_ends=np.asarray(group_ends, np.int64),
+      )
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,8 +184,13 @@ def encoder_parts(params: model.Params, x: jax.Array) -> tuple[jax.Array, jax.Ar
   return x @ W_enc, params['b_enc'] - params['b_dec'] @ W_enc
 
 
-def l2_and_grads(params: model.Params, x: jax.Array, e: Entries, group_sizes: Sequence[int],
-                 group_weights: Sequence[float]) -> common.L2Result:
+def l2_and_grads(
+    params: model.Params,
+    x: jax.Array,
+    e: Entries,
+    group_sizes: Sequence[int],
+    group_weights: Sequence[float],
+) -> common.L2Result:
   """`kernels.xla.l2_and_grads` (same result) from CSR entries of the selected values."""
   B = x.shape[0]
   xc = x - params['b_dec']
@@ -156,15 +198,26 @@ def l2_and_grads(params: model.Params, x: jax.Array, e: Entries, group_sizes: Se
   r = l2_grads_kernel(xc, xc, params['W_dec'], e, common.group_ends(group_sizes), coef)
   sq_err = jnp.sum(r.sq, axis=0) / B
   # W_enc's share of the b_dec path is already in the kernel's dW_enc (against x - b_dec).
-  grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
-           'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc, r.up0)}
-  return common.L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, jnp.float32)), sq_err,
-                          x - r.resid, grads)
+  grads = {
+      'W_enc': r.dW_enc,
+      'b_enc': r.db_enc,
+      'W_dec': r.dW_dec,
+      'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc, r.up0),
+  }
+  return common.L2Result(
+      jnp.mean(sq_err * jnp.asarray(group_weights, jnp.float32)), sq_err, x - r.resid, grads
+  )
 
 
-def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax.Array,
-                        residual: jax.Array, dead: jax.Array,
-                        top_k_aux: int) -> tuple[jax.Array, model.Params]:
+def auxk_loss_and_grads(
+    params: model.Params,
+    z: jax.Array,
+    c: jax.Array,
+    x: jax.Array,
+    residual: jax.Array,
+    dead: jax.Array,
+    top_k_aux: int,
+) -> tuple[jax.Array, model.Params]:
   """AuxK (`model.auxk_loss`) and its gradients through the same sparse path: each token's top
   dead latents reconstruct the (constant) residual without the decoder bias."""
   B, F = z.shape
@@ -175,8 +228,12 @@ def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax
   coef = jnp.reshape(-2.0 * scale / B, (1,)).astype(jnp.float32)
   r = l2_grads_kernel(residual, x - params['b_dec'], params['W_dec'], e, (F,), coef)
   loss = jnp.nan_to_num(jnp.sum(r.sq) / B * scale)
-  grads = {'W_enc': r.dW_enc, 'b_enc': r.db_enc, 'W_dec': r.dW_dec,
-           'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc)}   # no b_dec in AuxK's decode
+  grads = {
+      'W_enc': r.dW_enc,
+      'b_enc': r.db_enc,
+      'W_dec': r.dW_dec,
+      'b_dec': common.b_dec_grad(params['W_enc'], r.db_enc),
+  }  # no b_dec in AuxK's decode
   return loss, grads
 
 
@@ -185,8 +242,9 @@ def auxk_loss_and_grads(params: model.Params, z: jax.Array, c: jax.Array, x: jax
 # --------------------------------------------------------------------------------------------------
 
 
-def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
-                   sc: common.StepConfig) -> common.LossAndGrads:
+def loss_and_grads(
+    params: model.Params, x: jax.Array, tokens_since_fired: jax.Array, sc: common.StepConfig
+) -> common.LossAndGrads:
   """The encoder matmul, then selection, decode, gradients and AuxK over the selected entries
   only. relu(z + c) is never stored, and no other [B, F] array exists: there is no dense fallback
   (ties beyond the capacity, which only degenerate batches have, are dropped and counted
@@ -199,11 +257,22 @@ def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.A
   valid = e.valid()
   fired = jnp.zeros((F,), bool).at[e.lat].max(valid)
   aux, grads, silence = common.with_auxk(
-      r, x, fired, tokens_since_fired, sc,
-      lambda residual, dead: auxk_loss_and_grads(params, z, c, x, residual, dead, sc.top_k_aux))
-  stats = common.StepStats(r.sq_err, r.l2, aux, e.count.astype(jnp.float32) / B,
-                           jnp.min(jnp.where(valid, e.val, jnp.inf)), jnp.ones((), jnp.float32),
-                           sel.ties_dropped.astype(jnp.float32))
+      r,
+      x,
+      fired,
+      tokens_since_fired,
+      sc,
+      lambda residual, dead: auxk_loss_and_grads(params, z, c, x, residual, dead, sc.top_k_aux),
+  )
+  stats = common.StepStats(
+      r.sq_err,
+      r.l2,
+      aux,
+      e.count.astype(jnp.float32) / B,
+      jnp.min(jnp.where(valid, e.val, jnp.inf)),
+      jnp.ones((), jnp.float32),
+      sel.ties_dropped.astype(jnp.float32),
+  )
   return common.LossAndGrads(r.l2 + sc.auxk_alpha * aux, stats, silence, grads)
 
 
@@ -212,8 +281,9 @@ def project_and_norm(params: model.Params, grads: model.Params) -> tuple[model.P
   squared norms give the decoder's share of the global norm."""
   g_dec, row_sq = project_rows(params['W_dec'], grads['W_dec'])
   grads = {**grads, 'W_dec': g_dec}
-  grad_norm = jnp.sqrt(jnp.sum(row_sq) + sum(jnp.sum(grads[n] ** 2)
-                                             for n in ('W_enc', 'b_enc', 'b_dec')))
+  grad_norm = jnp.sqrt(
+      jnp.sum(row_sq) + sum(jnp.sum(grads[n] ** 2) for n in ('W_enc', 'b_enc', 'b_dec'))
+  )
   return grads, grad_norm
 
 
@@ -222,38 +292,60 @@ def opt_state_parts(opt_state: optax.OptState):
   layout for chain(clip_by_global_norm, adam(schedule)): the one place that depends on it
   (tests/kernels/test_cpu.py pins it)."""
   clip_state, (adam, sched) = opt_state
-  if not (isinstance(adam, optax.ScaleByAdamState)
-          and isinstance(sched, optax.ScaleByScheduleState)):
-    raise TypeError('the cpu backend updates chain(clip_by_global_norm, adam(schedule)) state, '
-                    f'got {type(adam).__name__}, {type(sched).__name__}')
+  if not (
+      isinstance(adam, optax.ScaleByAdamState) and isinstance(sched, optax.ScaleByScheduleState)
+  ):
+    raise TypeError(
+        'the cpu backend updates chain(clip_by_global_norm, adam(schedule)) state, '
+        f'got {type(adam).__name__}, {type(sched).__name__}'
+    )
   return clip_state, adam, sched
 
 
-def update(params: model.Params, opt_state: optax.OptState, grads: model.Params,
-           grad_norm: jax.Array, finite: jax.Array, sc: common.StepConfig,
-           optimizer: optax.GradientTransformation,
-           schedule: optax.Schedule) -> tuple[model.Params, optax.OptState]:
+def update(
+    params: model.Params,
+    opt_state: optax.OptState,
+    grads: model.Params,
+    grad_norm: jax.Array,
+    finite: jax.Array,
+    sc: common.StepConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> tuple[model.Params, optax.OptState]:
   """`train_step.make_optimizer`'s update (clip by global norm, Adam, learning-rate schedule, from
   the constants in `sc`) and the decoder renormalisation, natively and in place for the two
   weight matrices; the same state layout as optax's, so checkpoints move between backends.
   Nothing changes unless `finite` (a flag to the kernels, not a cond)."""
-  del optimizer   # its maths, natively
+  del optimizer  # its maths, natively
   clip_state, adam, sched = opt_state_parts(opt_state)
   count = jnp.where(adam.count < jnp.iinfo(jnp.int32).max, adam.count + 1, adam.count)
-  hyper = AdamHyper(lr=schedule(sched.count), b1=sc.b1, b2=sc.b2, eps=sc.eps, count=count,
-                    grad_norm=grad_norm, max_norm=sc.grad_clip, apply=finite)
+  hyper = AdamHyper(
+      lr=schedule(sched.count),
+      b1=sc.b1,
+      b2=sc.b2,
+      eps=sc.eps,
+      count=count,
+      grad_norm=grad_norm,
+      max_norm=sc.grad_clip,
+      apply=finite,
+  )
   new_params, mu, nu = {}, {}, {}
   for name in ('W_enc', 'W_dec'):
     new_params[name], mu[name], nu[name] = adam_update(
-        params[name], grads[name], adam.mu[name], adam.nu[name], hyper,
-        unit_rows=name == 'W_dec')
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper, unit_rows=name == 'W_dec'
+    )
   for name in ('b_enc', 'b_dec'):
     new_params[name], mu[name], nu[name] = adam_reference(
-        params[name], grads[name], adam.mu[name], adam.nu[name], hyper)
+        params[name], grads[name], adam.mu[name], adam.nu[name], hyper
+    )
   sched_count = jnp.where(sched.count < jnp.iinfo(jnp.int32).max, sched.count + 1, sched.count)
-  return new_params, (clip_state, (
-      adam._replace(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu),
-      sched._replace(count=jnp.where(finite, sched_count, sched.count))))
+  return new_params, (
+      clip_state,
+      (
+          adam._replace(count=jnp.where(finite, count, adam.count), mu=mu, nu=nu),
+          sched._replace(count=jnp.where(finite, sched_count, sched.count)),
+      ),
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,42 +358,52 @@ def project_rows(W: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   `model.remove_parallel_component`, in place of g."""
   _register()
   F, _ = W.shape
-  return jax.ffi.ffi_call('jaxsae_project_rows', (
-      jax.ShapeDtypeStruct(g.shape, jnp.float32), jax.ShapeDtypeStruct((F,), jnp.float32)),
-      input_output_aliases={1: 0})(W, g)
+  return jax.ffi.ffi_call(
+      'jaxsae_project_rows',
+      (jax.ShapeDtypeStruct(g.shape, jnp.float32), jax.ShapeDtypeStruct((F,), jnp.float32)),
+      input_output_aliases={1: 0},
+  )(W, g)
 
 
 class AdamHyper(NamedTuple):
   """One step's optimizer settings. b1, b2, eps and max_norm are static Python floats (the
   kernel takes them as attributes); lr, count, grad_norm and apply may be traced."""
+
   lr: jax.Array
   b1: float
   b2: float
   eps: float
-  count: jax.Array      # the step's Adam count (after the increment)
+  count: jax.Array  # the step's Adam count (after the increment)
   grad_norm: jax.Array
   max_norm: float
-  apply: jax.Array      # False: leave everything unchanged (a non-finite step)
+  apply: jax.Array  # False: leave everything unchanged (a non-finite step)
 
   def bias_corrections(self) -> tuple[jax.Array, jax.Array]:
-    return 1 - self.b1 ** self.count, 1 - self.b2 ** self.count   # as optax computes them
+    return 1 - self.b1**self.count, 1 - self.b2**self.count  # as optax computes them
 
 
-def adam_reference(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
-                   hyper: AdamHyper) -> tuple[jax.Array, jax.Array, jax.Array]:
+def adam_reference(
+    p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, hyper: AdamHyper
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """What `adam_update` computes, in jnp with optax's order of operations (for small arrays
   and for tests)."""
   g = jnp.where(hyper.grad_norm < hyper.max_norm, g, (g / hyper.grad_norm) * hyper.max_norm)
   m_new = (1 - hyper.b1) * g + hyper.b1 * m
-  v_new = (1 - hyper.b2) * (g ** 2) + hyper.b2 * v
+  v_new = (1 - hyper.b2) * (g**2) + hyper.b2 * v
   bc1, bc2 = hyper.bias_corrections()
   p_new = p + (-hyper.lr) * ((m_new / bc1) / (jnp.sqrt(v_new / bc2) + hyper.eps))
   keep = lambda new, old: jnp.where(hyper.apply, new, old)  # noqa: E731
   return keep(p_new, p), keep(m_new, m), keep(v_new, v)
 
 
-def adam_update(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, hyper: AdamHyper,
-                unit_rows: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def adam_update(
+    p: jax.Array,
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    hyper: AdamHyper,
+    unit_rows: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """optax's clip_by_global_norm + adam + apply_updates on one array, in place of p, m and v;
   with unit_rows, then `model.unit_norm_rows` on the updated [F, d] p."""
   _register()
@@ -310,9 +412,21 @@ def adam_update(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array, hyper: A
   bc1, bc2 = hyper.bias_corrections()
   # The static floats go as f64 attributes: the kernel forms 1 - b1 and 1 - b2 in double, as
   # optax's Python arithmetic does, before rounding to float32.
-  return jax.ffi.ffi_call('jaxsae_adam', (like, like, like),
-                          input_output_aliases={0: 0, 2: 1, 3: 2})(
-                              p, g, m, v, f32(hyper.lr), f32(bc1), f32(bc2), f32(hyper.grad_norm),
-                              jnp.asarray(hyper.apply, jnp.bool_), b1=np.float64(hyper.b1),
-                              b2=np.float64(hyper.b2), eps=np.float64(hyper.eps),
-                              max_norm=np.float64(hyper.max_norm), unit_rows=np.int64(unit_rows))
+  return jax.ffi.ffi_call(
+      'jaxsae_adam', (like, like, like), input_output_aliases={0: 0, 2: 1, 3: 2}
+  )(
+      p,
+      g,
+      m,
+      v,
+      f32(hyper.lr),
+      f32(bc1),
+      f32(bc2),
+      f32(hyper.grad_norm),
+      jnp.asarray(hyper.apply, jnp.bool_),
+      b1=np.float64(hyper.b1),
+      b2=np.float64(hyper.b2),
+      eps=np.float64(hyper.eps),
+      max_norm=np.float64(hyper.max_norm),
+      unit_rows=np.int64(unit_rows),
+  )

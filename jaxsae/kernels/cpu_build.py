@@ -21,13 +21,23 @@ import tempfile
 import jax
 import jaxlib
 
-
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.cc')
-FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-fopenmp-simd',
-         '-fno-math-errno')
-_TARGETS = {'jaxsae_select': 'JaxsaeSelect', 'jaxsae_aux_select': 'JaxsaeAuxSelect',
-            'jaxsae_l2_grads': 'JaxsaeL2Grads', 'jaxsae_project_rows': 'JaxsaeProjectRows',
-            'jaxsae_adam': 'JaxsaeAdam'}
+FLAGS = (
+    '-O3',
+    '-march=native',
+    '-std=c++17',
+    '-shared',
+    '-fPIC',
+    '-fopenmp-simd',
+    '-fno-math-errno',
+)
+_TARGETS = {
+    'jaxsae_select': 'JaxsaeSelect',
+    'jaxsae_aux_select': 'JaxsaeAuxSelect',
+    'jaxsae_l2_grads': 'JaxsaeL2Grads',
+    'jaxsae_project_rows': 'JaxsaeProjectRows',
+    'jaxsae_adam': 'JaxsaeAdam',
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -38,8 +48,10 @@ def _compiler() -> str:
   for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
     if name and shutil.which(name):
       return shutil.which(name)
-  raise KernelBuildError("sae.kernel='cpu' needs a C++17 compiler (set CXX, or install g++: "
-                         "'apt-get install g++'); sae.kernel='xla' runs without one.")
+  raise KernelBuildError(
+      "sae.kernel='cpu' needs a C++17 compiler (set CXX, or install g++: "
+      "'apt-get install g++'); sae.kernel='xla' runs without one."
+  )
 
 
 def _cpu_flags() -> str:
@@ -56,7 +68,8 @@ def _cpu_flags() -> str:
 
 def cache_dir() -> str:
   root = os.environ.get('JAXSAE_KERNEL_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'jaxsae')
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'jaxsae'
+  )
   return os.path.join(root, 'kernels')
 
 
@@ -65,8 +78,11 @@ def library_path() -> str:
   with open(SOURCE, 'rb') as f:
     key = hashlib.sha256(f.read())
   compiler = _compiler()
-  key.update('\0'.join((jaxlib.__version__, compiler, ' '.join(FLAGS), platform.machine(),
-                        _cpu_flags())).encode())
+  key.update(
+      '\0'.join(
+          (jaxlib.__version__, compiler, ' '.join(FLAGS), platform.machine(), _cpu_flags())
+      ).encode()
+  )
   return os.path.join(cache_dir(), f'cpu_kernels-{key.hexdigest()[:16]}.so')
 
 
@@ -87,8 +103,10 @@ def build() -> str:
     if r.returncode != 0:
       # The FFI headers warn at length even in a good build: lead with the errors.
       errors = [line for line in r.stderr.splitlines() if 'error' in line][:20]
-      raise KernelBuildError(f'compiling {SOURCE} failed ({" ".join(cmd)}):\n' +
-                             '\n'.join(errors or r.stderr.splitlines()[-40:]))
+      raise KernelBuildError(
+          f'compiling {SOURCE} failed ({" ".join(cmd)}):\n'
+          + '\n'.join(errors or r.stderr.splitlines()[-40:])
+      )
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -90,16 +90,30 @@ def _gather_rows(ref, rows: jax.Array, cols: pl.Slice, mask: jax.Array, masked: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _decode_kernel(jmax_ref, vals_ref, idx_ref, x_ref, bdec_ref, w_ref,
-                   r_ref, xhat_ref, sq_ref, *, ends, coefs, block_d, masked):
-  n = jmax_ref[pl.program_id(0)]           # candidate slots to walk for this token block
+def _decode_kernel(
+    jmax_ref,
+    vals_ref,
+    idx_ref,
+    x_ref,
+    bdec_ref,
+    w_ref,
+    r_ref,
+    xhat_ref,
+    sq_ref,
+    *,
+    ends,
+    coefs,
+    block_d,
+    masked,
+):
+  n = jmax_ref[pl.program_id(0)]  # candidate slots to walk for this token block
   cols = pl.ds(pl.program_id(1) * block_d, block_d)
-  x = x_ref[...]                            # [bt, bd]
+  x = x_ref[...]  # [bt, bd]
   xc = x - bdec_ref[...][None, :]
   G = len(coefs)
 
   def accumulate(j, prefix):
-    v, f = vals_ref[j, :], idx_ref[j, :]    # [bt]
+    v, f = vals_ref[j, :], idx_ref[j, :]  # [bt]
     c = v[:, None] * _gather_rows(w_ref, f, cols, v != 0, masked)
     g = common.group_of(f, ends)
     # Prefix i holds every entry of groups <= i: the cumulative sum over index ranges.
@@ -108,8 +122,8 @@ def _decode_kernel(jmax_ref, vals_ref, idx_ref, x_ref, bdec_ref, w_ref,
   zeros = jnp.zeros(x.shape, jnp.float32)
   prefix = jax.lax.fori_loop(0, n, accumulate, (zeros,) * G)
   run = zeros
-  for i in reversed(range(G)):             # R_g = sum_{i >= g} coef_i * err_i
-    err = xc - prefix[i]                   # x - x_hat_i
+  for i in reversed(range(G)):  # R_g = sum_{i >= g} coef_i * err_i
+    err = xc - prefix[i]  # x - x_hat_i
     run = run + coefs[i] * err
     r_ref[i] = run
     sq_ref[i, :] = jnp.sum(err * err, axis=1)
@@ -119,17 +133,27 @@ def _decode_kernel(jmax_ref, vals_ref, idx_ref, x_ref, bdec_ref, w_ref,
 
 class Decoded(NamedTuple):
   """What the forward kernel leaves for the loss, the metrics and the backward kernel."""
-  l2: jax.Array       # mean_i w_i * MSE_i
-  sq_err: jax.Array   # [G] mean over tokens of ||x - x_hat_i||^2
-  x_hat: jax.Array    # [B, d] full reconstruction
-  up: jax.Array       # [G, Bp, d] R_g = sum_{i >= g} dl2/dx_hat_i (tokens padded to Bp)
-  vals_t: jax.Array   # [kc, Bp] vals, transposed and padded
-  idx_t: jax.Array    # [kc, Bp] int32 latent ids, transposed and padded
+
+  l2: jax.Array  # mean_i w_i * MSE_i
+  sq_err: jax.Array  # [G] mean over tokens of ||x - x_hat_i||^2
+  x_hat: jax.Array  # [B, d] full reconstruction
+  up: jax.Array  # [G, Bp, d] R_g = sum_{i >= g} dl2/dx_hat_i (tokens padded to Bp)
+  vals_t: jax.Array  # [kc, Bp] vals, transposed and padded
+  idx_t: jax.Array  # [kc, Bp] int32 latent ids, transposed and padded
 
 
-def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
-           group_sizes: Sequence[int], group_weights: Sequence[float], *,
-           block_tokens: int = 8, block_d: int = 128, interpret: bool | None = None) -> Decoded:
+def decode(
+    params: model.Params,
+    x: jax.Array,
+    vals: jax.Array,
+    idx: jax.Array,
+    group_sizes: Sequence[int],
+    group_weights: Sequence[float],
+    *,
+    block_tokens: int = 8,
+    block_d: int = 128,
+    interpret: bool | None = None,
+) -> Decoded:
   """Forward kernel: every prefix reconstruction, its error and upstream signal, from sparse codes.
 
   vals/idx [B, kc]: selected activation values (0 where not selected) and their latent ids.
@@ -149,32 +173,36 @@ def decode(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
 
   f32 = jnp.float32
   xp = jnp.pad(x.astype(f32), ((0, Bp - B), (0, 0)))
-  vals_t = jnp.pad(vals.astype(f32), ((0, Bp - B), (0, 0))).T            # [kc, Bp]
+  vals_t = jnp.pad(vals.astype(f32), ((0, Bp - B), (0, 0))).T  # [kc, Bp]
   idx_t = jnp.pad(idx.astype(jnp.int32), ((0, Bp - B), (0, 0))).T
   # Slots past a block's last selected entry are skipped (top-k order puts selected slots first).
   last = jnp.max(jnp.where(vals_t != 0, jnp.arange(1, kc + 1, dtype=jnp.int32)[:, None], 0), 0)
   jmax = last.reshape(nb, bt).max(axis=1)
 
-  kernel = functools.partial(_decode_kernel, ends=ends, coefs=coefs, block_d=bd,
-                             masked=not interpret)
+  kernel = functools.partial(
+      _decode_kernel, ends=ends, coefs=coefs, block_d=bd, masked=not interpret
+  )
   up, xhat, sq = pl.pallas_call(
       kernel,
       grid=(nb, nd),
       in_specs=[
-          pl.BlockSpec(),                                       # jmax [nb]
-          pl.BlockSpec((kc, bt), lambda i, t: (0, i)),          # vals_t
-          pl.BlockSpec((kc, bt), lambda i, t: (0, i)),          # idx_t
-          pl.BlockSpec((bt, bd), lambda i, t: (i, t)),          # x
-          pl.BlockSpec((bd,), lambda i, t: (t,)),               # b_dec
-          pl.BlockSpec(),                                       # W_dec, gathered by row
+          pl.BlockSpec(),  # jmax [nb]
+          pl.BlockSpec((kc, bt), lambda i, t: (0, i)),  # vals_t
+          pl.BlockSpec((kc, bt), lambda i, t: (0, i)),  # idx_t
+          pl.BlockSpec((bt, bd), lambda i, t: (i, t)),  # x
+          pl.BlockSpec((bd,), lambda i, t: (t,)),  # b_dec
+          pl.BlockSpec(),  # W_dec, gathered by row
       ],
       out_specs=[
-          pl.BlockSpec((G, bt, bd), lambda i, t: (0, i, t)),    # R [G, Bp, d]
-          pl.BlockSpec((bt, bd), lambda i, t: (i, t)),          # x_hat
+          pl.BlockSpec((G, bt, bd), lambda i, t: (0, i, t)),  # R [G, Bp, d]
+          pl.BlockSpec((bt, bd), lambda i, t: (i, t)),  # x_hat
           pl.BlockSpec((None, G, bt), lambda i, t: (t, 0, i)),  # sq partials [nd, G, Bp]
       ],
-      out_shape=[jax.ShapeDtypeStruct((G, Bp, d), f32), jax.ShapeDtypeStruct((Bp, d), f32),
-                 jax.ShapeDtypeStruct((nd, G, Bp), f32)],
+      out_shape=[
+          jax.ShapeDtypeStruct((G, Bp, d), f32),
+          jax.ShapeDtypeStruct((Bp, d), f32),
+          jax.ShapeDtypeStruct((nd, G, Bp), f32),
+      ],
       interpret=interpret,
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
       name='matryoshka_sparse_decode',
@@ -206,18 +234,29 @@ def _chunk(lo, hi, c, block_entries):
   return pl.ds(e0, block_entries), e0 + jnp.arange(block_entries, dtype=jnp.int32) < hi
 
 
-def _backward_dec_kernel(starts_ref, urow_ref, val_ref, up_ref, wdec_ref, dwdec_ref, dvp_ref, *,
-                         block_entries, block_d, masked):
+def _backward_dec_kernel(
+    starts_ref,
+    urow_ref,
+    val_ref,
+    up_ref,
+    wdec_ref,
+    dwdec_ref,
+    dvp_ref,
+    *,
+    block_entries,
+    block_d,
+    masked,
+):
   t = pl.program_id(1)
   cols = pl.ds(t * block_d, block_d)
   lo, hi, n = _segment_bounds(starts_ref, block_entries)
-  w = wdec_ref[...]                                       # W_dec[f] on this d tile  [bd]
+  w = wdec_ref[...]  # W_dec[f] on this d tile  [bd]
 
   def chunk(c, acc):
     seg, m = _chunk(lo, hi, c, block_entries)
     urow = plgpu.load(urow_ref.at[seg], mask=m, other=0)
     v = plgpu.load(val_ref.at[seg], mask=m, other=0.0)
-    up = _gather_rows(up_ref, urow, cols, m, masked)     # R_{group(f)}[b]   [be, bd]
+    up = _gather_rows(up_ref, urow, cols, m, masked)  # R_{group(f)}[b]   [be, bd]
     # dl2/dvals = <R_{group(f)}[b], W_dec[f]>, this d tile's share (summed over tiles outside).
     plgpu.store(dvp_ref.at[t, seg], jnp.sum(up * w[None, :], axis=1), mask=m)
     return acc + jnp.sum(v[:, None] * up, axis=0)
@@ -225,8 +264,19 @@ def _backward_dec_kernel(starts_ref, urow_ref, val_ref, up_ref, wdec_ref, dwdec_
   dwdec_ref[...] = jax.lax.fori_loop(0, n, chunk, jnp.zeros((block_d,), jnp.float32))
 
 
-def _backward_enc_kernel(starts_ref, tok_ref, dv_ref, x_ref, bdec_ref, dwenc_ref, db_ref, *,
-                         block_entries, block_d, masked):
+def _backward_enc_kernel(
+    starts_ref,
+    tok_ref,
+    dv_ref,
+    x_ref,
+    bdec_ref,
+    dwenc_ref,
+    db_ref,
+    *,
+    block_entries,
+    block_d,
+    masked,
+):
   cols = pl.ds(pl.program_id(1) * block_d, block_d)
   lo, hi, n = _segment_bounds(starts_ref, block_entries)
 
@@ -235,18 +285,26 @@ def _backward_enc_kernel(starts_ref, tok_ref, dv_ref, x_ref, bdec_ref, dwenc_ref
     seg, m = _chunk(lo, hi, c, block_entries)
     tok = plgpu.load(tok_ref.at[seg], mask=m, other=0)
     dv = plgpu.load(dv_ref.at[seg], mask=m, other=0.0)
-    xs = _gather_rows(x_ref, tok, cols, m, masked)       # x[b]              [be, bd]
+    xs = _gather_rows(x_ref, tok, cols, m, masked)  # x[b]              [be, bd]
     return acc + jnp.sum(dv[:, None] * xs, axis=0), acc_db + jnp.sum(dv)
 
-  acc, db = jax.lax.fori_loop(0, n, chunk, (jnp.zeros((block_d,), jnp.float32),
-                                            jnp.zeros((), jnp.float32)))
-  dwenc_ref[...] = acc - db * bdec_ref[...]              # sum dvals * (x[b] - b_dec)
+  acc, db = jax.lax.fori_loop(
+      0, n, chunk, (jnp.zeros((block_d,), jnp.float32), jnp.zeros((), jnp.float32))
+  )
+  dwenc_ref[...] = acc - db * bdec_ref[...]  # sum dvals * (x[b] - b_dec)
   db_ref[...] = db
 
 
-def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequence[int], *,
-             block_entries: int = 16, block_d: int = 256,
-             interpret: bool | None = None) -> model.Params:
+def backward(
+    params: model.Params,
+    x: jax.Array,
+    dec: Decoded,
+    group_sizes: Sequence[int],
+    *,
+    block_entries: int = 16,
+    block_d: int = 256,
+    interpret: bool | None = None,
+) -> model.Params:
   """Backward kernels: gradients of l2 w.r.t. W_enc, b_enc, W_dec, b_dec over selected entries.
 
   Two passes over the latent segments, grid (latents, d tiles) each: the first accumulates
@@ -261,7 +319,7 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   bd = _pow2_divisor(d, block_d)
   nd = d // bd
   be = block_entries
-  E = kc * Bp + be                                        # entries, padded: whole chunks in bounds
+  E = kc * Bp + be  # entries, padded: whole chunks in bounds
   f32 = jnp.float32
 
   # CSR by latent: entry e = j * Bp + b; unselected entries get id F and sort past every segment.
@@ -271,22 +329,25 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   starts = jnp.searchsorted(s_key, jnp.arange(F + 1, dtype=jnp.int32), side='left')
   starts = starts.astype(jnp.int32)
   tok = order % Bp
-  group = common.group_of(s_key, common.group_ends(group_sizes))   # sentinels: the last group
-  urow = group * Bp + tok              # row of R_{group(f)}[b] in [G*Bp, d]
+  group = common.group_of(s_key, common.group_ends(group_sizes))  # sentinels: the last group
+  urow = group * Bp + tok  # row of R_{group(f)}[b] in [G*Bp, d]
   pad = lambda a: jnp.pad(a, (0, be))
   s_val = dec.vals_t.reshape(-1)[order]
   xp = jnp.pad(x.astype(f32), ((0, Bp - B), (0, 0)))
   b_dec = params['b_dec'].astype(f32)
   grid_opts = dict(
-      grid=(F, nd), interpret=interpret,
-      compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2))
+      grid=(F, nd),
+      interpret=interpret,
+      compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=2),
+  )
 
   dwdec, dvp = pl.pallas_call(
       functools.partial(_backward_dec_kernel, block_entries=be, block_d=bd, masked=not interpret),
       in_specs=[pl.BlockSpec()] * 4 + [pl.BlockSpec((None, bd), lambda f, t: (f, t))],
       out_specs=[pl.BlockSpec((None, bd), lambda f, t: (f, t)), pl.BlockSpec()],
       out_shape=[jax.ShapeDtypeStruct((F, d), f32), jax.ShapeDtypeStruct((nd, E), f32)],
-      name='matryoshka_sparse_backward_dec', **grid_opts,
+      name='matryoshka_sparse_backward_dec',
+      **grid_opts,
   )(starts, pad(urow), pad(s_val), dec.up.reshape(G * Bp, d), params['W_dec'].astype(f32))
   # Entries past the last segment were never written: zero them before summing the tiles.
   dv = jnp.where(jnp.arange(E) < starts[F], jnp.sum(dvp, axis=0), 0.0)
@@ -294,23 +355,35 @@ def backward(params: model.Params, x: jax.Array, dec: Decoded, group_sizes: Sequ
   dwenc_t, db = pl.pallas_call(
       functools.partial(_backward_enc_kernel, block_entries=be, block_d=bd, masked=not interpret),
       in_specs=[pl.BlockSpec()] * 4 + [pl.BlockSpec((bd,), lambda f, t: (t,))],
-      out_specs=[pl.BlockSpec((None, bd), lambda f, t: (f, t)),
-                 pl.BlockSpec((None, None), lambda f, t: (t, f))],
+      out_specs=[
+          pl.BlockSpec((None, bd), lambda f, t: (f, t)),
+          pl.BlockSpec((None, None), lambda f, t: (t, f)),
+      ],
       out_shape=[jax.ShapeDtypeStruct((F, d), f32), jax.ShapeDtypeStruct((nd, F), f32)],
-      name='matryoshka_sparse_backward_enc', **grid_opts,
+      name='matryoshka_sparse_backward_enc',
+      **grid_opts,
   )(starts, pad(tok), dv, xp, b_dec)
 
   db_enc = db[0]
   dtype = params['W_dec'].dtype
-  return {'W_enc': dwenc_t.T.astype(dtype), 'b_enc': db_enc.astype(dtype),
-          'W_dec': dwdec.astype(dtype),
-          'b_dec': common.b_dec_grad(params['W_enc'], db_enc,
-                                     dec.up[0, :B].sum(axis=0)).astype(dtype)}
+  return {
+      'W_enc': dwenc_t.T.astype(dtype),
+      'b_enc': db_enc.astype(dtype),
+      'W_dec': dwdec.astype(dtype),
+      'b_dec': common.b_dec_grad(params['W_enc'], db_enc, dec.up[0, :B].sum(axis=0)).astype(dtype),
+  }
 
 
-def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
-                 group_sizes: Sequence[int], group_weights: Sequence[float], *,
-                 interpret: bool | None = None) -> common.L2Result:
+def l2_and_grads(
+    params: model.Params,
+    x: jax.Array,
+    vals: jax.Array,
+    idx: jax.Array,
+    group_sizes: Sequence[int],
+    group_weights: Sequence[float],
+    *,
+    interpret: bool | None = None,
+) -> common.L2Result:
   """`kernels.xla.l2_and_grads` (same contract and result) by the Pallas kernels."""
   dec = decode(params, x, vals, idx, group_sizes, group_weights, interpret=interpret)
   grads = backward(params, x, dec, group_sizes, interpret=interpret)
@@ -318,8 +391,14 @@ def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def matryoshka_l2(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
-                  group_sizes: tuple[int, ...], group_weights: tuple[float, ...]) -> jax.Array:
+def matryoshka_l2(
+    params: model.Params,
+    x: jax.Array,
+    vals: jax.Array,
+    idx: jax.Array,
+    group_sizes: tuple[int, ...],
+    group_weights: tuple[float, ...],
+) -> jax.Array:
   """Matryoshka reconstruction loss mean_i w_i * MSE_i from sparse codes, differentiable.
 
   `vals` must be the selected pre-activations of `params` at `idx` (0 elsewhere): the gradient
@@ -344,12 +423,18 @@ def _matryoshka_l2_bwd(group_sizes, group_weights, res, ct):
 matryoshka_l2.defvjp(_matryoshka_l2_fwd, _matryoshka_l2_bwd)
 
 
-def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
-                   sc: common.StepConfig) -> common.LossAndGrads:
+def loss_and_grads(
+    params: model.Params, x: jax.Array, tokens_since_fired: jax.Array, sc: common.StepConfig
+) -> common.LossAndGrads:
   """The sparse step (`sparse.loss_and_grads`) with these kernels, which walk the candidates in
   place (room for all of them)."""
   return sparse.loss_and_grads(
-      params, x, tokens_since_fired, sc,
-      lambda p, xs, vals, idx, sc, room: l2_and_grads(p, xs, vals, idx, sc.group_sizes,
-                                                      sc.group_weights),
-      sparse.every_candidate)
+      params,
+      x,
+      tokens_since_fired,
+      sc,
+      lambda p, xs, vals, idx, sc, room: l2_and_grads(
+          p, xs, vals, idx, sc.group_sizes, sc.group_weights
+      ),
+      sparse.every_candidate,
+  )

@@ -19,8 +19,9 @@ from jaxsae.kernels import common
 from jaxsae.kernels import dense
 
 # (params, x, vals [B, kc], idx [B, kc], sc, capacity) -> the l2 loss and gradients
-SparseL2 = Callable[[model.Params, jax.Array, jax.Array, jax.Array, common.StepConfig, int],
-                    common.L2Result]
+SparseL2 = Callable[
+    [model.Params, jax.Array, jax.Array, jax.Array, common.StepConfig, int], common.L2Result
+]
 
 
 def entry_capacity(batch: int, k: int, kc: int, chunk: int = 256) -> int:
@@ -52,10 +53,14 @@ def compact(vals: jax.Array, idx: jax.Array, capacity: int):
   return put(rows, jnp.int32), put(idx.reshape(-1), jnp.int32), put(vals.reshape(-1), vals.dtype)
 
 
-def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
-                   sc: common.StepConfig, l2: SparseL2,
-                   capacity: Callable[[int, int, int], int] = every_candidate
-                   ) -> common.LossAndGrads:
+def loss_and_grads(
+    params: model.Params,
+    x: jax.Array,
+    tokens_since_fired: jax.Array,
+    sc: common.StepConfig,
+    l2: SparseL2,
+    capacity: Callable[[int, int, int], int] = every_candidate,
+) -> common.LossAndGrads:
   """One dense matmul, then the sparse decode and gradients of `l2` (a backend's kernels).
 
   `capacity(B, k, kc)` is how many selected entries `l2` has room for. When the candidate proof
@@ -68,19 +73,32 @@ def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.A
   vals, idx, tau, proven = selection.candidates_and_threshold(pre, sc.k, kc)
   sel = (vals >= tau) & (vals > 0)
   room = capacity(B, sc.k, kc)
-  fits = jnp.sum(sel) <= room   # ties at the threshold may select more than B*k entries
+  fits = jnp.sum(sel) <= room  # ties at the threshold may select more than B*k entries
 
   def run_sparse():
     r = l2(params, x, jnp.where(sel, vals, 0.0), idx, sc, room)
     fired = jnp.zeros((F,), bool).at[idx.reshape(-1)].max(sel.reshape(-1))
     aux, grads, silence = common.with_auxk(
-        r, x, fired, tokens_since_fired, sc,
-        lambda residual, dead: dense.auxk_loss_and_grads(params, x, pre, residual, dead,
-                                                         sc.top_k_aux))
-    stats = common.StepStats(r.sq_err, r.l2, aux, jnp.sum(sel).astype(jnp.float32) / B,
-                             jnp.min(jnp.where(sel, vals, jnp.inf)), jnp.ones((), jnp.float32),
-                             jnp.zeros((), jnp.float32))
+        r,
+        x,
+        fired,
+        tokens_since_fired,
+        sc,
+        lambda residual, dead: dense.auxk_loss_and_grads(
+            params, x, pre, residual, dead, sc.top_k_aux
+        ),
+    )
+    stats = common.StepStats(
+        r.sq_err,
+        r.l2,
+        aux,
+        jnp.sum(sel).astype(jnp.float32) / B,
+        jnp.min(jnp.where(sel, vals, jnp.inf)),
+        jnp.ones((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+    )
     return common.LossAndGrads(r.l2 + sc.auxk_alpha * aux, stats, silence, grads)
 
-  return jax.lax.cond(proven & fits, run_sparse,
-                      lambda: dense.loss_and_grads(params, x, tokens_since_fired, sc))
+  return jax.lax.cond(
+      proven & fits, run_sparse, lambda: dense.loss_and_grads(params, x, tokens_since_fired, sc)
+  )

@@ -20,9 +20,16 @@ from jaxsae.kernels import common, sparse
 from jaxsae.kernels.common import L2Result
 
 
-def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.Array,
-                 group_sizes: Sequence[int], group_weights: Sequence[float], chunk: int = 256,
-                 capacity: int | None = None) -> L2Result:
+def l2_and_grads(
+    params: model.Params,
+    x: jax.Array,
+    vals: jax.Array,
+    idx: jax.Array,
+    group_sizes: Sequence[int],
+    group_weights: Sequence[float],
+    chunk: int = 256,
+    capacity: int | None = None,
+) -> L2Result:
   """Matryoshka reconstruction loss and its exact gradients from sparse codes.
 
   vals/idx [B, kc]: the selected activation values (0 where not selected) and their latent ids;
@@ -44,7 +51,7 @@ def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.A
   W_dec, b_dec = params['W_dec'], params['b_dec']
   tok, lat, val = sparse.compact(vals, idx, capacity)
   group = common.group_of(lat, common.group_ends(group_sizes))
-  slot = group * B + tok                                     # row of the [G*B, d] decodes
+  slot = group * B + tok  # row of the [G*B, d] decodes
   blocks = tuple(a.reshape(capacity // chunk, chunk) for a in (slot, lat, val))
 
   def decode_chunk(parts, blk):
@@ -56,40 +63,55 @@ def l2_and_grads(params: model.Params, x: jax.Array, vals: jax.Array, idx: jax.A
   # Unrolled over the few groups: a cumsum over a length-G axis is a slow reduce-window on CPU.
   errs, err = [], x - b_dec
   for g in range(G):
-    err = err - parts[g]                                     # x - x_hat_g
+    err = err - parts[g]  # x - x_hat_g
     errs.append(err)
-  sq_err = jnp.stack([jnp.sum(e ** 2) for e in errs]) / B
+  sq_err = jnp.stack([jnp.sum(e**2) for e in errs]) / B
   coef = common.l2_coefficients(group_weights, B)
   upstream, acc = [], jnp.zeros_like(x)
   for g in reversed(range(G)):
     acc = acc + coef[g] * errs[g]
     upstream.append(acc)
-  R = jnp.concatenate(upstream[::-1], axis=0)               # [G*B, d]: R_g, token-major
+  R = jnp.concatenate(upstream[::-1], axis=0)  # [G*B, d]: R_g, token-major
   xc = x - b_dec
 
   def grad_chunk(carry, blk):
     dW_dec, dW_encT, db_enc = carry
     s, f, v = blk
     R_e = R[s]
-    dv = jnp.where(v > 0, jnp.sum(R_e * W_dec[f], axis=-1), 0.0)   # dl2/d(value), selected only
-    return (dW_dec.at[f].add(v[:, None] * R_e), dW_encT.at[f].add(dv[:, None] * xc[s % B]),
-            db_enc.at[f].add(dv)), None
+    dv = jnp.where(v > 0, jnp.sum(R_e * W_dec[f], axis=-1), 0.0)  # dl2/d(value), selected only
+    return (
+        dW_dec.at[f].add(v[:, None] * R_e),
+        dW_encT.at[f].add(dv[:, None] * xc[s % B]),
+        db_enc.at[f].add(dv),
+    ), None
 
   zeros = jnp.zeros((F, d), x.dtype)
   (dW_dec, dW_encT, db_enc), _ = jax.lax.scan(
-      grad_chunk, (zeros, zeros, jnp.zeros((F,), x.dtype)), blocks)
-  grads = {'W_enc': dW_encT.T, 'b_enc': db_enc, 'W_dec': dW_dec,
-           'b_dec': common.b_dec_grad(params['W_enc'], db_enc, jnp.sum(upstream[-1], axis=0))}
-  return L2Result(jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1],
-                  grads)
+      grad_chunk, (zeros, zeros, jnp.zeros((F,), x.dtype)), blocks
+  )
+  grads = {
+      'W_enc': dW_encT.T,
+      'b_enc': db_enc,
+      'W_dec': dW_dec,
+      'b_dec': common.b_dec_grad(params['W_enc'], db_enc, jnp.sum(upstream[-1], axis=0)),
+  }
+  return L2Result(
+      jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1], grads
+  )
 
 
-def loss_and_grads(params: model.Params, x: jax.Array, tokens_since_fired: jax.Array,
-                   sc: common.StepConfig) -> common.LossAndGrads:
+def loss_and_grads(
+    params: model.Params, x: jax.Array, tokens_since_fired: jax.Array, sc: common.StepConfig
+) -> common.LossAndGrads:
   """The sparse step (`sparse.loss_and_grads`) with this module's kernel, in `entry_capacity`
   compacted slots."""
   return sparse.loss_and_grads(
-      params, x, tokens_since_fired, sc,
-      lambda p, xs, vals, idx, sc, room: l2_and_grads(p, xs, vals, idx, sc.group_sizes,
-                                                      sc.group_weights, capacity=room),
-      sparse.entry_capacity)
+      params,
+      x,
+      tokens_since_fired,
+      sc,
+      lambda p, xs, vals, idx, sc, room: l2_and_grads(
+          p, xs, vals, idx, sc.group_sizes, sc.group_weights, capacity=room
+      ),
+      sparse.entry_capacity,
+  )

@@ -50,15 +50,19 @@ def config(demo_dir, store_path, **overrides):
 
 def test_rows_are_the_layer_output_and_tokens_are_labelled(demo, tmp_path):
   demo_dir, rows = demo
-  c = config(demo_dir, tmp_path / 'acts', **{'export.keep_kinds': ('image', 'prompt', 'boilerplate',
-                                                                   'report'),
-                                             'export.batch_size': 3})
+  c = config(
+      demo_dir,
+      tmp_path / 'acts',
+      **{'export.keep_kinds': ('image', 'prompt', 'boilerplate', 'report'), 'export.batch_size': 3},
+  )
   meta = export.export(c, progress=False)
   s = store.open_store(str(tmp_path / 'acts'))
   tokens = s.tokens()
   assert meta['rows'] == s.rows == len(tokens) and meta['studies'] == 16
-  assert meta['kind_counts'] == {k: int(np.sum(tokens[:, 3] == i)) for i, k in
-                                 enumerate(('image', 'prompt', 'boilerplate', 'report'))}
+  assert meta['kind_counts'] == {
+      k: int(np.sum(tokens[:, 3] == i))
+      for i, k in enumerate(('image', 'prompt', 'boilerplate', 'report'))
+  }
   model = transformers.AutoModelForImageTextToText.from_pretrained(str(demo_dir / 'model')).eval()
   processor = transformers.AutoProcessor.from_pretrained(str(demo_dir / 'model'))
   studies = manifest.read(c.export.manifest, True)
@@ -93,6 +97,7 @@ def test_rows_are_the_layer_output_and_tokens_are_labelled(demo, tmp_path):
 
 def _words(text):
   from tokenizers import normalizers, pre_tokenizers
+
   return pre_tokenizers.Whitespace().pre_tokenize_str(normalizers.Lowercase().normalize_str(text))
 
 
@@ -101,9 +106,14 @@ def test_paper_filter_and_prompt_only_mode(demo, tmp_path):
   export.export(config(demo_dir, tmp_path / 'paper', **{'export.max_studies': 5}), progress=False)
   kinds = store.open_store(str(tmp_path / 'paper')).tokens()[:, 3]
   assert set(kinds) == {PROMPT, REPORT}  # no image tokens, no boilerplate
-  export.export(config(demo_dir, tmp_path / 'prompt_only', **{'export.max_studies': 5,
-                                                              'export.teacher_forcing': False}),
-                progress=False)
+  export.export(
+      config(
+          demo_dir,
+          tmp_path / 'prompt_only',
+          **{'export.max_studies': 5, 'export.teacher_forcing': False},
+      ),
+      progress=False,
+  )
   s = store.open_store(str(tmp_path / 'prompt_only'))
   assert set(s.tokens()[:, 3]) == {PROMPT} and s.meta['info']['teacher_forcing'] is False
 
@@ -111,58 +121,102 @@ def test_paper_filter_and_prompt_only_mode(demo, tmp_path):
 def test_the_prompt_is_maira2s():
   """Word for word the example in Maira2Processor._construct_chat_messages_reporting."""
   messages = prompt.reporting_messages(
-      has_lateral=True, has_prior=True, indication='indication text from report goes here',
+      has_lateral=True,
+      has_prior=True,
+      indication='indication text from report goes here',
       technique='technique text from report goes here',
       comparison='comparison text from report goes here',
-      prior_report='prior reporting text goes here')
-  assert messages == [{'role': 'user', 'content': [
-      {'index': None, 'text': 'Given the current frontal image', 'type': 'text'},
-      {'index': 0, 'text': None, 'type': 'image'},
-      {'index': None, 'text': ' the current lateral image', 'type': 'text'},
-      {'index': 1, 'text': None, 'type': 'image'},
-      {'index': None, 'text': ' and the prior frontal image', 'type': 'text'},
-      {'index': 2, 'text': None, 'type': 'image'},
-      {'index': None, 'text': ' PRIOR_REPORT: prior reporting text goes here', 'type': 'text'},
-      {'index': None, 'text': ' Provide a structured description of the findings in the radiology '
-       'study in comparison to the prior frontal image. INDICATION: indication text from report '
-       'goes here TECHNIQUE: technique text from report goes here COMPARISON: comparison text from '
-       'report goes here', 'type': 'text'}]}]
+      prior_report='prior reporting text goes here',
+  )
+  assert messages == [
+      {
+          'role': 'user',
+          'content': [
+              {'index': None, 'text': 'Given the current frontal image', 'type': 'text'},
+              {'index': 0, 'text': None, 'type': 'image'},
+              {'index': None, 'text': ' the current lateral image', 'type': 'text'},
+              {'index': 1, 'text': None, 'type': 'image'},
+              {'index': None, 'text': ' and the prior frontal image', 'type': 'text'},
+              {'index': 2, 'text': None, 'type': 'image'},
+              {
+                  'index': None,
+                  'text': ' PRIOR_REPORT: prior reporting text goes here',
+                  'type': 'text',
+              },
+              {
+                  'index': None,
+                  'text': ' Provide a structured description of the findings in the radiology '
+                  'study in comparison to the prior frontal image. INDICATION: indication text from report '
+                  'goes here TECHNIQUE: technique text from report goes here COMPARISON: comparison text from '
+                  'report goes here',
+                  'type': 'text',
+              },
+          ],
+      }
+  ]
   only = prompt.reporting_messages(False, False, None, '', None, None, assistant_text='Clear.')
   assert only[0]['content'][0]['text'] == 'Given the current frontal image only'
   assert only[0]['content'][-1]['text'].endswith('INDICATION: N/A TECHNIQUE: N/A COMPARISON: N/A')
-  assert only[1] == {'role': 'assistant', 'content': [{'index': None, 'text': 'Clear.',
-                                                       'type': 'text'}]}
+  assert only[1] == {
+      'role': 'assistant',
+      'content': [{'index': None, 'text': 'Clear.', 'type': 'text'}],
+  }
 
 
 class _Maira2LikeProcessor(transformers.LlavaProcessor):
   """Has MAIRA-2's reporting methods (so prepare() must call them), built the way MAIRA-2's are."""
+
   calls = 0
 
-  def format_reporting_input(self, current_frontal, current_lateral, prior_frontal, indication,
-                             technique, comparison, prior_report, get_grounding=False,
-                             assistant_text=None):
-    images = [manifest.normalise(i) for i in (current_frontal, current_lateral, prior_frontal)
-              if i is not None]
-    messages = prompt.reporting_messages(current_lateral is not None, prior_frontal is not None,
-                                         indication, technique, comparison, prior_report,
-                                         assistant_text)
-    text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                              add_generation_prompt=assistant_text is None)
+  def format_reporting_input(
+      self,
+      current_frontal,
+      current_lateral,
+      prior_frontal,
+      indication,
+      technique,
+      comparison,
+      prior_report,
+      get_grounding=False,
+      assistant_text=None,
+  ):
+    images = [
+        manifest.normalise(i)
+        for i in (current_frontal, current_lateral, prior_frontal)
+        if i is not None
+    ]
+    messages = prompt.reporting_messages(
+        current_lateral is not None,
+        prior_frontal is not None,
+        indication,
+        technique,
+        comparison,
+        prior_report,
+        assistant_text,
+    )
+    text = self.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=assistant_text is None
+    )
     return text, images
 
   def format_and_preprocess_reporting_input(self, *args, **kwargs):
     type(self).calls += 1
     text, images = self.format_reporting_input(
-        *args, **{k: v for k, v in kwargs.items() if k != 'return_tensors'})
+        *args, **{k: v for k, v in kwargs.items() if k != 'return_tensors'}
+    )
     return self(text=text, images=images, return_tensors=kwargs.get('return_tensors'))
 
 
 def test_prepare_uses_the_processors_own_reporting_input(demo):
   demo_dir, _ = demo
   plain = transformers.AutoProcessor.from_pretrained(str(demo_dir / 'model'))
-  maira = _Maira2LikeProcessor(image_processor=plain.image_processor, tokenizer=plain.tokenizer,
-                               patch_size=14, vision_feature_select_strategy='default',
-                               num_additional_image_tokens=1)
+  maira = _Maira2LikeProcessor(
+      image_processor=plain.image_processor,
+      tokenizer=plain.tokenizer,
+      patch_size=14,
+      vision_feature_select_strategy='default',
+      num_additional_image_tokens=1,
+  )
   for study in manifest.read(str(demo_dir / 'manifest.jsonl'), True)[:4]:
     a = prompt.prepare(plain, study, dict(study.images()), True, 4)
     b = prompt.prepare(maira, study, dict(study.images()), True, 4)
@@ -179,8 +233,10 @@ def _repeated_manifest(demo_dir, tmp_path, times):
   with open(path, 'w') as f:
     for r in range(times):
       for line in lines:
-        line = {k: (str(demo_dir / v) if k in manifest.IMAGE_FIELDS and v else v)
-                for k, v in line.items()}
+        line = {
+            k: (str(demo_dir / v) if k in manifest.IMAGE_FIELDS and v else v)
+            for k, v in line.items()
+        }
         f.write(json.dumps({**line, 'study_id': f'{line["study_id"]}-{r}'}) + '\n')
   return path, [f'{l["study_id"]}-{r}' for r in range(times) for l in lines]
 
@@ -188,13 +244,22 @@ def _repeated_manifest(demo_dir, tmp_path, times):
 def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path):
   demo_dir, _ = demo
   path, ids = _repeated_manifest(demo_dir, tmp_path, 20)  # 320 studies, a few seconds of work
-  small = {'export.manifest': str(path), 'export.rows_per_shard': 64, 'export.rows_per_chunk': 8,
-           'export.batch_size': 2}  # a commit every ~2 batches
+  small = {
+      'export.manifest': str(path),
+      'export.rows_per_shard': 64,
+      'export.rows_per_chunk': 8,
+      'export.batch_size': 2,
+  }  # a commit every ~2 batches
   export.export(config(demo_dir, tmp_path / 'clean', **small), progress=False)
   killed = tmp_path / 'killed'
-  args = [sys.executable, '-m', 'jaxsae.export_activations',
-          f'--config={REPO}/experiments/demo.py', f'--config.model.name={demo_dir / "model"}',
-          f'--config.data.store_path={killed}'] + [f'--config.{k}={v}' for k, v in small.items()]
+  args = [
+      sys.executable,
+      '-m',
+      'jaxsae.export_activations',
+      f'--config={REPO}/experiments/demo.py',
+      f'--config.model.name={demo_dir / "model"}',
+      f'--config.data.store_path={killed}',
+  ] + [f'--config.{k}={v}' for k, v in small.items()]
   progress = []
 
   def committed():  # kill at a random moment after this run's first commit
@@ -216,8 +281,7 @@ def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path):
   assert [s['study_id'] for s in b.studies()] == ids
   assert a.studies() == b.studies()
   np.testing.assert_array_equal(a.tokens(), b.tokens())  # same tokens, same order: no dup, no gap
-  np.testing.assert_allclose(a.read_range(0, a.rows), b.read_range(0, b.rows), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(a.read_range(0, a.rows), b.read_range(0, b.rows), rtol=1e-6, atol=1e-7)
   assert b.mean_sq_norm == pytest.approx(a.mean_sq_norm, rel=1e-6)
 
 
@@ -241,20 +305,27 @@ def test_bad_studies_stop_the_export_naming_study_field_and_file(demo, tmp_path)
   demo_dir, _ = demo
   path, ids = _bad_manifest(demo_dir, tmp_path)
   c = config(demo_dir, tmp_path / 'acts', **{'export.manifest': str(path)})
-  with pytest.raises(ConfigError, match=rf"study '{ids[1]}' \(bad.jsonl line 2\): field "
-                                        r"'frontal', file '.*gone.png': image file does not "
-                                        r"exist.*--skip_bad"):
+  with pytest.raises(
+      ConfigError,
+      match=rf"study '{ids[1]}' \(bad.jsonl line 2\): field "
+      r"'frontal', file '.*gone.png': image file does not "
+      r'exist.*--skip_bad',
+  ):
     export.export(c, progress=False)
   assert not os.path.exists(tmp_path / 'acts')  # stopped before the model or the store
   c.export.manifest = str(tmp_path / 'only_corrupt.jsonl')
   (tmp_path / 'only_corrupt.jsonl').write_text(path.read_text().splitlines()[2] + '\n')
-  with pytest.raises(ConfigError, match=rf"study '{ids[2]}' .*field 'frontal', file "
-                                        r"'.*corrupt.png': cannot be read as an image"):
+  with pytest.raises(
+      ConfigError,
+      match=rf"study '{ids[2]}' .*field 'frontal', file "
+      r"'.*corrupt.png': cannot be read as an image",
+  ):
     export.export(c, progress=False)
   c.export.manifest = str(tmp_path / 'only_missing_field.jsonl')
   (tmp_path / 'only_missing_field.jsonl').write_text(path.read_text().splitlines()[3] + '\n')
-  with pytest.raises(ConfigError, match=rf"study '{ids[3]}' .*line 1\): field 'findings': "
-                                        'missing from the row'):
+  with pytest.raises(
+      ConfigError, match=rf"study '{ids[3]}' .*line 1\): field 'findings': " 'missing from the row'
+  ):
     export.export(c, progress=False)
 
 
@@ -262,15 +333,26 @@ def test_skip_bad_skips_and_reports_them(demo, tmp_path):
   demo_dir, _ = demo
   path, ids = _bad_manifest(demo_dir, tmp_path)
   out = tmp_path / 'acts'
-  r = run_cli([sys.executable, '-m', 'jaxsae.export_activations',
-               f'--config={REPO}/experiments/demo.py', f'--config.model.name={demo_dir / "model"}',
-               f'--config.export.manifest={path}', f'--config.data.store_path={out}',
-               '--skip_bad'])
+  r = run_cli(
+      [
+          sys.executable,
+          '-m',
+          'jaxsae.export_activations',
+          f'--config={REPO}/experiments/demo.py',
+          f'--config.model.name={demo_dir / "model"}',
+          f'--config.export.manifest={path}',
+          f'--config.data.store_path={out}',
+          '--skip_bad',
+      ]
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert '3 studies skipped, listed in' in r.stdout and store.REPORT in r.stdout
   report = json.load(open(out / store.REPORT))
   assert [(s['study_id'], s['skipped']['field']) for s in report] == [
-      (ids[1], 'frontal'), (ids[2], 'frontal'), (ids[3], 'findings')]
+      (ids[1], 'frontal'),
+      (ids[2], 'frontal'),
+      (ids[3], 'findings'),
+  ]
   assert report[0]['skipped']['file'].endswith('gone.png')
   assert 'cannot be read as an image' in report[1]['skipped']['error']
   s = store.open_store(str(out))
@@ -280,24 +362,39 @@ def test_skip_bad_skips_and_reports_them(demo, tmp_path):
 
 def test_mismatches_fail_before_compute(demo, tmp_path):
   demo_dir, _ = demo
-  with pytest.raises(ConfigError, match=r'layer model.language_model.layers.2 has width 64 but '
-                                        r'sae.d=128; set --config.sae.d=64'):
+  with pytest.raises(
+      ConfigError,
+      match=r'layer model.language_model.layers.2 has width 64 but '
+      r'sae.d=128; set --config.sae.d=64',
+  ):
     export.export(config(demo_dir, tmp_path / 'a', **{'sae.d': 128}), progress=False)
-  with pytest.raises(ConfigError, match=r"model.hook_name='model.decoder.layers.2' is not a module"
-                                        r".*decoder layers are model.language_model.layers.0 .. "
-                                        r"model.language_model.layers.3"):
-    export.export(config(demo_dir, tmp_path / 'a', **{'model.hook_name': 'model.decoder.layers.2'}),
-                  progress=False)
-  with pytest.raises(ConfigError, match=r"model.name='/nonexistent/model' is neither a local "
-                                        'directory nor a Hub id'):
-    export.export(config(demo_dir, tmp_path / 'a', **{'model.name': '/nonexistent/model'}),
-                  progress=False)
+  with pytest.raises(
+      ConfigError,
+      match=r"model.hook_name='model.decoder.layers.2' is not a module"
+      r'.*decoder layers are model.language_model.layers.0 .. '
+      r'model.language_model.layers.3',
+  ):
+    export.export(
+        config(demo_dir, tmp_path / 'a', **{'model.hook_name': 'model.decoder.layers.2'}),
+        progress=False,
+    )
+  with pytest.raises(
+      ConfigError,
+      match=r"model.name='/nonexistent/model' is neither a local " 'directory nor a Hub id',
+  ):
+    export.export(
+        config(demo_dir, tmp_path / 'a', **{'model.name': '/nonexistent/model'}), progress=False
+    )
   # A store begun from another manifest is not continued.
   export.export(config(demo_dir, tmp_path / 'b', **{'export.max_studies': 2}), progress=False)
   other = tmp_path / 'other.jsonl'
   other.write_text(''.join(l for i, l in enumerate(open(demo_dir / 'manifest.jsonl')) if i != 1))
   shutil.copytree(demo_dir / 'images', tmp_path / 'images')
-  with pytest.raises(ConfigError, match=r"has 2 studies, the last 'demo-001', but the manifest "
-                                        'does not list that study at row 2'):
-    export.export(config(demo_dir, tmp_path / 'b', **{'export.manifest': str(other)}),
-                  progress=False)
+  with pytest.raises(
+      ConfigError,
+      match=r"has 2 studies, the last 'demo-001', but the manifest "
+      'does not list that study at row 2',
+  ):
+    export.export(
+        config(demo_dir, tmp_path / 'b', **{'export.manifest': str(other)}), progress=False
+    )

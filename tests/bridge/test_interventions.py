@@ -9,11 +9,13 @@ import torch
 from helpers import LAYER, build_tiny, random_torch_sae
 from jaxsae.config import ConfigError
 
+
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   """(site with a random SAE, processor, one study's prompt inputs)."""
   from jaxsae.bridge import interventions as iv
   from jaxsae.bridge import loading, steering
+
   c = build_tiny(tmp_path_factory.mktemp('tiny'))
   model, processor = loading.load(c)
   site = iv.Site(model, random_torch_sae(), LAYER, c.model.hook_name)
@@ -24,6 +26,7 @@ def tiny(tmp_path_factory):
 def forward(site, s):
   """(logits, layer output) of one plain forward pass over the prompt."""
   from jaxsae.bridge import interventions as iv
+
   with iv.record(site) as out, torch.inference_mode():
     logits = site.model(**s.inputs, use_cache=False).logits
   return logits, out[0][0]
@@ -31,6 +34,7 @@ def forward(site, s):
 
 def test_add_is_exact_at_chosen_positions_and_nowhere_else(tiny):
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   _, clean = forward(site, s)
   T = clean.shape[0]
@@ -39,8 +43,14 @@ def test_add_is_exact_at_chosen_positions_and_nowhere_else(tiny):
   f, alpha = 5, 3.5
   every, none = torch.ones(T, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)
   listed = torch.isin(torch.arange(T), torch.tensor([3, 7, T - 1]))
-  for where, mask in (('all', every), ('prompt', every), ('image', image), ([3, 7, T - 1], listed),
-                      (listed.numpy(), listed), ('generated', none)):
+  for where, mask in (
+      ('all', every),
+      ('prompt', every),
+      ('image', image),
+      ([3, 7, T - 1], listed),
+      (listed.numpy(), listed),
+      ('generated', none),
+  ):
     with iv.add(site, [f], alpha, where, s.prompt_ids):
       _, steered = forward(site, s)
     assert torch.equal(steered[mask], clean[mask] + alpha * site.sae.W_dec[f]), where
@@ -58,18 +68,21 @@ def test_positions_follow_the_kv_cache_during_generation(tiny):
   """Steering 'generated' positions while decoding token by token edits exactly what one forward
   over the whole sequence (same edit) edits: the hook knows each step's absolute position."""
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   P = len(s.prompt_ids)
-  with iv.add(site, [5], 2.0, 'generated', s.prompt_ids), iv.record(site) as steps, \
-      torch.inference_mode():
+  with iv.add(site, [5], 2.0, 'generated', s.prompt_ids), iv.record(
+      site
+  ) as steps, torch.inference_mode():
     seq = site.model.generate(**s.inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
   assert seq.shape[1] == P + 6 and steps[0].shape[1] == P
   assert all(t.shape[1] == 1 for t in steps[1:])
   _, clean_prompt = forward(site, s)
   assert torch.equal(steps[0][0], clean_prompt)  # the prompt pass is untouched
   full = {**s.inputs, 'input_ids': seq, 'attention_mask': torch.ones_like(seq)}
-  with iv.add(site, [5], 2.0, 'generated', s.prompt_ids), iv.record(site) as out, \
-      torch.inference_mode():
+  with iv.add(site, [5], 2.0, 'generated', s.prompt_ids), iv.record(
+      site
+  ) as out, torch.inference_mode():
     site.model(**full, use_cache=False)
   incremental = torch.cat([t[0] for t in steps])
   torch.testing.assert_close(incremental, out[0][0, :-1], rtol=1e-4, atol=1e-5)
@@ -80,6 +93,7 @@ def test_positions_follow_the_kv_cache_during_generation(tiny):
 
 def test_clamp_to_current_value_leaves_logits_unchanged(tiny):
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   logits, x = forward(site, s)
   acts = site.sae.encode(x)
@@ -104,6 +118,7 @@ def test_clamp_to_current_value_leaves_logits_unchanged(tiny):
 
 def test_splice(tiny):
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   logits, x = forward(site, s)
   with iv.splice(site):
@@ -119,13 +134,16 @@ def test_splice(tiny):
 
 def test_every_context_manager_restores_bit_identical_logits(tiny):
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   before = forward(site, s)[0]
   params = {n: p.clone() for n, p in site.model.named_parameters()}
-  makers = {'add': lambda: iv.add(site, [3], 4.0, 'prompt', s.prompt_ids),
-            'clamp': lambda: iv.clamp(site, [3], 5.0, 'image', s.prompt_ids),
-            'splice': lambda: iv.splice(site),
-            'zero_ablate': lambda: iv.zero_ablate(site, [0, 1, 2])}
+  makers = {
+      'add': lambda: iv.add(site, [3], 4.0, 'prompt', s.prompt_ids),
+      'clamp': lambda: iv.clamp(site, [3], 5.0, 'image', s.prompt_ids),
+      'splice': lambda: iv.splice(site),
+      'zero_ablate': lambda: iv.zero_ablate(site, [0, 1, 2]),
+  }
   for name, make in makers.items():
     with make():
       inside = forward(site, s)[0]
@@ -141,6 +159,7 @@ def test_every_context_manager_restores_bit_identical_logits(tiny):
 
 def test_clear_errors(tiny):
   from jaxsae.bridge import interventions as iv
+
   site, _, s = tiny
   with pytest.raises(ConfigError, match=r'feature 128 is out of range.*F=128.*0\.\.127'):
     iv.add(site, [1, 128], 1.0)

@@ -8,8 +8,10 @@ from jaxsae.bridge import local_llm, tiny_model
 from jaxsae.interpret import explain
 
 TEXT = 'the patient has a small pleural effusion on the left side with no pneumothorax'
-MESSAGES = [{'role': 'system', 'content': 'answer briefly'},
-            {'role': 'user', 'content': 'the patient has a small effusion'}]
+MESSAGES = [
+    {'role': 'system', 'content': 'answer briefly'},
+    {'role': 'user', 'content': 'the patient has a small effusion'},
+]
 
 
 @pytest.fixture(scope='module')
@@ -27,9 +29,16 @@ def llama_dir(tmp_path_factory):
   tok.chat_template = None
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
-      vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+      vocab_size=len(tok),
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=4,
+      pad_token_id=tok.pad_token_id,
+      bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id,
+  )
   transformers.LlamaForCausalLM(config).save_pretrained(out)
   tok.save_pretrained(out)
   return out
@@ -78,11 +87,24 @@ def test_local_chat_drives_explain_feature(llava_dir):
 
   def ex(row, act):
     acts = [act if w == 'effusion' else 0.0 for w in words]
-    return {'study_id': 's', 'row': row, 'position': 6, 'kind': 'report', 'activation': act,
-            'tokens': words, 'acts': acts, 'target': 6}
+    return {
+        'study_id': 's',
+        'row': row,
+        'position': 6,
+        'kind': 'report',
+        'activation': act,
+        'tokens': words,
+        'acts': acts,
+        'target': 6,
+    }
 
-  record = {'feature': 3, 'max': 2.0, 'top': [ex(0, 2.0)], 'quantiles': [[ex(1, 1.0)]],
-            'negatives': []}
+  record = {
+      'feature': 3,
+      'max': 2.0,
+      'top': [ex(0, 2.0)],
+      'quantiles': [[ex(1, 1.0)]],
+      'negatives': [],
+  }
   e = explain.explain_feature(record, chat, chat, n_top=1, n_quantile=1, score_batch=4, seed=0)
   assert e['feature'] == 3 and isinstance(e['explanation'], str) and e['score'] is None
   assert e['explainer'] == e['scorer'] == chat.name
@@ -99,9 +121,12 @@ def test_bad_arguments_are_named(tmp_path):
 
 def test_render_chat_keeps_a_system_role_the_template_knows():
   tok = tiny_model.make_tokenizer(['x'])
-  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+  tok.chat_template = (
+      "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+      '{% if add_generation_prompt %}<assistant>{% endif %}'
+  )
   assert local_llm.render_chat(tok, MESSAGES) == (
-      '<system>answer briefly\n<user>the patient has a small effusion\n<assistant>')
+      '<system>answer briefly\n<user>the patient has a small effusion\n<assistant>'
+  )
   with pytest.raises(ValueError, match='string content'):
     local_llm.render_chat(tok, [{'role': 'user', 'content': ['x']}])

@@ -22,22 +22,40 @@ def write_random(out, d=24, F=96, per_latent=False, seed=0, layer=2, sizes=(24, 
   rng = np.random.default_rng(seed)
   W_dec = rng.standard_normal((F, d)).astype(np.float32)
   W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-  p = {'W_enc': (W_dec.T + 0.1 * rng.standard_normal((d, F))).astype(np.float32),
-       'b_enc': (0.1 * rng.standard_normal(F)).astype(np.float32), 'W_dec': W_dec,
-       'b_dec': (0.5 * rng.standard_normal(d)).astype(np.float32)}
+  p = {
+      'W_enc': (W_dec.T + 0.1 * rng.standard_normal((d, F))).astype(np.float32),
+      'b_enc': (0.1 * rng.standard_normal(F)).astype(np.float32),
+      'W_dec': W_dec,
+      'b_dec': (0.5 * rng.standard_normal(d)).astype(np.float32),
+  }
   os.makedirs(out, exist_ok=True)
   if per_latent:
     theta = rng.uniform(0.05, 0.6, F).astype(np.float32)
-    cfg = {'architecture': 'jumprelu', 'd_in': d, 'd_sae': F, 'hook_name': 'h',
-           'metadata': {'jaxsae': {'k': 4, 'group_sizes': list(sizes), 'layer': layer}}}
-    weights_format.write_files(out, weights_format.SL_WEIGHTS, {**p, 'threshold': theta},
-                               weights_format.SL_CONFIG, cfg)
+    cfg = {
+        'architecture': 'jumprelu',
+        'd_in': d,
+        'd_sae': F,
+        'hook_name': 'h',
+        'metadata': {'jaxsae': {'k': 4, 'group_sizes': list(sizes), 'layer': layer}},
+    }
+    weights_format.write_files(
+        out, weights_format.SL_WEIGHTS, {**p, 'threshold': theta}, weights_format.SL_CONFIG, cfg
+    )
   else:
     theta = np.array(0.3, np.float32)
-    tensors = {**p, 'k': np.array(4, np.int32), 'threshold': theta,
-               'group_sizes': np.array(sizes, np.int64)}
-    weights_format.write_files(out, weights_format.DL_WEIGHTS, tensors, weights_format.DL_CONFIG,
-                               {'trainer': {'layer': layer, 'submodule_name': 'h', 'k': 4}})
+    tensors = {
+        **p,
+        'k': np.array(4, np.int32),
+        'threshold': theta,
+        'group_sizes': np.array(sizes, np.int64),
+    }
+    weights_format.write_files(
+        out,
+        weights_format.DL_WEIGHTS,
+        tensors,
+        weights_format.DL_CONFIG,
+        {'trainer': {'layer': layer, 'submodule_name': 'h', 'k': 4}},
+    )
   return {**p, 'threshold': theta}
 
 
@@ -77,6 +95,7 @@ def test_matches_jax_after_training_and_export(tmp_path):
   what the JAX model loaded from the same directory computes."""
   c = tiny_config(**{'train.steps': 20, 'optim.decay_start': 15})
   from jaxsae import trainer
+
   trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   x = np.random.default_rng(2).standard_normal((300, 16)).astype(np.float32) * 3
   for fmt in weights.FORMATS:
@@ -90,16 +109,18 @@ def test_matches_jax_after_training_and_export(tmp_path):
       t = getattr(t_sae, name)
       assert t.dtype == torch.float32 and tuple(t.shape) == value.shape, name
       np.testing.assert_array_equal(t.numpy(), value, err_msg=name)
-    assert (t_sae.k, t_sae.group_sizes, t_sae.layer, t_sae.hook_name) == (
-        w.k, w.group_sizes, w.layer, w.hook_name) == (
-            c.sae.k, config_lib.group_sizes(c), c.model.layer, c.model.hook_name)
+    assert (
+        (t_sae.k, t_sae.group_sizes, t_sae.layer, t_sae.hook_name)
+        == (w.k, w.group_sizes, w.layer, w.hook_name)
+        == (c.sae.k, config_lib.group_sizes(c), c.model.layer, c.model.hook_name)
+    )
 
 
 def test_load_errors(tmp_path):
   with pytest.raises(ConfigError, match='ae.safetensors.*sae_weights.safetensors'):
     sae_lib.load(str(tmp_path))
   write_random(str(tmp_path / 'sl'), per_latent=True)
-  cfg = (tmp_path / 'sl' / 'cfg.json')
+  cfg = tmp_path / 'sl' / 'cfg.json'
   cfg.write_text(cfg.read_text().replace('"jumprelu"', '"topk"'))
   with pytest.raises(ConfigError, match="architecture 'topk' is not supported"):
     sae_lib.load(str(tmp_path / 'sl'))
@@ -117,10 +138,13 @@ def test_load_errors(tmp_path):
 def test_reads_bfloat16_weights(tmp_path):
   """numpy has no bfloat16; the shared reader still reads such files (torch-saved SAEs often are)."""
   from safetensors.torch import save_file
+
   p = write_random(str(tmp_path))
   bf16 = {n: torch.from_numpy(np.asarray(v)).to(torch.bfloat16) for n, v in p.items()}
-  save_file({**bf16, 'k': torch.tensor(4, dtype=torch.int32),
-             'group_sizes': torch.tensor([24, 24, 48])}, str(tmp_path / 'ae.safetensors'))
+  save_file(
+      {**bf16, 'k': torch.tensor(4, dtype=torch.int32), 'group_sizes': torch.tensor([24, 24, 48])},
+      str(tmp_path / 'ae.safetensors'),
+  )
   t_sae = sae_lib.load(str(tmp_path), dtype=torch.bfloat16)
   for name, value in bf16.items():
     assert torch.equal(getattr(t_sae, name), value), name
@@ -128,7 +152,7 @@ def test_reads_bfloat16_weights(tmp_path):
 
 def test_torch_side_needs_no_jax(tmp_path):
   write_random(str(tmp_path))
-  code = f'''
+  code = f"""
 import sys, torch
 sys.path.insert(0, {REPO!r})
 from jaxsae.bridge import sae
@@ -137,6 +161,6 @@ s(torch.randn(3, 24))
 bad = [m for m in sys.modules if m == "jax" or m.startswith(("jax.", "jaxlib", "flax"))]
 assert not bad, bad[:5]
 print("ok")
-'''
+"""
   r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-2000:]

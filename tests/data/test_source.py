@@ -18,8 +18,10 @@ MEMBERS = ('d', 'batch_size', 'scale', 'features', 'batch', 'iterator')
 
 def test_the_protocol_declares_every_member_the_callers_read():
   declared = set(data.ActivationSource.__annotations__) | {
-      n for n, v in vars(data.ActivationSource).items()
-      if inspect.isfunction(v) and not n.startswith('_')}
+      n
+      for n, v in vars(data.ActivationSource).items()
+      if inspect.isfunction(v) and not n.startswith('_')
+  }
   assert declared == set(MEMBERS)
   code = inspect.getsource(source_lib)
   assert 'hasattr(' not in code and 'getattr(' not in code
@@ -28,8 +30,10 @@ def test_the_protocol_declares_every_member_the_callers_read():
 @pytest.fixture
 def both(tmp_path):
   write_store(tmp_path / 's', [100] * 3)
-  return (synthetic.SyntheticSource.from_config(tiny_config()),
-          store_source.StoreSource(store.open_store(str(tmp_path / 's')), 64, seed=0))
+  return (
+      synthetic.SyntheticSource.from_config(tiny_config()),
+      store_source.StoreSource(store.open_store(str(tmp_path / 's')), 64, seed=0),
+  )
 
 
 def test_both_sources_define_every_member(both):

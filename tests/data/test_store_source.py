@@ -60,8 +60,10 @@ def test_iterator_matches_random_access_and_resumes_at_the_exact_batch(small_sto
 def test_processes_read_disjoint_slices_of_the_same_global_batch(small_store):
   s, _ = small_store
   whole = store_source.StoreSource(s, 64, seed=0)
-  halves = [store_source.StoreSource(s, 64, seed=0, shard=grain.sharding.ShardOptions(p, 2))
-            for p in range(2)]
+  halves = [
+      store_source.StoreSource(s, 64, seed=0, shard=grain.sharding.ShardOptions(p, 2))
+      for p in range(2)
+  ]
   assert halves[0].batch_size == 32
   for i in (0, 7, 20):
     np.testing.assert_array_equal(np.concatenate([h.batch(i) for h in halves]), whole.batch(i))
@@ -106,8 +108,14 @@ def test_training_divides_by_the_store_scale(tmp_path):
   path = tmp_path / 'acts'
   write_store(path, [200] * 10)
   s = store.open_store(str(path))
-  c = tiny_config(**{'data.source': 'store', 'data.store_path': str(path), 'train.steps': 10,
-                     'optim.decay_start': 8})
+  c = tiny_config(
+      **{
+          'data.source': 'store',
+          'data.store_path': str(path),
+          'train.steps': 10,
+          'optim.decay_start': 8,
+      }
+  )
   summary = trainer.train_and_evaluate(c, str(tmp_path / 'run'))
   _, _, meta, _ = weights.load_checkpoint(str(tmp_path / 'run'))
   assert meta['scale'] == s.scale and s.scale > 2  # rows are ~3 x N(0,1) + 1
@@ -120,24 +128,32 @@ def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path):
   steps = 60
   path = tmp_path / 'acts'
   write_store(path, [300] * 10)  # 3000 rows: 46 batches of 64 per epoch, so resumes cross epochs
-  overrides = {'train.steps': steps, 'train.checkpoint_every': 2, 'data.source': 'store',
-               'data.store_path': str(path)}
+  overrides = {
+      'train.steps': steps,
+      'train.checkpoint_every': 2,
+      'data.source': 'store',
+      'data.store_path': str(path),
+  }
   clean = str(tmp_path / 'clean')
   r = run_cli(cli_args('jaxsae.train', workdir=clean, **overrides))
   assert r.returncode == 0, r.stderr[-3000:]
   killed = str(tmp_path / 'killed')
   ckpt_dir = os.path.join(killed, 'checkpoints')
-  kills = kill_repeatedly(cli_args('jaxsae.train', workdir=killed, **overrides),
-                          lambda: os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir), 6,
-                          random.Random(0))
+  kills = kill_repeatedly(
+      cli_args('jaxsae.train', workdir=killed, **overrides),
+      lambda: os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir),
+      6,
+      random.Random(0),
+  )
   assert kills >= 2, 'the run finished before it could be killed twice; make it longer'
   r = run_cli(cli_args('jaxsae.train', workdir=killed, **overrides))
   assert r.returncode == 0, r.stderr[-3000:]
   (sa, a, _, _), (sb, b, _, _) = weights.load_checkpoint(clean), weights.load_checkpoint(killed)
   assert sa == sb == steps
   for name in a['params']:
-    np.testing.assert_array_equal(np.asarray(a['params'][name]), np.asarray(b['params'][name]),
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+        np.asarray(a['params'][name]), np.asarray(b['params'][name]), err_msg=name
+    )
   np.testing.assert_array_equal(a['threshold'], b['threshold'])
   np.testing.assert_array_equal(a['tokens_since_fired'], b['tokens_since_fired'])
 
@@ -145,7 +161,7 @@ def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path):
 def test_reading_a_store_never_imports_torch(tmp_path):
   """The store, its grain pipeline and checkpointed position are JAX-core: no torch."""
   write_store(tmp_path / 'acts', [100] * 3)
-  code = f'''
+  code = f"""
 import sys
 sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
 from helpers import tiny_config
@@ -157,6 +173,6 @@ ckpt = checkpointing.Checkpointer({str(tmp_path / 'run')!r}, 1, 1, False)
 ckpt.save(1, {{'x': 1}}, {{'shape': {{}}}}, force=True, data_iterator=batches)
 assert "torch" not in sys.modules, [m for m in sys.modules if m.startswith("torch")][:5]
 print("ok")
-'''
+"""
   r = run_cli([sys.executable, '-c', code])
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]

@@ -56,8 +56,14 @@ def test_dictionary_learning_layout(trained, tmp_path):
   t = load_file(str(tmp_path / 'ae.safetensors'))
   F = 64
   assert {k: v.shape for k, v in t.items()} == {
-      'W_enc': (16, F), 'b_enc': (F,), 'W_dec': (F, 16), 'b_dec': (16,), 'k': (),
-      'threshold': (), 'group_sizes': (5,)}
+      'W_enc': (16, F),
+      'b_enc': (F,),
+      'W_dec': (F, 16),
+      'b_dec': (16,),
+      'k': (),
+      'threshold': (),
+      'group_sizes': (5,),
+  }
   cfg = json.load(open(tmp_path / 'config.json'))['trainer']
   assert cfg['dict_class'] == 'MatryoshkaBatchTopKSAE' and cfg['dict_size'] == F
   assert sum(cfg['group_sizes']) == F and cfg['k'] == 4 and cfg['steps'] == 20
@@ -87,12 +93,24 @@ def test_bad_requests_are_named(trained, tmp_path):
 
 def _random_params(d=8, F=24, seed=0):
   rng = np.random.default_rng(seed)
-  return {'W_enc': rng.standard_normal((d, F)), 'b_enc': rng.standard_normal(F),
-          'W_dec': rng.standard_normal((F, d)), 'b_dec': rng.standard_normal(d)}
+  return {
+      'W_enc': rng.standard_normal((d, F)),
+      'b_enc': rng.standard_normal(F),
+      'W_dec': rng.standard_normal((F, d)),
+      'b_dec': rng.standard_normal(d),
+  }
 
 
-META = weights_format.Metadata(k=3, group_sizes=(8, 16), step=7, scale=2.5, layer=1,
-                               model_name='m', hook_name='h', training={'lr': 1e-3})
+META = weights_format.Metadata(
+    k=3,
+    group_sizes=(8, 16),
+    step=7,
+    scale=2.5,
+    layer=1,
+    model_name='m',
+    hook_name='h',
+    training={'lr': 1e-3},
+)
 
 
 @pytest.mark.parametrize('layout', weights_format.LAYOUTS)
@@ -105,7 +123,14 @@ def test_write_read_round_trip(tmp_path, layout, threshold):
   assert sorted(os.listdir(tmp_path)) == sorted(weights_format.FILES[layout])  # no .tmp left
   w = weights_format.read(str(tmp_path))
   assert (w.layout, w.k, w.group_sizes, w.layer, w.hook_name, w.d, w.F) == (
-      layout, 3, (8, 16), 1, 'h', 8, 24)
+      layout,
+      3,
+      (8, 16),
+      1,
+      'h',
+      8,
+      24,
+  )
   for name, value in p.items():
     assert w.params[name].dtype == np.float32
     np.testing.assert_array_equal(w.params[name], value.astype(np.float32))
@@ -122,8 +147,13 @@ def test_read_keeps_a_per_latent_threshold(tmp_path):
   weights_format.write(str(tmp_path), 'saelens', _random_params(), 0.5, META)
   t = load_file(str(tmp_path / weights_format.SL_WEIGHTS))
   t['threshold'] = np.linspace(0.1, 0.9, 24, dtype=np.float32)
-  weights_format.write_files(str(tmp_path), weights_format.SL_WEIGHTS, t, weights_format.SL_CONFIG,
-                             json.load(open(tmp_path / weights_format.SL_CONFIG)))
+  weights_format.write_files(
+      str(tmp_path),
+      weights_format.SL_WEIGHTS,
+      t,
+      weights_format.SL_CONFIG,
+      json.load(open(tmp_path / weights_format.SL_CONFIG)),
+  )
   np.testing.assert_array_equal(weights_format.read(str(tmp_path)).threshold, t['threshold'])
 
 
@@ -135,9 +165,13 @@ def test_read_errors_name_the_file_and_the_fix(tmp_path):
 
   def rewrite(**tensors):
     t = {**load_file(ae), **tensors}
-    weights_format.write_files(str(tmp_path), weights_format.DL_WEIGHTS,
-                               {k: v for k, v in t.items() if v is not None},
-                               weights_format.DL_CONFIG, cfg)
+    weights_format.write_files(
+        str(tmp_path),
+        weights_format.DL_WEIGHTS,
+        {k: v for k, v in t.items() if v is not None},
+        weights_format.DL_CONFIG,
+        cfg,
+    )
 
   rewrite(b_dec=None)
   with pytest.raises(ConfigError, match=r"ae.safetensors lacks \['b_dec'\].*export_weights"):
@@ -160,7 +194,7 @@ def test_read_errors_name_the_file_and_the_fix(tmp_path):
 
 def test_formats_import_neither_jax_nor_torch(tmp_path):
   """The contracts both sides share: every module of jaxsae.formats, used, without JAX or torch."""
-  code = f'''
+  code = f"""
 import importlib, pkgutil, sys
 sys.path.insert(0, {REPO!r})
 import numpy as np
@@ -180,6 +214,6 @@ for layout in weights.LAYOUTS:
 bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'torch'))
 assert not bad, bad[:5]
 print('ok')
-'''
+"""
   r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-2000:]

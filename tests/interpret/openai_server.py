@@ -28,8 +28,9 @@ def _word(messages: list[dict]) -> str | None:
   return m.group(1) if m else None
 
 
-def make_responder(scorer: str = 'perfect', fail_word: str | None = None,
-                   also_positive: str | None = None) -> Responder:
+def make_responder(
+    scorer: str = 'perfect', fail_word: str | None = None, also_positive: str | None = None
+) -> Responder:
   """Answers for explain.run's prompts.
 
   scorer: 'perfect' (1 iff the example contains the explained word, or `also_positive`),
@@ -77,8 +78,14 @@ class FakeOpenAI:
 
   # -- fault injection -----------------------------------------------------------------------------
 
-  def fail(self, status: int, n: int = 1, retry_after: str | None = None,
-           message: str = 'injected failure', echo_auth: bool = False) -> None:
+  def fail(
+      self,
+      status: int,
+      n: int = 1,
+      retry_after: str | None = None,
+      message: str = 'injected failure',
+      echo_auth: bool = False,
+  ) -> None:
     """The next `n` requests get `status` (echo_auth: the error text repeats the Authorization
     header, like a careless server, to test that clients redact the key)."""
     with self._lock:
@@ -134,8 +141,11 @@ class FakeOpenAI:
           _, status, retry_after, message, echo = fault
           if echo:
             message += f' (you sent Authorization: {self.headers.get("Authorization")})'
-          self._send(status, {'error': {'message': message}},
-                     {'Retry-After': retry_after} if retry_after is not None else {})
+          self._send(
+              status,
+              {'error': {'message': message}},
+              {'Retry-After': retry_after} if retry_after is not None else {},
+          )
           return
         if self.path != '/v1/chat/completions':
           self._send(404, {'error': {'message': f'no route {self.path}'}})
@@ -147,8 +157,18 @@ class FakeOpenAI:
         elif isinstance(answer, dict):
           self._send(200, answer)
         else:
-          self._send(200, {'choices': [{'index': 0, 'finish_reason': 'stop',
-                                        'message': {'role': 'assistant', 'content': answer}}]})
+          self._send(
+              200,
+              {
+                  'choices': [
+                      {
+                          'index': 0,
+                          'finish_reason': 'stop',
+                          'message': {'role': 'assistant', 'content': answer},
+                      }
+                  ]
+              },
+          )
 
       def _send(self, status, payload, headers=None):
         data = json.dumps(payload).encode()
@@ -182,5 +202,8 @@ class FakeOpenAI:
     """Bodies of 'explain' or 'score' requests seen so far."""
     key = 'Examples where the feature activates'
     with self._lock:
-      return [r['body'] for r in self.requests
-              if (key in r['body']['messages'][-1]['content']) == (kind == 'explain')]
+      return [
+          r['body']
+          for r in self.requests
+          if (key in r['body']['messages'][-1]['content']) == (kind == 'explain')
+      ]

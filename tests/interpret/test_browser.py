@@ -22,21 +22,34 @@ from jaxsae.interpret import browser
 
 N = 30
 DEAD = 7
-IMAGE_FEATURE = 3        # heatmap over a real PNG, plus one whose image file is missing
-GRID_ONLY_FEATURE = 5    # heatmap with image_file ''
-EVIL_FEATURE = 11        # tokens that would inject elements if not escaped
-ODD_EXPLANATION = 13     # explanation with markup, '&' and quotes
-UNSCORED = 14            # explanation without a score
-LONG_HIST = 4            # 25 histogram bins instead of 10
+IMAGE_FEATURE = 3  # heatmap over a real PNG, plus one whose image file is missing
+GRID_ONLY_FEATURE = 5  # heatmap with image_file ''
+EVIL_FEATURE = 11  # tokens that would inject elements if not escaped
+ODD_EXPLANATION = 13  # explanation with markup, '&' and quotes
+UNSCORED = 14  # explanation without a score
+LONG_HIST = 4  # 25 histogram bins instead of 10
 PAGE_SIZE = 12
-WORDS = ['effusion', 'cardiomegaly', 'pneumothorax', 'atelectasis', 'edema', 'consolidation',
-         'nodule', 'fracture']
+WORDS = [
+    'effusion',
+    'cardiomegaly',
+    'pneumothorax',
+    'atelectasis',
+    'edema',
+    'consolidation',
+    'nodule',
+    'fracture',
+]
 EVIL = '<script>window.__pwned=1</script>'
 EVIL_IMG = '"><img src=x onerror="window.__pwned=2">'
 ODD_TEXT = 'Marks <b>bold</b> & "quoted" \'text\' about devices'
-META = {'sae': 'maira2_l15_ef4 <test>', 'features': N, 'dead': 1, 'tokens processed': 1234567,
-        'threshold': 0.25}
-HEAT_ROWS, HEAT_COLS, CELL = 6, 8, 20   # the PNG is HEAT_COLS*CELL x HEAT_ROWS*CELL
+META = {
+    'sae': 'maira2_l15_ef4 <test>',
+    'features': N,
+    'dead': 1,
+    'tokens processed': 1234567,
+    'threshold': 0.25,
+}
+HEAT_ROWS, HEAT_COLS, CELL = 6, 8, 20  # the PNG is HEAT_COLS*CELL x HEAT_ROWS*CELL
 HOT_CELLS = {(1, 2): 4.0, (4, 6): 2.0, (0, 0): 1.0, (5, 7): 0.5}
 
 
@@ -58,28 +71,57 @@ def _example(f, act, target_token, seed):
   acts = [round(float(a), 3) for a in rng.uniform(0, act / 2, len(tokens))]
   acts[0] = 0.0
   acts[target] = act
-  return {'study_id': f's{seed % 5}', 'row': seed, 'position': 10 + seed % 7, 'kind': 'report',
-          'activation': act, 'tokens': tokens, 'acts': acts, 'target': target}
+  return {
+      'study_id': f's{seed % 5}',
+      'row': seed,
+      'position': 10 + seed % 7,
+      'kind': 'report',
+      'activation': act,
+      'tokens': tokens,
+      'acts': acts,
+      'target': target,
+  }
 
 
 def make_record(f):
   if f == DEAD:
-    return {'feature': f, 'density': 0.0, 'count': 0, 'mean': 0.0, 'max': 0.0, 'kind_counts': {},
-            'histogram': {'edges': [], 'counts': []}, 'top': [], 'quantiles': [],
-            'negatives': [], 'heatmaps': [], 'promoted_tokens': []}
+    return {
+        'feature': f,
+        'density': 0.0,
+        'count': 0,
+        'mean': 0.0,
+        'max': 0.0,
+        'kind_counts': {},
+        'histogram': {'edges': [], 'counts': []},
+        'top': [],
+        'quantiles': [],
+        'negatives': [],
+        'heatmaps': [],
+        'promoted_tokens': [],
+    }
   mx = ((f * 11) % N + 1) * 0.5
   bins = 25 if f == LONG_HIST else 10
   counts = [(f + 3 * i) % 9 + 1 for i in range(bins)]
-  top = [_example(f, mx * s, t, 100 * f + i)
-         for i, (s, t) in enumerate([(1.0, _word(f)), (0.9, _word(f)), (0.8, 'the')])]
+  top = [
+      _example(f, mx * s, t, 100 * f + i)
+      for i, (s, t) in enumerate([(1.0, _word(f)), (0.9, _word(f)), (0.8, 'the')])
+  ]
   quantiles = [[_example(f, mx * q, _word(f), 1000 * f + k)] for k, q in enumerate((0.1, 0.4, 0.7))]
   negatives = [dict(_example(f, 0.0, 'lung', 5000 + f), acts=[0.0] * 6, activation=0.0)]
   record = {
-      'feature': f, 'density': ((f * 7) % N + 1) / 1000, 'count': 10 * (f + 1), 'mean': mx / 3,
-      'max': mx, 'kind_counts': {'report': 8 * (f + 1), 'prompt': 2 * (f + 1)},
+      'feature': f,
+      'density': ((f * 7) % N + 1) / 1000,
+      'count': 10 * (f + 1),
+      'mean': mx / 3,
+      'max': mx,
+      'kind_counts': {'report': 8 * (f + 1), 'prompt': 2 * (f + 1)},
       'histogram': {'edges': list(np.linspace(0, mx, bins + 1)), 'counts': counts},
-      'top': top, 'quantiles': quantiles, 'negatives': negatives, 'heatmaps': [],
-      'promoted_tokens': [['\u2581' + _word(f), 2.5], ['<eos>', 1.25]] if f % 2 else []}
+      'top': top,
+      'quantiles': quantiles,
+      'negatives': negatives,
+      'heatmaps': [],
+      'promoted_tokens': [['\u2581' + _word(f), 2.5], ['<eos>', 1.25]] if f % 2 else [],
+  }
   if f in (IMAGE_FEATURE, GRID_ONLY_FEATURE):
     record['kind_counts'] = {'image': 10 * (f + 1)}
   if f == IMAGE_FEATURE:
@@ -87,13 +129,31 @@ def make_record(f):
     for (r, c), v in HOT_CELLS.items():
       grid[r][c] = v
     record['heatmaps'] = [
-        {'study_id': 's3', 'image': 0, 'image_file': 'images/s3 frontal.png', 'grid': grid,
-         'max': 4.0},
-        {'study_id': 's4', 'image': 1, 'image_file': 'images/missing.png', 'grid': grid,
-         'max': 4.0}]
+        {
+            'study_id': 's3',
+            'image': 0,
+            'image_file': 'images/s3 frontal.png',
+            'grid': grid,
+            'max': 4.0,
+        },
+        {
+            'study_id': 's4',
+            'image': 1,
+            'image_file': 'images/missing.png',
+            'grid': grid,
+            'max': 4.0,
+        },
+    ]
   if f == GRID_ONLY_FEATURE:
-    record['heatmaps'] = [{'study_id': 's5', 'image': 0, 'image_file': '',
-                           'grid': [[0.0, 1.0, 0.0, 2.0]] * 4, 'max': 2.0}]
+    record['heatmaps'] = [
+        {
+            'study_id': 's5',
+            'image': 0,
+            'image_file': '',
+            'grid': [[0.0, 1.0, 0.0, 2.0]] * 4,
+            'max': 2.0,
+        }
+    ]
   return record
 
 
@@ -102,11 +162,21 @@ def make_explanations():
   for f in range(N):
     if (f % 3 == 0 and f != IMAGE_FEATURE) or f == DEAD:
       continue
-    score = {'balanced_accuracy': round(0.5 + ((f * 13) % 50) / 100, 3), 'tp': 8, 'fp': 2,
-             'tn': 9, 'fn': 1, 'unparsed': 0}
-    out[f] = {'feature': f, 'explanation': f'mentions of {_word(f)}',
-              'score': None if f == UNSCORED else score, 'explainer': 'test:echo',
-              'scorer': 'test:echo'}
+    score = {
+        'balanced_accuracy': round(0.5 + ((f * 13) % 50) / 100, 3),
+        'tp': 8,
+        'fp': 2,
+        'tn': 9,
+        'fn': 1,
+        'unparsed': 0,
+    }
+    out[f] = {
+        'feature': f,
+        'explanation': f'mentions of {_word(f)}',
+        'score': None if f == UNSCORED else score,
+        'explainer': 'test:echo',
+        'scorer': 'test:echo',
+    }
   out[ODD_EXPLANATION]['explanation'] = ODD_TEXT
   return out
 
@@ -125,16 +195,26 @@ def build_site(out_dir, records=None, explanations=None, page_size=PAGE_SIZE):
   explanations = make_explanations() if explanations is None else explanations
   # Records in a shuffled order: the site must not rely on them arriving sorted.
   order = np.random.default_rng(0).permutation(len(records))
-  return browser.write_site(str(out_dir), (records[i] for i in order), explanations,
-                            title='Test <SAE> browser', meta=META, page_size=page_size)
+  return browser.write_site(
+      str(out_dir),
+      (records[i] for i in order),
+      explanations,
+      title='Test <SAE> browser',
+      meta=META,
+      page_size=page_size,
+  )
 
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
   out = tmp_path_factory.mktemp('site')
   index = build_site(out)
-  return {'dir': str(out), 'index': index, 'records': {f: make_record(f) for f in range(N)},
-          'explanations': make_explanations()}
+  return {
+      'dir': str(out),
+      'index': index,
+      'records': {f: make_record(f) for f in range(N)},
+      'explanations': make_explanations(),
+  }
 
 
 def index_rows(index_path):
@@ -172,7 +252,7 @@ def test_site_layout_pages_for_live_features_only(site):
   for name in ('style.css', 'index.js', 'feature.js', 'nav.js'):
     assert os.path.getsize(os.path.join(d, 'static', name)) > 0
   nav = open(os.path.join(d, 'static', 'nav.js')).read()
-  assert json.loads(nav[nav.index('['):nav.rindex(']') + 1]) == [f for f in range(N) if f != DEAD]
+  assert json.loads(nav[nav.index('[') : nav.rindex(']') + 1]) == [f for f in range(N) if f != DEAD]
   # Nothing on any page points outside the site (no CDN, no network).
   for name in pages + ['../index.html']:
     text = open(os.path.join(d, 'features', name), encoding='utf-8').read()
@@ -212,8 +292,10 @@ def test_text_is_escaped_everywhere(site):
   assert tags(page, 'img') == []
   odd = open(os.path.join(d, 'features', f'{ODD_EXPLANATION}.html'), encoding='utf-8').read()
   assert 'Marks &lt;b&gt;bold&lt;/b&gt; &amp; &quot;quoted&quot; &#x27;text&#x27;' in odd
-  assert '<title>Feature 3 · Test &lt;SAE&gt; browser</title>' in open(
-      os.path.join(d, 'features', '3.html'), encoding='utf-8').read()
+  assert (
+      '<title>Feature 3 · Test &lt;SAE&gt; browser</title>'
+      in open(os.path.join(d, 'features', '3.html'), encoding='utf-8').read()
+  )
 
 
 def test_histogram_and_heatmap_markup(site):
@@ -225,7 +307,8 @@ def test_histogram_and_heatmap_markup(site):
   page = os.path.join(d, 'features', f'{IMAGE_FEATURE}.html')
   figures = [a for a in tags(page, 'figure') if a.get('class') == 'heatmap']
   assert [(a['data-rows'], a['data-cols'], a['data-cells']) for a in figures] == [
-      (str(HEAT_ROWS), str(HEAT_COLS), str(len(HOT_CELLS)))] * 2
+      (str(HEAT_ROWS), str(HEAT_COLS), str(len(HOT_CELLS)))
+  ] * 2
   # The missing image is dropped (its grid is still drawn); the present one is URL-quoted.
   assert [a['src'] for a in tags(page, 'img')] == ['../images/s3%20frontal.png']
   assert tags(os.path.join(d, 'features', f'{GRID_ONLY_FEATURE}.html'), 'img') == []
@@ -268,23 +351,34 @@ WINDOW = (1280, 1400)
 def driver():
   if os.environ.get('JAXSAE_SKIP_BROWSER') == '1':
     pytest.skip('JAXSAE_SKIP_BROWSER=1: headless Chromium tests skipped on purpose')
-  missing = [p for p in (CHROMIUM, CHROMEDRIVER)
-             if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+  missing = [
+      p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))
+  ]
   try:
     from selenium import webdriver  # pylint: disable=import-outside-toplevel
     from selenium.webdriver.chrome.service import Service  # pylint: disable=import-outside-toplevel
   except ImportError:
     missing.append('the selenium Python package')
   if missing:
-    pytest.fail(f'the browser tests need {", ".join(missing)}: run `bash tools/test.sh` (it '
-                'installs them; tools/install_browser.sh installs chromium and chromium-driver '
-                'alone), or set JAXSAE_SKIP_BROWSER=1 to skip these tests on purpose.',
-                pytrace=False)
+    pytest.fail(
+        f'the browser tests need {", ".join(missing)}: run `bash tools/test.sh` (it '
+        'installs them; tools/install_browser.sh installs chromium and chromium-driver '
+        'alone), or set JAXSAE_SKIP_BROWSER=1 to skip these tests on purpose.',
+        pytrace=False,
+    )
   opts = webdriver.ChromeOptions()
   opts.binary_location = CHROMIUM
-  for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu',
-              f'--window-size={WINDOW[0]},{WINDOW[1]}', '--force-device-scale-factor=1',
-              '--hide-scrollbars', '--disable-extensions', '--no-first-run'):
+  for arg in (
+      '--headless=new',
+      '--no-sandbox',
+      '--disable-dev-shm-usage',
+      '--disable-gpu',
+      f'--window-size={WINDOW[0]},{WINDOW[1]}',
+      '--force-device-scale-factor=1',
+      '--hide-scrollbars',
+      '--disable-extensions',
+      '--no-first-run',
+  ):
     opts.add_argument(arg)
   opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
   d = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
@@ -312,7 +406,8 @@ def load(driver, path, fragment=''):
 
 def shown_ids(driver):
   return driver.execute_script(
-      "return Array.from(document.querySelectorAll('#features tbody tr'), tr => +tr.dataset.id);")
+      "return Array.from(document.querySelectorAll('#features tbody tr'), tr => +tr.dataset.id);"
+  )
 
 
 def status(driver):
@@ -329,9 +424,11 @@ def expected_search(site, query):
   out = []
   for f in live(site):
     text = ((rows[f][5] or '') + ' \n ' + rows[f][7]).lower()
+
     def ok(t, f=f, text=text):
       m = re.fullmatch(r'#?(\d+)', t)
       return bool(m and int(m.group(1)) == f) or (not t.startswith('#') and t in text)
+
     if all(ok(t) for t in query.lower().split()):
       out.append(f)
   return out
@@ -340,13 +437,16 @@ def expected_search(site, query):
 def test_console_error_check_catches_broken_pages(driver, tmp_path):
   """The no-errors check of every other browser test is only worth something if it can fail."""
   bad = tmp_path / 'bad.html'
-  bad.write_text('<!DOCTYPE html><title>bad</title><link rel="icon" href="data:,">'
-                 '<script>definitelyNotDefined();</script>')
+  bad.write_text(
+      '<!DOCTYPE html><title>bad</title><link rel="icon" href="data:,">'
+      '<script>definitelyNotDefined();</script>'
+  )
   with pytest.raises(AssertionError, match='definitelyNotDefined'):
     load(driver, bad)
   missing = tmp_path / 'missing.html'
-  missing.write_text('<!DOCTYPE html><title>m</title><link rel="icon" href="data:,">'
-                     '<img src="nope.png">')
+  missing.write_text(
+      '<!DOCTYPE html><title>m</title><link rel="icon" href="data:,">' '<img src="nope.png">'
+  )
   with pytest.raises(AssertionError, match='ERR_FILE_NOT_FOUND'):
     load(driver, missing)
   good = tmp_path / 'good.html'
@@ -364,13 +464,24 @@ def test_index_loads_with_summary_and_first_page(driver, site):
   assert status(driver) == f'showing 1–{PAGE_SIZE} of {N - 1} matching ({N} features)'
   assert driver.find_element('id', 'prev-page').get_property('disabled')
   driver.find_element('id', 'next-page').click()
-  assert shown_ids(driver) == live(site)[PAGE_SIZE:2 * PAGE_SIZE]
+  assert shown_ids(driver) == live(site)[PAGE_SIZE : 2 * PAGE_SIZE]
   first = driver.find_element('css selector', '#features tbody tr td.id a')
   assert first.get_attribute('href').endswith(f'/features/{live(site)[PAGE_SIZE]}.html')
 
 
-@pytest.mark.parametrize('query', ['effusion', 'PNEUMOTHORAX', '#12', '12', 'mentions the',
-                                   '<script>', 'bold devices', 'nothing-matches-this'])
+@pytest.mark.parametrize(
+    'query',
+    [
+        'effusion',
+        'PNEUMOTHORAX',
+        '#12',
+        '12',
+        'mentions the',
+        '<script>',
+        'bold devices',
+        'nothing-matches-this',
+    ],
+)
 def test_search_filters_rows(driver, site, query):
   load(driver, site['index'])
   box = driver.find_element('id', 'search')
@@ -381,8 +492,9 @@ def test_search_filters_rows(driver, site, query):
     assert f'of {len(expected)} matching' in status(driver)
   else:
     assert status(driver).startswith('no matching features')
-  assert driver.execute_script(
-      "return new URLSearchParams(location.hash.slice(1)).get('q')") == query
+  assert (
+      driver.execute_script("return new URLSearchParams(location.hash.slice(1)).get('q')") == query
+  )
   # Spot checks that the rule itself is the intended one.
   if query == '#12':
     assert expected == [12]
@@ -426,18 +538,21 @@ def test_sort_headers(driver, site):
   densities = [float(e.text) for e in driver.find_elements('css selector', 'td.density')]
   assert densities == sorted(densities, reverse=True)
   driver.find_element('id', 'next-page').click()
-  assert shown_ids(driver) == expected[PAGE_SIZE:2 * PAGE_SIZE]
+  assert shown_ids(driver) == expected[PAGE_SIZE : 2 * PAGE_SIZE]
   assert 'sort=density' in driver.current_url
   click('density')  # again: ascending, back on page 1
   assert shown_ids(driver) == sort_expected(site, 'density', 1)[:PAGE_SIZE]
-  assert driver.find_element('css selector', 'th[data-key="density"]').get_attribute(
-      'aria-sort') == 'ascending'
+  assert (
+      driver.find_element('css selector', 'th[data-key="density"]').get_attribute('aria-sort')
+      == 'ascending'
+  )
   click('score')  # unscored and unexplained features last
   expected = sort_expected(site, 'score', -1)
   assert shown_ids(driver) == expected[:PAGE_SIZE]
-  assert expected[0] == max(site['explanations'],
-                            key=lambda f: (site['explanations'][f]['score'] or {}).get(
-                                'balanced_accuracy', -1))
+  assert expected[0] == max(
+      site['explanations'],
+      key=lambda f: (site['explanations'][f]['score'] or {}).get('balanced_accuracy', -1),
+  )
   click('explanation')
   assert shown_ids(driver) == sort_expected(site, 'explanation', 1)[:PAGE_SIZE]
   click('max')
@@ -483,11 +598,13 @@ def test_feature_page_tokens_stats_histogram(driver, site):
   assert (svg.rect['width'], svg.rect['height']) == (browser.HIST_WIDTH, browser.HIST_HEIGHT)
   heights = driver.execute_script(
       "return Array.from(document.querySelectorAll('svg.hist rect.bar'), "
-      "r => r.getBoundingClientRect().height);")
+      'r => r.getBoundingClientRect().height);'
+  )
   counts = rec['histogram']['counts']
   assert len(heights) == len(counts) == 25
-  np.testing.assert_allclose(np.array(heights) / max(heights), np.array(counts) / max(counts),
-                             atol=0.02)
+  np.testing.assert_allclose(
+      np.array(heights) / max(heights), np.array(counts) / max(counts), atol=0.02
+  )
   # Top examples: highest first, a span per token, the target emphasised, shading by activation.
   examples = driver.find_elements('css selector', '#top .example')
   assert len(examples) == len(rec['top'])
@@ -499,11 +616,14 @@ def test_feature_page_tokens_stats_histogram(driver, site):
   assert driver.execute_script('return getComputedStyle(arguments[0]).fontWeight', target) == '700'
   alphas = driver.execute_script(
       "return Array.from(arguments[0].querySelectorAll('.tok'), s => {"
-      "  const m = getComputedStyle(s).backgroundColor.match(/[\\d.]+/g).map(Number);"
-      "  return m.length === 4 ? m[3] : (m.length === 3 ? 1 : 0); });", examples[0])
+      '  const m = getComputedStyle(s).backgroundColor.match(/[\\d.]+/g).map(Number);'
+      '  return m.length === 4 ? m[3] : (m.length === 3 ? 1 : 0); });',
+      examples[0],
+  )
   expected = [min(a / rec['max'], 1.0) for a in ex['acts']]
-  np.testing.assert_allclose(alphas, [round(a, 2) if a >= 0.005 else 0 for a in expected],
-                             atol=0.01)
+  np.testing.assert_allclose(
+      alphas, [round(a, 2) if a >= 0.005 else 0 for a in expected], atol=0.01
+  )
   assert alphas[ex['target']] == max(alphas) and alphas[0] == 0
   shown = browser._fmt(ex['acts'][ex['target']])  # pylint: disable=protected-access
   assert target.get_attribute('title').startswith(shown)
@@ -516,8 +636,10 @@ def test_heatmap_overlay_covers_the_image(driver, site):
   figures = driver.find_elements('css selector', 'figure.heatmap')
   assert len(figures) == 2
   img = figures[0].find_element('tag name', 'img')
-  assert driver.execute_script('return arguments[0].complete && arguments[0].naturalWidth', img) \
+  assert (
+      driver.execute_script('return arguments[0].complete && arguments[0].naturalWidth', img)
       == HEAT_COLS * CELL
+  )
   svg = figures[0].find_element('css selector', 'svg.hm-grid')
   for k in ('x', 'y', 'width', 'height'):
     assert svg.rect[k] == pytest.approx(img.rect[k], abs=0.5), k
@@ -528,16 +650,22 @@ def test_heatmap_overlay_covers_the_image(driver, site):
   cw, ch = img.rect['width'] / HEAT_COLS, img.rect['height'] / HEAT_ROWS
   for cell_el, ((r, c), _) in zip(cells, sorted(HOT_CELLS.items())):
     box = cell_el.rect
-    assert (box['x'] - img.rect['x'], box['y'] - img.rect['y']) == pytest.approx((c * cw, r * ch),
-                                                                                 abs=1)
+    assert (box['x'] - img.rect['x'], box['y'] - img.rect['y']) == pytest.approx(
+        (c * cw, r * ch), abs=1
+    )
     assert (box['width'], box['height']) == pytest.approx((cw, ch), abs=1)
   # In the pixels: hot cells are tinted red over the (grey) X-ray, cold cells show it unchanged.
-  shot = np.asarray(Image.open(io.BytesIO(
-      figures[0].find_element('css selector', '.hm-wrap').screenshot_as_png)).convert('RGB'),
-      dtype=int)
+  shot = np.asarray(
+      Image.open(
+          io.BytesIO(figures[0].find_element('css selector', '.hm-wrap').screenshot_as_png)
+      ).convert('RGB'),
+      dtype=int,
+  )
   sy, sx = shot.shape[0] / HEAT_ROWS, shot.shape[1] / HEAT_COLS
+
   def pixel(r, c):
     return shot[int((r + 0.5) * sy), int((c + 0.5) * sx)]
+
   hot, cold = pixel(1, 2), pixel(2, 2)
   assert hot[0] - hot[2] > 100, hot  # strongly red
   assert abs(cold[0] - cold[2]) < 8 and cold[0] > 40, cold  # grey image visible through
@@ -636,17 +764,39 @@ def test_index_stays_fast_with_32k_features(driver, tmp_path):
   n, n_live = 32768, 2048
   rng = np.random.default_rng(1)
   live_ids = set(rng.choice(n, n_live, replace=False).tolist())
+
   def records():
     for f in range(n):
       if f in live_ids:
-        yield {**make_record(0), 'feature': f, 'density': float(rng.uniform(1e-5, 1e-2)),
-               'quantiles': [], 'negatives': [], 'top': make_record(0)['top'][:1]}
+        yield {
+            **make_record(0),
+            'feature': f,
+            'density': float(rng.uniform(1e-5, 1e-2)),
+            'quantiles': [],
+            'negatives': [],
+            'top': make_record(0)['top'][:1],
+        }
       else:
         yield {**make_record(DEAD), 'feature': f}
-  explanations = {f: {'feature': f, 'explanation': f'feature {f} fires on words like '
-                      f'{WORDS[f % 8]} in the findings section', 'explainer': 'x', 'scorer': 'x',
-                      'score': {'balanced_accuracy': float(rng.uniform(0.5, 1)), 'tp': 1, 'fp': 1,
-                                'tn': 1, 'fn': 1, 'unparsed': 0}} for f in range(n)}
+
+  explanations = {
+      f: {
+          'feature': f,
+          'explanation': f'feature {f} fires on words like '
+          f'{WORDS[f % 8]} in the findings section',
+          'explainer': 'x',
+          'scorer': 'x',
+          'score': {
+              'balanced_accuracy': float(rng.uniform(0.5, 1)),
+              'tp': 1,
+              'fp': 1,
+              'tn': 1,
+              'fn': 1,
+              'unparsed': 0,
+          },
+      }
+      for f in range(n)
+  }
   start = time.perf_counter()
   index = browser.write_site(str(tmp_path), records(), explanations, title='big', meta={})
   written = time.perf_counter() - start
@@ -664,6 +814,8 @@ def test_index_stays_fast_with_32k_features(driver, tmp_path):
   driver.find_element('id', 'search').send_keys('#12345')
   assert shown_ids(driver) == [12345]
   searched = time.perf_counter() - start
-  print(f'32k index: write {written:.1f}s, load {loaded:.2f}s, sort {sorted_in:.2f}s, '
-        f'search {searched:.2f}s, {os.path.getsize(index) / 1e6:.1f} MB')
+  print(
+      f'32k index: write {written:.1f}s, load {loaded:.2f}s, sort {sorted_in:.2f}s, '
+      f'search {searched:.2f}s, {os.path.getsize(index) / 1e6:.1f} MB'
+  )
   assert loaded < 10 and sorted_in < 3 and searched < 5

@@ -21,12 +21,21 @@ def example(row, words, target=None, act=0.0):
   acts = [0.0] * len(words)
   if target is not None:
     acts[target] = act
-  return {'study_id': f's{row}', 'row': row, 'position': target or 0, 'kind': 'report',
-          'activation': act, 'tokens': list(words), 'acts': acts, 'target': target or 0}
+  return {
+      'study_id': f's{row}',
+      'row': row,
+      'position': target or 0,
+      'kind': 'report',
+      'activation': act,
+      'tokens': list(words),
+      'acts': acts,
+      'target': target or 0,
+  }
 
 
-def make_record(feature, word='effusion', n_top=4, n_bins=3, per_bin=4, negatives=None,
-                max_act=5.0):
+def make_record(
+    feature, word='effusion', n_top=4, n_bins=3, per_bin=4, negatives=None, max_act=5.0
+):
   """A feature that fires on `word`: top/quantile contexts contain it, negatives do not."""
   row = feature * 1000
 
@@ -38,18 +47,38 @@ def make_record(feature, word='effusion', n_top=4, n_bins=3, per_bin=4, negative
     return example(row, words, 3, act)
 
   top = [pos(max_act * (1 - 0.1 * i), i) for i in range(n_top)]
-  quantiles = [[pos(max_act * (b + 1) / (n_bins + 2), b * per_bin + i) for i in range(per_bin)]
-               for b in range(n_bins)]
+  quantiles = [
+      [pos(max_act * (b + 1) / (n_bins + 2), b * per_bin + i) for i in range(per_bin)]
+      for b in range(n_bins)
+  ]
   if negatives is None:
     negatives = []
     for i in range(6):
       row += 1
-      negatives.append(example(row, [FILLER[(i + j) % len(FILLER)] for j in range(1, 8)
-                                     if FILLER[(i + j) % len(FILLER)] != 'left']))
-  return {'feature': feature, 'density': 0.01, 'count': 10, 'mean': 2.0, 'max': max_act,
-          'kind_counts': {'report': 10}, 'histogram': {'edges': [0, 1], 'counts': [1]},
-          'top': top, 'quantiles': quantiles, 'negatives': negatives, 'heatmaps': [],
-          'promoted_tokens': []}
+      negatives.append(
+          example(
+              row,
+              [
+                  FILLER[(i + j) % len(FILLER)]
+                  for j in range(1, 8)
+                  if FILLER[(i + j) % len(FILLER)] != 'left'
+              ],
+          )
+      )
+  return {
+      'feature': feature,
+      'density': 0.01,
+      'count': 10,
+      'mean': 2.0,
+      'max': max_act,
+      'kind_counts': {'report': 10},
+      'histogram': {'edges': [0, 1], 'counts': [1]},
+      'top': top,
+      'quantiles': quantiles,
+      'negatives': negatives,
+      'heatmaps': [],
+      'promoted_tokens': [],
+  }
 
 
 def dead_record(feature):
@@ -78,8 +107,10 @@ KW = dict(n_top=4, n_quantile=3, score_batch=4, seed=0)
 
 
 def test_render_marks_runs_and_handles_tokenizer_spaces():
-  assert explain.render(['a', 'small', 'pleural', 'effusion', 'here'],
-                        [0, 0, 1.0, 2.0, 0]) == 'a small <<pleural effusion>> here'
+  assert (
+      explain.render(['a', 'small', 'pleural', 'effusion', 'here'], [0, 0, 1.0, 2.0, 0])
+      == 'a small <<pleural effusion>> here'
+  )
   sp = ['\u2581the', '\u2581pleural', '\u2581eff', 'usion', '<0x0A>', '\u2581seen']
   assert explain.render(sp, [0, 0, 1, 1, 0, 2]) == 'the pleural <<effusion>> <<seen>>'
   assert explain.render(sp) == 'the pleural effusion seen'
@@ -104,7 +135,7 @@ def test_split_is_deterministic_disjoint_and_covers_every_bin():
 
 def test_explainer_prompt_has_marked_tokens_and_scaled_activations():
   r = make_record(7, word='effusion', max_act=5.0)
-  (system, user) = explain.explainer_messages(r, n_top=4, n_quantile=3)
+  system, user = explain.explainer_messages(r, n_top=4, n_quantile=3)
   assert system['role'] == 'system' and 'one sentence' in system['content']
   text = user['content']
   assert text.count('<<effusion>>') == 7  # 4 top + 3 quantile examples
@@ -116,33 +147,41 @@ def test_explainer_prompt_has_marked_tokens_and_scaled_activations():
     explain.explainer_messages(dead_record(3), 4, 3)
 
 
-@pytest.mark.parametrize('answer, expected', [
-    ('Explanation: the word "effusion".', 'the word "effusion".'),
-    ('"The word effusion." It also fires on fluid.', 'The word effusion.'),
-    ('**Explanation:** mentions of pleural fluid. Mostly nouns.', 'mentions of pleural fluid.'),
-    ('\n\nExplanation:\n  the word effusion\nmore', 'the word effusion'),
-    ('[EXPLANATION]: negation words such as "no"', 'negation words such as "no"'),
-    ('<think>Let me look. The marked...</think>\nExplanation: laterality', 'laterality'),
-    ('<think>truncated reasoning', ''),
-    ('', ''), (None, ''), ('  \n "" \n', ''),
-])
+@pytest.mark.parametrize(
+    'answer, expected',
+    [
+        ('Explanation: the word "effusion".', 'the word "effusion".'),
+        ('"The word effusion." It also fires on fluid.', 'The word effusion.'),
+        ('**Explanation:** mentions of pleural fluid. Mostly nouns.', 'mentions of pleural fluid.'),
+        ('\n\nExplanation:\n  the word effusion\nmore', 'the word effusion'),
+        ('[EXPLANATION]: negation words such as "no"', 'negation words such as "no"'),
+        ('<think>Let me look. The marked...</think>\nExplanation: laterality', 'laterality'),
+        ('<think>truncated reasoning', ''),
+        ('', ''),
+        (None, ''),
+        ('  \n "" \n', ''),
+    ],
+)
 def test_parse_explanation(answer, expected):
   assert explain.parse_explanation(answer) == expected
 
 
-@pytest.mark.parametrize('answer, n, expected', [
-    ('[1, 0, 1]', 3, [1, 0, 1]),
-    ('1, 0, 1', 3, [1, 0, 1]),
-    ('```json\n[1,0,1]\n```', 3, [1, 0, 1]),
-    ('Answer: 1 0 1', 3, [1, 0, 1]),
-    ('["yes", "no", "yes"]', 3, [1, 0, 1]),
-    ('First guess [1, 1, 1], but final answer: [0, 0, 1]', 3, [0, 0, 1]),
-    ('<think>[1, 1]</think>[0, 1]', 2, [0, 1]),
-    ('[1, 0]', 3, None),
-    ('[1, 0, 2]', 3, None),
-    ('I think the first one activates', 3, None),
-    ('', 1, None),
-])
+@pytest.mark.parametrize(
+    'answer, n, expected',
+    [
+        ('[1, 0, 1]', 3, [1, 0, 1]),
+        ('1, 0, 1', 3, [1, 0, 1]),
+        ('```json\n[1,0,1]\n```', 3, [1, 0, 1]),
+        ('Answer: 1 0 1', 3, [1, 0, 1]),
+        ('["yes", "no", "yes"]', 3, [1, 0, 1]),
+        ('First guess [1, 1, 1], but final answer: [0, 0, 1]', 3, [0, 0, 1]),
+        ('<think>[1, 1]</think>[0, 1]', 2, [0, 1]),
+        ('[1, 0]', 3, None),
+        ('[1, 0, 2]', 3, None),
+        ('I think the first one activates', 3, None),
+        ('', 1, None),
+    ],
+)
 def test_parse_labels(answer, n, expected):
   assert explain.parse_labels(answer, n) == expected
 
@@ -178,8 +217,9 @@ def test_all_ones_scores_one_half_and_a_known_mixed_case():
   assert (s['balanced_accuracy'], s['tp'], s['fp'], s['tn'], s['fn']) == (0.5, 9, 6, 0, 0)
   # A scorer that also says 1 for 'left', which 2 of 6 negatives contain: TPR 1, TNR 4/6.
   r = make_record(1)
-  negs = [example(9000 + i, ['no', 'acute', 'change'] + (['left'] if i < 2 else []))
-          for i in range(6)]
+  negs = [
+      example(9000 + i, ['no', 'acute', 'change'] + (['left'] if i < 2 else [])) for i in range(6)
+  ]
   r['negatives'] = negs
   s, _ = score(r, also_positive='left')
   assert (s['tp'], s['fn'], s['tn'], s['fp']) == (9, 0, 4, 2)
@@ -196,13 +236,11 @@ def test_shuffle_is_seeded_per_feature():
   orders = []
   for seed in (0, 0, 1):
     scorer = Scripted(make_responder())
-    explain.detection_score(make_record(1), 'the word effusion', scorer,
-                            **{**KW, 'seed': seed})
+    explain.detection_score(make_record(1), 'the word effusion', scorer, **{**KW, 'seed': seed})
     orders.append([m[-1]['content'] for m in scorer.seen])
   assert orders[0] == orders[1] and orders[0] != orders[2]
   # positives and negatives are mixed within batches, not sent in blocks
-  batches = [[l.split()[2:] for l in o.splitlines() if l.startswith('Example ')]
-             for o in orders[0]]
+  batches = [[l.split()[2:] for l in o.splitlines() if l.startswith('Example ')] for o in orders[0]]
   assert any(len({'effusion' in ex for ex in b}) == 2 for b in batches)
 
 
@@ -217,8 +255,13 @@ def test_empty_explanation_is_recorded_unscored():
   explainer = Scripted(lambda m: '   ')
   scorer = Scripted(make_responder())
   e = explain.explain_feature(make_record(2), explainer, scorer, **KW)
-  assert e == {'feature': 2, 'explanation': '', 'score': None, 'explainer': 'fake:model',
-               'scorer': 'fake:model'}
+  assert e == {
+      'feature': 2,
+      'explanation': '',
+      'score': None,
+      'explainer': 'fake:model',
+      'scorer': 'fake:model',
+  }
   assert not scorer.seen
 
 
@@ -230,10 +273,11 @@ WORDS = ['effusion', 'pneumothorax', 'cardiomegaly', 'edema', 'consolidation']
 
 
 def models(server, max_retries=1):
-  kw = dict(api_key_env='JAXSAE_TEST_NO_KEY', timeout_s=5, max_retries=max_retries,
-            backoff_s=0.001)
-  return (llm.OpenAIChat(server.url, 'explainer-model', **kw),
-          llm.OpenAIChat(server.url, 'scorer-model', **kw))
+  kw = dict(api_key_env='JAXSAE_TEST_NO_KEY', timeout_s=5, max_retries=max_retries, backoff_s=0.001)
+  return (
+      llm.OpenAIChat(server.url, 'explainer-model', **kw),
+      llm.OpenAIChat(server.url, 'scorer-model', **kw),
+  )
 
 
 def features(words=WORDS):
@@ -320,8 +364,16 @@ def test_run_rejects_bad_settings(tmp_path):
 
 
 def test_interpret_never_imports_torch():
-  code = ('import sys; import jaxsae.interpret.explain, jaxsae.interpret.llm; '
-          'assert not [m for m in sys.modules if m.startswith(("torch", "transformers"))]')
-  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                     timeout=60, env={**os.environ, 'PYTHONPATH': REPO})
+  code = (
+      'import sys; import jaxsae.interpret.explain, jaxsae.interpret.llm; '
+      'assert not [m for m in sys.modules if m.startswith(("torch", "transformers"))]'
+  )
+  r = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+      env={**os.environ, 'PYTHONPATH': REPO},
+  )
   assert r.returncode == 0, r.stderr

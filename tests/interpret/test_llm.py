@@ -13,14 +13,24 @@ from openai_server import FakeOpenAI
 
 KEY_ENV = 'JAXSAE_TEST_LLM_KEY'
 SECRET = 'sk-test-SECRET-0123456789'
-MESSAGES = [{'role': 'system', 'content': 'Be brief.'},
-            {'role': 'user', 'content': 'Examples where the feature activates:\n\n'
-                                        'Example 1: a <<cat>> sat'}]
+MESSAGES = [
+    {'role': 'system', 'content': 'Be brief.'},
+    {
+        'role': 'user',
+        'content': 'Examples where the feature activates:\n\n' 'Example 1: a <<cat>> sat',
+    },
+]
 
 
 def client(server, **kw):
-  args = dict(model='test-model', api_key_env=KEY_ENV, timeout_s=5.0, max_retries=3,
-              backoff_s=0.001, max_backoff_s=1.0)
+  args = dict(
+      model='test-model',
+      api_key_env=KEY_ENV,
+      timeout_s=5.0,
+      max_retries=3,
+      backoff_s=0.001,
+      max_backoff_s=1.0,
+  )
   return llm.OpenAIChat(server.url, **{**args, **kw})
 
 
@@ -45,8 +55,12 @@ def test_success_sends_the_openai_request_and_no_auth_without_key(server):
   assert ask(chat) == 'Explanation: the word cat.'
   (req,) = server.requests
   assert req['path'] == '/v1/chat/completions'
-  assert req['body'] == {'model': 'test-model', 'messages': MESSAGES, 'max_tokens': 32,
-                         'temperature': 0.0}
+  assert req['body'] == {
+      'model': 'test-model',
+      'messages': MESSAGES,
+      'max_tokens': 32,
+      'temperature': 0.0,
+  }
   assert 'Authorization' not in req['headers']
 
 
@@ -94,8 +108,15 @@ def test_400_fails_at_once_with_the_server_message(server):
   msg = str(e.value)
   assert len(server.requests) == 1
   assert e.value.status == 400 and not isinstance(e.value, llm.LLMConfigError)
-  for part in ('HTTP 400', 'max_tokens is too large', server.url, 'interpret.llm.model',
-               'test-model', KEY_ENV, 'unset'):
+  for part in (
+      'HTTP 400',
+      'max_tokens is too large',
+      server.url,
+      'interpret.llm.model',
+      'test-model',
+      KEY_ENV,
+      'unset',
+  ):
     assert part in msg, (part, msg)
 
 
@@ -118,8 +139,9 @@ def test_connection_refused_is_retried_then_reported():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]  # closed once the block ends: nothing listens there
-  chat = llm.OpenAIChat(f'http://127.0.0.1:{port}/v1', 'm', api_key_env=KEY_ENV, max_retries=1,
-                        backoff_s=0.001)
+  chat = llm.OpenAIChat(
+      f'http://127.0.0.1:{port}/v1', 'm', api_key_env=KEY_ENV, max_retries=1, backoff_s=0.001
+  )
   with pytest.raises(llm.LLMError, match=rf'127.0.0.1:{port}.*2 attempt\(s\).*Refused'):
     ask(chat)
 
@@ -160,11 +182,14 @@ def test_malformed_reply_is_a_clear_error(server):
     ask(client(server))
 
 
-@pytest.mark.parametrize('kw, match', [
-    (dict(base_url='localhost:8000/v1'), 'base_url'),
-    (dict(model=''), 'interpret.llm.model'),
-    (dict(timeout_s=0), 'timeout_s'),
-])
+@pytest.mark.parametrize(
+    'kw, match',
+    [
+        (dict(base_url='localhost:8000/v1'), 'base_url'),
+        (dict(model=''), 'interpret.llm.model'),
+        (dict(timeout_s=0), 'timeout_s'),
+    ],
+)
 def test_bad_settings_name_the_key(kw, match):
   args = {'base_url': 'http://localhost:8000/v1', 'model': 'm', **kw}
   with pytest.raises(ValueError, match=match):

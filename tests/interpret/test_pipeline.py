@@ -14,28 +14,46 @@ from openai_server import FakeOpenAI
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   from jaxsae.bridge import export
+
   root = tmp_path_factory.mktemp('interp')
   c = build_tiny(root, studies=6)
   c.export.keep_kinds = ('image', 'prompt', 'report')
   c.data.store_path = str(root / 'store')
   export.export(c, progress=False)
   weights = write_dictionary_learning(str(root / 'weights'), random_torch_sae(threshold=0.03))
-  args = [f'--config.model.name={c.model.name}', f'--config.export.manifest={c.export.manifest}',
-          f'--config.data.store_path={c.data.store_path}', '--config.interpret.batch_size=64',
-          '--config.interpret.max_features=12', '--config.interpret.llm.model=test',
-          '--config.interpret.llm.concurrency=3', f'--weights={weights}']
+  args = [
+      f'--config.model.name={c.model.name}',
+      f'--config.export.manifest={c.export.manifest}',
+      f'--config.data.store_path={c.data.store_path}',
+      '--config.interpret.batch_size=64',
+      '--config.interpret.max_features=12',
+      '--config.interpret.llm.model=test',
+      '--config.interpret.llm.concurrency=3',
+      f'--weights={weights}',
+  ]
   return root, c, args
 
 
 def interpret(root, args, url, out):
   import sys
-  return run_cli([sys.executable, '-m', 'jaxsae.interpret', '--config=experiments/demo.py',
-                  *args, f'--config.interpret.llm.base_url={url}', f'--out={out}'])
+
+  return run_cli(
+      [
+          sys.executable,
+          '-m',
+          'jaxsae.interpret',
+          '--config=experiments/demo.py',
+          *args,
+          f'--config.interpret.llm.base_url={url}',
+          f'--out={out}',
+      ]
+  )
 
 
 def test_interpret_end_to_end_and_rerun(setup):
   from jaxsae.formats import store
   from jaxsae.interpret import records
+
   root, c, args = setup
   out = root / 'out'
   with FakeOpenAI() as server:
@@ -73,7 +91,9 @@ def test_interpret_end_to_end_and_rerun(setup):
   scored = [e['score'] for e in expl.values() if e['score']]
   assert scored and all(0 <= sc['balanced_accuracy'] <= 1 for sc in scored)
   assert all(e['explanation'].startswith('the word') for e in expl.values())
-  assert (out / 'index.html').exists() and (out / 'features' / f'{live[0]["feature"]}.html').exists()
+  assert (out / 'index.html').exists() and (
+      out / 'features' / f'{live[0]["feature"]}.html'
+  ).exists()
 
   # A rerun resumes everything: the statistics are done, the records reused, no LLM request.
   mtime = os.path.getmtime(out / records.FEATURES)
@@ -87,14 +107,17 @@ def test_interpret_end_to_end_and_rerun(setup):
 
 def test_bad_settings_fail_before_any_work(setup):
   root, _, args = setup
-  r = interpret(root, [a for a in args if 'llm.model' not in a], 'http://127.0.0.1:9/v1',
-                root / 'bad')
+  r = interpret(
+      root, [a for a in args if 'llm.model' not in a], 'http://127.0.0.1:9/v1', root / 'bad'
+  )
   assert r.returncode == 2 and 'interpret.llm.model is empty' in r.stderr
-  r = interpret(root, args + ['--config.data.store_path=/nonexistent'], 'http://127.0.0.1:9/v1',
-                root / 'bad')
+  r = interpret(
+      root, args + ['--config.data.store_path=/nonexistent'], 'http://127.0.0.1:9/v1', root / 'bad'
+  )
   assert r.returncode == 2 and 'no activation store' in r.stderr
-  r = interpret(root, args + ['--config.interpret.llm.concurrency=0'], 'http://127.0.0.1:9/v1',
-                root / 'bad')
+  r = interpret(
+      root, args + ['--config.interpret.llm.concurrency=0'], 'http://127.0.0.1:9/v1', root / 'bad'
+  )
   assert r.returncode == 2 and 'interpret.llm.concurrency=0' in r.stderr
   assert not (root / 'bad' / 'stats_checkpoints').exists()
 
@@ -105,8 +128,9 @@ def test_interpretation_never_imports_torch(setup, tmp_path):
   import subprocess
   import sys
   from helpers import REPO
+
   root, c, _ = setup
-  code = f'''
+  code = f"""
 import sys
 sys.path.insert(0, {REPO!r})
 from experiments import demo
@@ -118,7 +142,13 @@ summary = pipeline.run(c, {str(root / "weights")!r}, {str(tmp_path / "out")!r}, 
 assert summary['tokens'] > 0 and summary['index']
 assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]
 print('ok')
-'''
-  r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                     timeout=300, env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'})
+"""
+  r = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]

@@ -18,8 +18,9 @@ D, F = 16, 64
 def make_store(path, sizes, seed=0):
   """Studies of random rows whose tokens have every kind, image patches included."""
   rng = np.random.default_rng(seed)
-  w = store.StoreWriter(str(path), D, 'float32', {'test': True}, rows_per_chunk=8,
-                        rows_per_shard=64)
+  w = store.StoreWriter(
+      str(path), D, 'float32', {'test': True}, rows_per_chunk=8, rows_per_shard=64
+  )
   for i, n in enumerate(sizes):
     x = (rng.standard_normal((n, D)) * 2 + 0.5).astype(np.float32)
     t = np.zeros((n, len(store.TOKEN_COLUMNS)), np.int32)
@@ -32,17 +33,28 @@ def make_store(path, sizes, seed=0):
 
 def sae_params(seed=1):
   rng = np.random.default_rng(seed)
-  return {'W_enc': rng.standard_normal((D, F)).astype(np.float32) / 2,
-          'b_enc': rng.standard_normal(F).astype(np.float32) * 0.1,
-          'W_dec': rng.standard_normal((F, D)).astype(np.float32),
-          'b_dec': rng.standard_normal(D).astype(np.float32) * 0.1,
-          'threshold': np.r_[1e9, rng.uniform(1.5, 4.0, F - 1)].astype(np.float32)}  # 0: dead
+  return {
+      'W_enc': rng.standard_normal((D, F)).astype(np.float32) / 2,
+      'b_enc': rng.standard_normal(F).astype(np.float32) * 0.1,
+      'W_dec': rng.standard_normal((F, D)).astype(np.float32),
+      'b_dec': rng.standard_normal(D).astype(np.float32) * 0.1,
+      'threshold': np.r_[1e9, rng.uniform(1.5, 4.0, F - 1)].astype(np.float32),
+  }  # 0: dead
 
 
 def config(**interpret):
   c = tiny_config(**{'sae.d': D, 'sae.k': 2})
-  c.interpret.update({'batch_size': 48, 'top_examples': 5, 'reservoir': 7, 'heatmaps': 2,
-                      'checkpoint_every': 3, 'row_capacity': 3, **interpret})
+  c.interpret.update(
+      {
+          'batch_size': 48,
+          'top_examples': 5,
+          'reservoir': 7,
+          'heatmaps': 2,
+          'checkpoint_every': 3,
+          'row_capacity': 3,
+          **interpret,
+      }
+  )
   c.data.num_threads = 1
   return c
 
@@ -79,18 +91,21 @@ def check_against_brute_force(r, s, p, sizes):
     np.testing.assert_array_equal(r.get('hist')[f], want, err_msg=f'feature {f}')
   top = np.where(fired, acts, -np.inf)
   for f, rows in enumerate(top_rows(top, sizes.top)):
-    assert list(r.get('top_row')[f][:len(rows)]) == rows, f
-    np.testing.assert_allclose(r.get('top_val')[f][:len(rows)], acts[rows, f], rtol=1e-5)
-    assert (r.get('top_row')[f][len(rows):] == -1).all()
-  prio = np.asarray(stats._priority(  # pylint: disable=protected-access
-      np.arange(s.rows)[:, None].repeat(F, 1), np.arange(F)[None].repeat(s.rows, 0), sizes.seed))
+    assert list(r.get('top_row')[f][: len(rows)]) == rows, f
+    np.testing.assert_allclose(r.get('top_val')[f][: len(rows)], acts[rows, f], rtol=1e-5)
+    assert (r.get('top_row')[f][len(rows) :] == -1).all()
+  prio = np.asarray(
+      stats._priority(  # pylint: disable=protected-access
+          np.arange(s.rows)[:, None].repeat(F, 1), np.arange(F)[None].repeat(s.rows, 0), sizes.seed
+      )
+  )
   for f, rows in enumerate(top_rows(np.where(fired, prio, -np.inf), sizes.reservoir)):
-    assert sorted(r.get('res_row')[f][:len(rows)]) == sorted(rows), f
+    assert sorted(r.get('res_row')[f][: len(rows)]) == sorted(rows), f
     got = dict(zip(r.get('res_row')[f], r.get('res_val')[f]))
     np.testing.assert_allclose([got[i] for i in rows], acts[rows, f], rtol=1e-5)
   image = np.where(fired & (kinds[:, None] == 0), acts, -np.inf)
   for f, rows in enumerate(top_rows(image, sizes.image)):
-    assert list(r.get('img_row')[f][:len(rows)]) == rows, f
+    assert list(r.get('img_row')[f][: len(rows)]) == rows, f
 
 
 def test_statistics_equal_brute_force_and_full_tokens_are_redone(tmp_path):
@@ -134,8 +149,11 @@ def test_interrupted_pass_resumes_to_the_same_result_and_new_rows_are_added(tmp_
   rng = np.random.default_rng(5)
   t = np.zeros((20, 6), np.int32)
   t[:, 0], t[:, 3] = 3, rng.integers(0, 4, 20)
-  w.append(rng.standard_normal((20, D)).astype(np.float32) * 2, t,
-           [{'study_id': 's3', 'manifest_index': 3, 'row_start': 0, 'rows': 20}])
+  w.append(
+      rng.standard_normal((20, D)).astype(np.float32) * 2,
+      t,
+      [{'study_id': 's3', 'manifest_index': 3, 'row_start': 0, 'rows': 20}],
+  )
   w.close()
   s = store.open_store(s.path)
   r = stats.compute(c, s, p, str(tmp_path / 'ckpt'), progress=False)
@@ -153,7 +171,7 @@ def test_resuming_with_another_sae_is_refused(tmp_path):
 def test_meshes_give_the_same_statistics(tmp_path):
   """8 simulated devices: tokens over `data`, features over `model`, merged on the host."""
   make_store(tmp_path / 's', [30, 1, 57, 44, 9])
-  code = f'''
+  code = f"""
 import sys, numpy as np
 sys.path[:0] = [{REPO + "/tests"!r}, {REPO + "/tests/interpret"!r}]
 from test_stats import config, sae_params
@@ -171,9 +189,13 @@ for mesh, t in out.items():
     ref = out[(1, 1)][k]
     assert np.allclose(v, ref, rtol=1e-5) if v.dtype.kind == 'f' else (v == ref).all(), (mesh, k)
 print('ok')
-'''
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu',
-         'PYTHONPATH': REPO}
-  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                     timeout=300)
+"""
+  env = {
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': REPO,
+  }
+  r = subprocess.run(
+      [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]

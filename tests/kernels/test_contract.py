@@ -22,7 +22,7 @@ from jaxsae import config as config_lib
 from jaxsae import kernels, model, train_step
 from jaxsae.kernels import cpu_build
 
-GROUPS = (4, 4, 8, 16, 32)   # F = 64
+GROUPS = (4, 4, 8, 16, 32)  # F = 64
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
 B, D, K = 16, 16, 4
 DEAD_AFTER = 1000
@@ -31,14 +31,20 @@ DEAD_AFTER = 1000
 def _backends():
   on = jax.default_backend()
   slow_off = lambda platforms: () if on in platforms else (pytest.mark.slow,)  # noqa: E731
-  no_native = pytest.mark.skipif(not cpu_build.available(),
-                                 reason='the native kernels cannot be built')
+  no_native = pytest.mark.skipif(
+      not cpu_build.available(), reason='the native kernels cannot be built'
+  )
   return [
-      pytest.param('dense'), pytest.param('xla'),
+      pytest.param('dense'),
+      pytest.param('xla'),
       pytest.param('pallas_gpu', marks=slow_off(kernels.GPU_BACKENDS)),
       pytest.param('pallas_tpu', marks=slow_off(('tpu',))),
-      pytest.param('cpu', marks=(no_native,) if on == 'cpu' else (
-          pytest.mark.skip(reason='the native kernels run on the CPU backend only'),)),
+      pytest.param(
+          'cpu',
+          marks=(no_native,)
+          if on == 'cpu'
+          else (pytest.mark.skip(reason='the native kernels run on the CPU backend only'),),
+      ),
   ]
 
 
@@ -76,7 +82,8 @@ def test_loss_and_gradients_are_the_reference(kernel, with_dead):
   tsf = tokens_since_fired(with_dead)
   got = jax.jit(lambda p, x, t: kernels.get(kernel).loss_and_grads(p, x, t, sc))(params, x, tsf)
   (loss, (aux, want_tsf)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-      params, x, tsf, sc)
+      params, x, tsf, sc
+  )
   acts = np.asarray(aux.acts)
 
   assert float(got.stats.sparse_path) == (0.0 if kernel == 'dense' else 1.0)
@@ -85,7 +92,7 @@ def test_loss_and_gradients_are_the_reference(kernel, with_dead):
   np.testing.assert_allclose(got.loss, loss, rtol=1e-5)
   np.testing.assert_allclose(got.stats.l2_loss, aux.l2_loss, rtol=1e-5)
   np.testing.assert_allclose(got.stats.auxk_loss, aux.auxk_loss, rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(got.stats.sq_err, aux.recon_sq_err, rtol=1e-5)   # every prefix
+  np.testing.assert_allclose(got.stats.sq_err, aux.recon_sq_err, rtol=1e-5)  # every prefix
   assert float(got.stats.l0) == np.sum(acts > 0) / B == K
   np.testing.assert_allclose(got.stats.smallest, acts[acts > 0].min(), rtol=1e-5, atol=1e-6)
   assert float(got.stats.ties_dropped) == 0.0
@@ -115,21 +122,24 @@ def test_optimizer_step_is_optax(kernel):
   for _ in range(3):
     _, opt_state = optimizer.update(grads, opt_state, params)
   backend = kernels.get(kernel)
-  want_grads, want_norm, want_params, want_state = optax_reference(params, opt_state, grads,
-                                                                   optimizer)
+  want_grads, want_norm, want_params, want_state = optax_reference(
+      params, opt_state, grads, optimizer
+  )
 
   got_grads, got_norm = jax.jit(backend.project_and_norm)(params, grads)
   np.testing.assert_allclose(got_norm, want_norm, rtol=1e-5)
   for name in grads:
-    np.testing.assert_allclose(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-8,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        got_grads[name], want_grads[name], rtol=1e-5, atol=1e-8, err_msg=name
+    )
 
   # The update from the same projected gradients, so that only the update is compared.
   update = jax.jit(lambda p, o, g, n, ok: backend.update(p, o, g, n, ok, sc, optimizer, schedule))
   got_params, got_state = update(params, opt_state, want_grads, want_norm, jnp.bool_(True))
   for name in params:
-    np.testing.assert_allclose(got_params[name], want_params[name], rtol=1e-5, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        got_params[name], want_params[name], rtol=1e-5, atol=1e-7, err_msg=name
+    )
   assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
   for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
@@ -168,7 +178,7 @@ def test_imports_run_one_way():
       assert not module.startswith(('jaxsae.train_step', 'jaxsae.trainer')), (name, module)
       assert module != 'jaxsae' or not {'train_step', 'trainer', 'kernels'} & set(names), name
       if module == 'jaxsae.kernels':
-        assert set(names) <= submodules, (name, names)     # submodules only, never __init__'s
+        assert set(names) <= submodules, (name, names)  # submodules only, never __init__'s
         if name == 'common':
           assert not names, names
   for name in ('model.py', 'selection.py'):
@@ -183,6 +193,7 @@ def test_only_the_kernels_package_names_a_backend(module):
   names = set(kernels.BACKENDS) | {'pallas'}
   with open(os.path.join(REPO, 'jaxsae', module), encoding='utf-8') as f:
     tree = ast.parse(f.read())
-  literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-              and isinstance(n.value, str)}
+  literals = {
+      n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+  }
   assert not literals & names, literals & names

@@ -19,8 +19,9 @@ from jaxsae import model
 from jaxsae import train_step
 from jaxsae.kernels import cpu_build
 
-FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'fixtures',
-                       'golden_matryoshka.npz')
+FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'fixtures', 'golden_matryoshka.npz'
+)
 
 
 @pytest.fixture(scope='module')
@@ -51,8 +52,9 @@ def test_derived_hyperparameters_match(golden):
   np.testing.assert_allclose(config_lib.group_weights(c), golden['group_weights'], rtol=1e-6)
   assert config_lib.top_k_aux(c) == int(golden['top_k_aux'])
   schedule = train_step.lr_schedule(c)
-  np.testing.assert_allclose([schedule(s) for s in range(c.train.steps)], golden['lr_per_step'],
-                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+      [schedule(s) for s in range(c.train.steps)], golden['lr_per_step'], rtol=1e-6, atol=1e-9
+  )
 
 
 def test_geometric_median_matches(golden):
@@ -60,25 +62,34 @@ def test_geometric_median_matches(golden):
   np.testing.assert_allclose(median, golden['b_dec_median'], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel', [
-    'dense', 'xla',
-    'pallas',   # the config value: 'pallas_gpu' here (interpreted off a GPU), 'pallas_tpu' on a TPU
-    pytest.param('pallas_tpu', marks=pytest.mark.slow),   # TPU interpret mode off a TPU
-    pytest.param('cpu', marks=pytest.mark.skipif(not cpu_build.available(),
-                                                 reason='the native kernels cannot be built')),
-])
+@pytest.mark.parametrize(
+    'kernel',
+    [
+        'dense',
+        'xla',
+        'pallas',  # the config value: 'pallas_gpu' here (interpreted off a GPU), 'pallas_tpu' on a TPU
+        pytest.param('pallas_tpu', marks=pytest.mark.slow),  # TPU interpret mode off a TPU
+        pytest.param(
+            'cpu',
+            marks=pytest.mark.skipif(
+                not cpu_build.available(), reason='the native kernels cannot be built'
+            ),
+        ),
+    ],
+)
 def test_training_matches_reference_step_by_step(golden, kernel):
   c = config_from(golden)
   c.sae.kernel = kernel if kernel in config_lib.KERNELS else 'dense'
   sc = train_step.StepConfig.from_config(c)
-  if kernel in kernels.BACKENDS:   # a backend by name, whatever `resolve` would choose here
+  if kernel in kernels.BACKENDS:  # a backend by name, whatever `resolve` would choose here
     sc = dataclasses.replace(sc, kernel=kernel)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
   params = {n: jnp.asarray(golden[f'init_{n}']) for n in ('W_enc', 'b_enc', 'W_dec')}
   params['b_dec'] = model.geometric_median(jnp.asarray(golden['batches'][0]))
   state = train_step.init_state(params, optimizer)
-  step = jax.jit(lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
-                                                    schedule=schedule))
+  step = jax.jit(
+      lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer, schedule=schedule)
+  )
   paths = []
   for i, x in enumerate(golden['batches']):
     state, m = step(state, jnp.asarray(x))
@@ -91,10 +102,11 @@ def test_training_matches_reference_step_by_step(golden, kernel):
     dead = int(jnp.sum(state['tokens_since_fired'] >= sc.dead_tokens_threshold))
     assert dead == golden['num_dead'][i]
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(state['params'][name], golden[f'final_{name}'], rtol=1e-4, atol=2e-5,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        state['params'][name], golden[f'final_{name}'], rtol=1e-4, atol=2e-5, err_msg=name
+    )
   np.testing.assert_allclose(state['threshold'], golden['final_threshold'], rtol=1e-5)
-  if kernel == 'cpu':   # no dense fallback: every step sparse, AuxK on the sparse path too
+  if kernel == 'cpu':  # no dense fallback: every step sparse, AuxK on the sparse path too
     assert paths == [1.0] * len(paths)
     assert any(golden['num_dead'] > 0)
   elif kernel != 'dense':
@@ -107,8 +119,9 @@ def test_training_matches_reference_step_by_step(golden, kernel):
 
 def test_inference_encode_matches_reference(golden):
   params = {n: jnp.asarray(golden[f'final_{n}']) for n in ('W_enc', 'b_enc', 'W_dec', 'b_dec')}
-  sae = model.MatryoshkaSAE.from_params(params, int(golden['k']), golden['group_sizes'].tolist(),
-                                        golden['final_threshold'])
+  sae = model.MatryoshkaSAE.from_params(
+      params, int(golden['k']), golden['group_sizes'].tolist(), golden['final_threshold']
+  )
   x = jnp.asarray(golden['encode_x'])
   np.testing.assert_allclose(sae.encode(x), golden['final_encode_threshold'], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(sae(x), golden['final_forward'], rtol=1e-5, atol=1e-5)

@@ -16,17 +16,26 @@ from jaxsae import kernels, model, selection, train_step
 from jaxsae.kernels import pallas_gpu as kernels_pallas
 from jaxsae.kernels import xla
 
-GROUPS = (32, 32, 64, 128)   # F = 256
+GROUPS = (32, 32, 64, 128)  # F = 256
 WEIGHTS = (0.1, 0.2, 0.3, 0.4)
 B, D, K, KC = 64, 32, 4, 32
-ALWAYS, NEVER = 40, 200      # a latent every token selects, one no token does
+ALWAYS, NEVER = 40, 200  # a latent every token selects, one no token does
 
 
 def step_config(k=K, groups=GROUPS, weights=WEIGHTS, kernel='dense'):
-  return train_step.StepConfig(k=k, group_sizes=groups, group_weights=weights, auxk_alpha=1 / 32,
-                               top_k_aux=12, dead_tokens_threshold=10**9, threshold_beta=0.999,
-                               threshold_start_step=0, candidates_per_row=KC // k,
-                               skip_nonfinite=False, kernel=kernel)
+  return train_step.StepConfig(
+      k=k,
+      group_sizes=groups,
+      group_weights=weights,
+      auxk_alpha=1 / 32,
+      top_k_aux=12,
+      dead_tokens_threshold=10**9,
+      threshold_beta=0.999,
+      threshold_start_step=0,
+      candidates_per_row=KC // k,
+      skip_nonfinite=False,
+      kernel=kernel,
+  )
 
 
 def batchtopk_codes(seed=0):
@@ -46,7 +55,7 @@ def batchtopk_codes(seed=0):
   selected = np.asarray(idx)[np.asarray(vals) > 0]
   assert np.all(np.sum((np.asarray(idx) == ALWAYS) & (np.asarray(vals) > 0), axis=1) == 1)
   assert NEVER not in selected and np.sum(np.asarray(vals) == 0) > 0
-  assert not np.all(np.diff(np.asarray(vals), axis=1) <= 0)   # not in top-k order
+  assert not np.all(np.diff(np.asarray(vals), axis=1) <= 0)  # not in top-k order
   return params, x, vals, idx
 
 
@@ -67,7 +76,8 @@ def random_codes(Bn=50, d=24, seed=1):
 
 def dense_reference(params, x):
   (loss, (aux, _)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), step_config())
+      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), step_config()
+  )
   assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
   return aux, grads
 
@@ -77,8 +87,9 @@ def assert_same(result, ref_l2, ref_sq, ref_xhat, ref_grads, rtol=1e-4):
   np.testing.assert_allclose(result.sq_err, ref_sq, rtol=1e-5)
   np.testing.assert_allclose(result.x_hat, ref_xhat, rtol=1e-5, atol=1e-5)
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(result.grads[name], ref_grads[name], rtol=rtol, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        result.grads[name], ref_grads[name], rtol=rtol, atol=1e-7, err_msg=name
+    )
 
 
 def pallas_result(params, x, vals, idx, **blocks):
@@ -89,10 +100,13 @@ def pallas_result(params, x, vals, idx, **blocks):
   return kernels.L2Result(dec.l2, dec.sq_err, dec.x_hat, grads)
 
 
-@pytest.mark.parametrize('blocks', [
-    {},                                                      # defaults: one d tile, whole chunks
-    {'block_tokens': 8, 'block_d': 8, 'block_entries': 4},   # 4 d tiles, long segments chunked
-])
+@pytest.mark.parametrize(
+    'blocks',
+    [
+        {},  # defaults: one d tile, whole chunks
+        {'block_tokens': 8, 'block_d': 8, 'block_entries': 4},  # 4 d tiles, long segments chunked
+    ],
+)
 def test_kernels_match_xla_and_dense(blocks):
   params, x, vals, idx = batchtopk_codes()
   result = pallas_result(params, x, vals, idx, **blocks)
@@ -123,16 +137,17 @@ def test_custom_vjp_gradient_is_the_dense_gradient():
   loss, pallas_grads = jax.value_and_grad(loss_of)(params)
   np.testing.assert_allclose(loss, 3.0 * dense.l2_loss, rtol=1e-5)
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(pallas_grads[name], 3.0 * grads[name], rtol=1e-4, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(
+        pallas_grads[name], 3.0 * grads[name], rtol=1e-4, atol=1e-7, err_msg=name
+    )
 
 
 def test_training_steps_match_dense():
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k = D, sum(GROUPS), K
   c.sae.group_sizes, c.sae.group_fractions = GROUPS, None
-  c.sae.dead_tokens_threshold = 3 * B      # AuxK switches on after a few steps
-  c.sae.candidates_per_row = KC // K      # wide enough that every step takes the sparse path
+  c.sae.dead_tokens_threshold = 3 * B  # AuxK switches on after a few steps
+  c.sae.candidates_per_row = KC // K  # wide enough that every step takes the sparse path
   c.data.batch_size, c.optim.lr, c.optim.warmup_steps, c.train.steps = B, 1e-3, 1, 100
   config_lib.validate(c)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
@@ -143,8 +158,11 @@ def test_training_steps_match_dense():
     c.sae.kernel = kernel
     sc = train_step.StepConfig.from_config(c)
     assert sc.kernel == {'dense': 'dense', 'pallas': 'pallas_gpu'}[kernel]
-    step = jax.jit(lambda s, x, sc=sc: train_step.train_step(s, x, sc=sc, optimizer=optimizer,
-                                                             schedule=schedule))
+    step = jax.jit(
+        lambda s, x, sc=sc: train_step.train_step(
+            s, x, sc=sc, optimizer=optimizer, schedule=schedule
+        )
+    )
     state, metrics = train_step.init_state(params, optimizer), []
     for x in xs:
       state, m = step(state, x)
@@ -159,10 +177,16 @@ def test_training_steps_match_dense():
   # Adam divides by the gradient's scale, so a rounding-level difference in a ~0 gradient moves a
   # weight by up to ~lr: 1e-5 absolute is 1% of lr per step.
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(pallas_state['params'][name], dense_state['params'][name],
-                               rtol=1e-4, atol=1e-5, err_msg=name)
-  np.testing.assert_array_equal(pallas_state['tokens_since_fired'],
-                                dense_state['tokens_since_fired'])
+    np.testing.assert_allclose(
+        pallas_state['params'][name],
+        dense_state['params'][name],
+        rtol=1e-4,
+        atol=1e-5,
+        err_msg=name,
+    )
+  np.testing.assert_array_equal(
+      pallas_state['tokens_since_fired'], dense_state['tokens_since_fired']
+  )
 
 
 def test_interpret_mode_switch(monkeypatch):

@@ -13,27 +13,28 @@ from jaxsae import model
 from jaxsae.kernels import pallas_tpu as kernels_pallas_tpu
 from jaxsae.kernels import xla
 
-GROUPS = (4, 4, 8, 16, 29)   # F = 61: the latent blocks of 8 have a partial last one
+GROUPS = (4, 4, 8, 16, 29)  # F = 61: the latent blocks of 8 have a partial last one
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
 
 
 def test_tpu_kernels_match_xla_and_dense():
-  B, d, k, kc = 11, 24, 4, 16   # B not a multiple of the 8-token blocks
+  B, d, k, kc = 11, 24, 4, 16  # B not a multiple of the 8-token blocks
   params, x = random_sae(GROUPS, B, d)
   vals, idx, _ = selected_candidates(params, x, k, kc)
-  got = kernels_pallas_tpu.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS,
-                                        interpret=pltpu.InterpretParams(detect_races=True))
+  got = kernels_pallas_tpu.l2_and_grads(
+      params, x, vals, idx, GROUPS, WEIGHTS, interpret=pltpu.InterpretParams(detect_races=True)
+  )
   ref = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
   sc = step_config(GROUPS, WEIGHTS, k=k)
   (loss, (aux, _)), dense = jax.value_and_grad(model.loss_fn, has_aux=True)(
-      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
+      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc
+  )
   np.testing.assert_allclose(got.l2, ref.l2, rtol=1e-5)
   np.testing.assert_allclose(got.l2, loss, rtol=1e-5)
   np.testing.assert_allclose(got.sq_err, aux.recon_sq_err, rtol=1e-5)
   np.testing.assert_allclose(got.x_hat, ref.x_hat, rtol=1e-5, atol=1e-6)
   for name in dense:
-    np.testing.assert_allclose(got.grads[name], ref.grads[name], rtol=1e-4, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(got.grads[name], ref.grads[name], rtol=1e-4, atol=1e-7, err_msg=name)
     np.testing.assert_allclose(got.grads[name], dense[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 

@@ -13,7 +13,7 @@ from helpers import random_sae, selected_candidates, step_config
 from jaxsae import kernels, model
 from jaxsae.kernels import cpu_build, sparse, xla
 
-GROUPS = (8, 8, 16, 32, 64)   # F = 128
+GROUPS = (8, 8, 16, 32, 64)  # F = 128
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
 
 
@@ -25,7 +25,8 @@ def setup(B=64, d=24, k=4, kc=32, seed=0):
 def dense_reference(params, x, k):
   sc = step_config(GROUPS, WEIGHTS, k=k)
   (loss, (aux, _)), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc)
+      params, x, jnp.zeros((sum(GROUPS),), jnp.int32), sc
+  )
   assert float(aux.auxk_loss) == 0.0 and float(loss) == float(aux.l2_loss)  # nothing dead
   return aux, grads
 
@@ -41,8 +42,7 @@ def test_sparse_matches_dense(chunk, capacity):
   np.testing.assert_allclose(got.sq_err, dense.recon_sq_err, rtol=1e-5)
   np.testing.assert_allclose(got.x_hat, model.decode(params, dense.acts), rtol=1e-5, atol=1e-6)
   for name in ('W_enc', 'b_enc', 'W_dec', 'b_dec'):
-    np.testing.assert_allclose(got.grads[name], grads[name], rtol=1e-4, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(got.grads[name], grads[name], rtol=1e-4, atol=1e-7, err_msg=name)
 
 
 def test_compact_keeps_every_selected_entry_in_order():
@@ -64,26 +64,32 @@ def _tied_batch(tie_rows: int, ties: int):
   F, d = sum(GROUPS), 8
   W_enc = -np.ones((d, F), np.float32)
   W_enc[1, :4] = 10.0
-  W_enc[0, 4:4 + ties] = 1.0
-  params = {'W_enc': jnp.asarray(W_enc), 'b_enc': jnp.zeros((F,)),
-            'W_dec': model.unit_norm_rows(jax.random.normal(jax.random.PRNGKey(0), (F, d))),
-            'b_dec': jnp.zeros((d,))}
+  W_enc[0, 4 : 4 + ties] = 1.0
+  params = {
+      'W_enc': jnp.asarray(W_enc),
+      'b_enc': jnp.zeros((F,)),
+      'W_dec': model.unit_norm_rows(jax.random.normal(jax.random.PRNGKey(0), (F, d))),
+      'b_dec': jnp.zeros((d,)),
+  }
   x = np.zeros((64, d), np.float32)
   x[:tie_rows, 0] = 1.0
   x[tie_rows:, 1] = 1.0
   return params, jnp.asarray(x)
 
 
-@pytest.mark.parametrize('tie_rows,ties,sparse_ok', [
-    # 252 tens + 4 ones = 256 selected: both sparse paths.
-    (1, 4, {'xla': True, 'pallas_gpu': True}),
-    # Token 0's 16 candidates all equal tau and a 17th 1 ties outside them: no sparse path may
-    # run (the dense step keeps all 17).
-    (1, 17, {'xla': False, 'pallas_gpu': False}),
-    # 136 tens + 450 ones = 586 selected, each token's candidates complete (15 of 16 used): the
-    # Pallas kernels have room for every candidate, the 'xla' kernel's 512 slots are overfilled.
-    (30, 15, {'xla': False, 'pallas_gpu': True}),
-])
+@pytest.mark.parametrize(
+    'tie_rows,ties,sparse_ok',
+    [
+        # 252 tens + 4 ones = 256 selected: both sparse paths.
+        (1, 4, {'xla': True, 'pallas_gpu': True}),
+        # Token 0's 16 candidates all equal tau and a 17th 1 ties outside them: no sparse path may
+        # run (the dense step keeps all 17).
+        (1, 17, {'xla': False, 'pallas_gpu': False}),
+        # 136 tens + 450 ones = 586 selected, each token's candidates complete (15 of 16 used): the
+        # Pallas kernels have room for every candidate, the 'xla' kernel's 512 slots are overfilled.
+        (30, 15, {'xla': False, 'pallas_gpu': True}),
+    ],
+)
 def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
   params, x = _tied_batch(tie_rows, ties)
   assert sparse.entry_capacity(64, 4, 16) == 512
@@ -91,14 +97,16 @@ def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
   tsf = jnp.zeros((sum(GROUPS),), jnp.int32)
   dense = kernels.get('dense').loss_and_grads(params, x, tsf, sc)
   for kernel, ok in sparse_ok.items():
-    fast = kernels.get(kernel).loss_and_grads(params, x, tsf,
-                                              dataclasses.replace(sc, kernel=kernel))
+    fast = kernels.get(kernel).loss_and_grads(
+        params, x, tsf, dataclasses.replace(sc, kernel=kernel)
+    )
     assert float(fast.stats.sparse_path) == float(ok), kernel
     np.testing.assert_allclose(fast.loss, dense.loss, rtol=1e-5, err_msg=kernel)
     np.testing.assert_allclose(fast.stats.l0, dense.stats.l0, err_msg=kernel)
     for name in ('W_enc', 'W_dec', 'b_enc', 'b_dec'):
-      np.testing.assert_allclose(fast.grads[name], dense.grads[name], rtol=1e-4, atol=1e-6,
-                                 err_msg=f'{kernel} {name}')
+      np.testing.assert_allclose(
+          fast.grads[name], dense.grads[name], rtol=1e-4, atol=1e-6, err_msg=f'{kernel} {name}'
+      )
 
 
 def test_resolve():
@@ -116,10 +124,10 @@ def test_resolve():
   assert kernels.resolve('pallas', mesh_model_axis=2) == 'dense'
   # 'pallas' names two kernel families: the resolved name says which runs.
   assert kernels.resolve('pallas', backend='gpu') == 'pallas_gpu'
-  assert kernels.resolve('pallas', backend='cpu') == 'pallas_gpu'   # interpreted, with a warning
-  assert kernels.resolve('pallas', backend='tpu') == 'pallas_tpu'   # Mosaic, with a warning
+  assert kernels.resolve('pallas', backend='cpu') == 'pallas_gpu'  # interpreted, with a warning
+  assert kernels.resolve('pallas', backend='tpu') == 'pallas_tpu'  # Mosaic, with a warning
   assert kernels.resolve('cpu', backend='cpu', num_devices=1) == 'cpu'
-  assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'   # with a warning
+  assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'  # with a warning
   assert kernels.resolve('cpu', mesh_model_axis=2) == 'dense'
   with pytest.raises(ValueError, match='CPU backend only'):
     kernels.resolve('cpu', backend='gpu')
@@ -127,6 +135,7 @@ def test_resolve():
 
 def test_every_config_kernel_resolves_to_a_backend():
   from jaxsae import config as config_lib  # pylint: disable=import-outside-toplevel
+
   for kernel in config_lib.KERNELS:
     for backend in ('cpu', 'gpu', 'tpu'):
       if kernel == 'cpu' and backend != 'cpu':
@@ -136,7 +145,7 @@ def test_every_config_kernel_resolves_to_a_backend():
 
 def test_unknown_backend_is_rejected():
   with pytest.raises(ValueError, match='unknown kernel backend'):
-    kernels.get('pallas')   # a config value, not a backend: kernels.resolve first
+    kernels.get('pallas')  # a config value, not a backend: kernels.resolve first
   with pytest.raises(ValueError, match='unknown kernel backend'):
     kernels.get('sparse')
 

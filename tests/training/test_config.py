@@ -7,15 +7,18 @@ from jaxsae import config as config_lib
 from jaxsae.config import ConfigError
 
 
-@pytest.mark.parametrize('overrides, message', [
-    ({'sae.k': 64}, 'sae.k must satisfy 0 < k < F'),
-    ({'sae.group_fractions': (0.5, 0.4)}, 'sum to 1'),
-    ({'sae.group_sizes': (10, 20)}, 'sum to F=64'),
-    ({'sae.group_weights': (1.0,)}, 'group_weights has 1 entries'),
-    ({'optim.warmup_steps': 100}, 'optim.warmup_steps'),
-    ({'optim.decay_start': 2}, 'optim.decay_start'),
-    ({'data.source': 'store', 'data.store_path': ''}, 'data.store_path is empty'),
-])
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({'sae.k': 64}, 'sae.k must satisfy 0 < k < F'),
+        ({'sae.group_fractions': (0.5, 0.4)}, 'sum to 1'),
+        ({'sae.group_sizes': (10, 20)}, 'sum to F=64'),
+        ({'sae.group_weights': (1.0,)}, 'group_weights has 1 entries'),
+        ({'optim.warmup_steps': 100}, 'optim.warmup_steps'),
+        ({'optim.decay_start': 2}, 'optim.decay_start'),
+        ({'data.source': 'store', 'data.store_path': ''}, 'data.store_path is empty'),
+    ],
+)
 def test_invalid_values(overrides, message):
   with pytest.raises(ConfigError, match=message):
     config_lib.validate(tiny_config(**overrides), num_devices=1)
@@ -53,16 +56,26 @@ def test_cli_rejects_unknown_override_and_bad_k_before_training(tmp_path):
 def test_paper_configs_stop_clearly_without_the_store(tmp_path):
   from helpers import REPO
   import os
+
   for ef, F in ((2, 8192), (4, 16384), (8, 32768)):
     path = os.path.join(REPO, 'experiments', f'maira2_layer15_ef{ef}.py')
-    r = run_cli([cli_args('jaxsae.train')[0], '-m', 'jaxsae.train', f'--config={path}',
-                 f'--workdir={tmp_path / str(ef)}',
-                 f'--config.data.store_path={tmp_path / "missing_store"}'])
+    r = run_cli(
+        [
+            cli_args('jaxsae.train')[0],
+            '-m',
+            'jaxsae.train',
+            f'--config={path}',
+            f'--workdir={tmp_path / str(ef)}',
+            f'--config.data.store_path={tmp_path / "missing_store"}',
+        ]
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert 'activation store not found' in r.stderr and 'export_activations' in r.stderr
   import importlib.util
-  spec = importlib.util.spec_from_file_location('ef4', os.path.join(REPO, 'experiments',
-                                                                    'maira2_layer15_ef4.py'))
+
+  spec = importlib.util.spec_from_file_location(
+      'ef4', os.path.join(REPO, 'experiments', 'maira2_layer15_ef4.py')
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()

@@ -32,14 +32,22 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
   rng = random.Random(0)
   kills = 0
   for attempt in range(8):
-    proc = subprocess.Popen(cli_args('jaxsae.train', workdir=killed, **overrides), cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli_args('jaxsae.train', workdir=killed, **overrides),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt_dir = os.path.join(killed, 'checkpoints')
     deadline = time.time() + 120
     # Wait until training is under way (a checkpoint directory is being written), then kill at a
     # random moment: with a save every 2 steps, many kills land inside a save.
-    while time.time() < deadline and proc.poll() is None and not (
-        os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir))
+    ):
       time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.6))
     if proc.poll() is not None:
@@ -47,7 +55,7 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kills += 1
-  print(f"killed {kills} times; checkpoints now {sorted(os.listdir(ckpt_dir))}")
+  print(f'killed {kills} times; checkpoints now {sorted(os.listdir(ckpt_dir))}')
   assert kills >= 2, 'the run finished before it could be killed twice; make it longer'
   r = run_cli(cli_args('jaxsae.train', workdir=killed, **overrides))
   assert r.returncode == 0, r.stderr[-3000:]
@@ -59,16 +67,27 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
   np.testing.assert_array_equal(state_a['threshold'], state_b['threshold'])
   np.testing.assert_array_equal(state_a['tokens_since_fired'], state_b['tokens_since_fired'])
   # metrics.jsonl reads as one run: every logged step exactly once.
-  steps = [int(l.split('"step": ')[1].split(',')[0]) for l in open(os.path.join(killed, 'metrics.jsonl'))]
+  steps = [
+      int(l.split('"step": ')[1].split(',')[0]) for l in open(os.path.join(killed, 'metrics.jsonl'))
+  ]
   assert steps == sorted(set(steps))
 
 
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
   workdir = str(tmp_path / 'run')
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.Popen(cli_args('jaxsae.train', workdir=workdir, **{'train.steps': 100000,
-                                                                       'train.checkpoint_every': 50000}),
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      cli_args(
+          'jaxsae.train',
+          workdir=workdir,
+          **{'train.steps': 100000, 'train.checkpoint_every': 50000},
+      ),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + 120
   while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):

@@ -15,7 +15,7 @@ def test_threshold_equals_reference(case):
   pre = jax.nn.relu(jax.random.normal(key, (B, F)))
   if case == 'skewed_rows':  # a few rows hold most of the budget: the candidate proof fails
     pre = pre * jnp.where(jnp.arange(B)[:, None] < 2, 100.0, 1.0)
-  if case == 'sparse':       # fewer positive entries than the budget: threshold 0
+  if case == 'sparse':  # fewer positive entries than the budget: threshold 0
     pre = jnp.where(jax.random.uniform(key, (B, F)) < 0.01, pre, 0.0)
   if case == 'ties':
     pre = jnp.round(pre * 4) / 4
@@ -33,7 +33,8 @@ def test_bisection_on_fallback_path_is_exact():
   pre = jnp.asarray(np.random.default_rng(0).exponential(size=(32, 100)).astype(np.float32))
   for budget in (1, 7, 100, 3199):
     assert float(selection.bisect_threshold(pre, budget)) == float(
-        selection.reference_threshold(pre, budget))
+        selection.reference_threshold(pre, budget)
+    )
 
 
 def test_row_threshold_over_valid_entries():

@@ -16,16 +16,30 @@ from jaxsae import weights
 # into differences up to ~lr/20 on a few weights after 24 steps. The selection itself must agree
 # exactly (the dead-latent counters are compared bit for bit).
 ATOL = 3e-4
-OVERRIDES = {'sae.d': 32, 'sae.expansion_factor': 8, 'sae.k': 4, 'data.batch_size': 64,
-             'train.steps': 24, 'train.checkpoint_every': 12, 'optim.decay_start': 20,
-             'sae.threshold_start_step': 8, 'sae.dead_tokens_threshold': 192,
-             'data.synthetic.n_features': 64}
+OVERRIDES = {
+    'sae.d': 32,
+    'sae.expansion_factor': 8,
+    'sae.k': 4,
+    'data.batch_size': 64,
+    'train.steps': 24,
+    'train.checkpoint_every': 12,
+    'optim.decay_start': 20,
+    'sae.threshold_start_step': 8,
+    'sae.dead_tokens_threshold': 192,
+    'data.synthetic.n_features': 64,
+}
 
 
 def train(workdir, devices, data=-1, model=1, **extra):
   env = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  r = run_cli(cli_args('jaxsae.train', workdir=str(workdir), **{
-      **OVERRIDES, 'mesh.data': data, 'mesh.model': model, **extra}), env_extra=env)
+  r = run_cli(
+      cli_args(
+          'jaxsae.train',
+          workdir=str(workdir),
+          **{**OVERRIDES, 'mesh.data': data, 'mesh.model': model, **extra},
+      ),
+      env_extra=env,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -69,7 +83,7 @@ def test_checkpoint_moves_between_meshes(single, tmp_path):
 
 def test_latent_sharded_step_never_gathers_the_batch_by_latent_matrix():
   """On a 1x8 mesh no collective moves a [B, F]-sized array (only its 1/8 shards and scalars)."""
-  code = f'''
+  code = f"""
 import re, sys
 sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
 import jax
@@ -90,8 +104,14 @@ sizes = [eval("*".join(s.split(","))) for s in shapes]
 print("collective sizes", sorted(sizes))
 assert sizes and max(sizes) < 64 * 256, sizes
 print("ok")
-'''
+"""
   import subprocess, sys
-  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                     env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+
+  r = subprocess.run(
+      [sys.executable, '-c', code],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+  )
   assert r.returncode == 0 and 'ok' in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

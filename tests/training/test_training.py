@@ -18,12 +18,21 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
   assert [row['step'] for row in rows] == [10, 20, 30, 40]
-  for key in ('loss', 'fvu/prefix_64', 'l0', 'dead_fraction', 'threshold', 'lr', 'grad_norm',
-              'tokens_per_s'):
+  for key in (
+      'loss',
+      'fvu/prefix_64',
+      'l0',
+      'dead_fraction',
+      'threshold',
+      'lr',
+      'grad_norm',
+      'tokens_per_s',
+  ):
     assert np.isfinite(rows[-1][key]), key
   assert rows[-1]['l0'] == pytest.approx(3.0)  # BatchTopK keeps exactly B*k
   assert rows[-1]['threshold'] > 0 and rows[0]['threshold'] == -1  # EMA starts at step 10
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   events = EventAccumulator(str(workdir / 'tensorboard'))
   events.Reload()
   assert [e.step for e in events.Scalars('loss')] == [10, 20, 30, 40]
@@ -35,12 +44,25 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
 
 def test_recovers_planted_features():
   """An easy planted dictionary is found: most true features have a decoder row at cos > 0.9."""
-  c = tiny_config(**{'sae.d': 32, 'sae.expansion_factor': 2, 'sae.k': 3,
-                     'data.synthetic.n_features': 32, 'data.synthetic.mean_active': 3.0,
-                     'data.synthetic.n_parents': 0, 'data.synthetic.zipf_exponent': 0.0,
-                     'data.batch_size': 256, 'train.steps': 600, 'optim.decay_start': 500,
-                     'optim.lr': 1e-2, 'train.checkpoint_every': 600, 'train.log_every': 100})
+  c = tiny_config(
+      **{
+          'sae.d': 32,
+          'sae.expansion_factor': 2,
+          'sae.k': 3,
+          'data.synthetic.n_features': 32,
+          'data.synthetic.mean_active': 3.0,
+          'data.synthetic.n_parents': 0,
+          'data.synthetic.zipf_exponent': 0.0,
+          'data.batch_size': 256,
+          'train.steps': 600,
+          'optim.decay_start': 500,
+          'optim.lr': 1e-2,
+          'train.checkpoint_every': 600,
+          'train.log_every': 100,
+      }
+  )
   import tempfile
+
   with tempfile.TemporaryDirectory() as workdir:
     summary = trainer.train_and_evaluate(c, workdir)
   assert summary['mmcs'] > 0.9, summary
@@ -86,8 +108,11 @@ def test_skip_nonfinite_counts_and_continues(tmp_path, monkeypatch):
 
 def test_data_width_mismatch_fails_before_compute(tmp_path, monkeypatch):
   real = data.open_source
-  monkeypatch.setattr(data.synthetic.SyntheticSource, 'from_config',
-                      classmethod(lambda cls, c: cls(24, 64, 32, 3.0, 1.0, 0, 2, 0.0, 0)))
+  monkeypatch.setattr(
+      data.synthetic.SyntheticSource,
+      'from_config',
+      classmethod(lambda cls, c: cls(24, 64, 32, 3.0, 1.0, 0, 2, 0.0, 0)),
+  )
   with pytest.raises(ConfigError, match='width d=24 but the config says sae.d=16'):
     real(tiny_config())
   del real
