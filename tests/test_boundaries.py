@@ -1,11 +1,13 @@
 """The JAX core never imports torch (the bridge is the only place that may)."""
 
+import pytest
 import subprocess
 import sys
 
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_core_training_never_imports_torch(tmp_path):
   code = f"""
 import sys

@@ -22,6 +22,8 @@ sys.path.insert(0, REPO)
 import make_demo_data  # pylint: disable=wrong-import-position
 from experiments import demo as demo_experiment  # pylint: disable=wrong-import-position
 
+pytestmark = pytest.mark.torch
+
 IMAGE, PROMPT, BOILERPLATE, REPORT = range(4)
 
 
@@ -241,6 +243,7 @@ def _repeated_manifest(demo_dir, tmp_path, times):
   return path, [f'{l["study_id"]}-{r}' for r in range(times) for l in lines]
 
 
+@pytest.mark.slow
 def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path):
   demo_dir, _ = demo
   path, ids = _repeated_manifest(demo_dir, tmp_path, 20)  # 320 studies, a few seconds of work
@@ -329,6 +332,7 @@ def test_bad_studies_stop_the_export_naming_study_field_and_file(demo, tmp_path)
     export.export(c, progress=False)
 
 
+@pytest.mark.slow
 def test_skip_bad_skips_and_reports_them(demo, tmp_path):
   demo_dir, _ = demo
   path, ids = _bad_manifest(demo_dir, tmp_path)

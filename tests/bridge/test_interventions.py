@@ -6,8 +6,10 @@ import sys
 import pytest
 import torch
 
-from helpers import LAYER, build_tiny, random_torch_sae
+from helpers import LAYER, build_tiny, exact_torch_sae, random_torch_sae
 from jaxsae.config import ConfigError
+
+pytestmark = pytest.mark.torch
 
 
 @pytest.fixture(scope='module')
@@ -127,7 +129,7 @@ def test_splice(tiny):
   assert not torch.allclose(spliced, logits, atol=1e-4)
   with iv.splice(site, keep_error=True):
     torch.testing.assert_close(forward(site, s)[0], logits, rtol=0, atol=1e-5)
-  exact = iv.Site(site.model, exact_sae(), LAYER)
+  exact = iv.Site(site.model, exact_torch_sae(), LAYER)
   with iv.splice(exact):
     assert torch.equal(forward(exact, s)[0], logits)
 

@@ -7,6 +7,8 @@ import transformers
 from jaxsae.bridge import local_llm, tiny_model
 from jaxsae.interpret import explain
 
+pytestmark = pytest.mark.torch
+
 TEXT = 'the patient has a small pleural effusion on the left side with no pneumothorax'
 MESSAGES = [
     {'role': 'system', 'content': 'answer briefly'},

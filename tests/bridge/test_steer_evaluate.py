@@ -19,6 +19,8 @@ from helpers import (
     write_dictionary_learning,
 )
 
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
@@ -118,6 +120,7 @@ def test_exact_sae_recovers_all_the_loss(tiny):
   assert os.path.getsize(png_path) > 0
 
 
+@pytest.mark.slow
 def test_steer_and_evaluate_commands(tiny, tmp_path):
   c, site, _, root = tiny
   weights = write_dictionary_learning(str(tmp_path / 'w'), random_torch_sae(seed=3))

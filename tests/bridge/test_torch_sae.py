@@ -89,6 +89,7 @@ def test_matches_jax_on_written_layouts(tmp_path, per_latent):
   np.testing.assert_allclose(prefixes[-1], want @ p['W_dec'] + p['b_dec'], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matches_jax_after_training_and_export(tmp_path):
   """A trained SAE through the real export (activation scale folded in), both layouts: the
   bridge's torch module holds exactly what jaxsae.formats.weights reads (numpy), and computes
@@ -156,6 +157,8 @@ def test_torch_side_needs_no_jax(tmp_path):
 import sys, torch
 sys.path.insert(0, {REPO!r})
 from jaxsae.bridge import sae
+
+pytestmark = pytest.mark.torch
 s = sae.load({str(tmp_path)!r})
 s(torch.randn(3, 24))
 bad = [m for m in sys.modules if m == "jax" or m.startswith(("jax.", "jaxlib", "flax"))]

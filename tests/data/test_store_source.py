@@ -124,6 +124,7 @@ def test_training_divides_by_the_store_scale(tmp_path):
   assert saved == {'next_index': 10}  # the grain iterator's position, saved with the state
 
 
+@pytest.mark.slow
 def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path):
   steps = 60
   path = tmp_path / 'acts'

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
   return workdir, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fmt', weights.FORMATS)
 def test_export_load_gives_the_trained_encodings(trained, tmp_path, fmt):
   workdir, c = trained

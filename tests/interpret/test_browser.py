@@ -20,6 +20,8 @@ from PIL import Image
 
 from jaxsae.interpret import browser
 
+pytestmark = pytest.mark.browser
+
 N = 30
 DEAD = 7
 IMAGE_FEATURE = 3  # heatmap over a real PNG, plus one whose image file is missing

@@ -50,6 +50,7 @@ def interpret(root, args, url, out):
   )
 
 
+@pytest.mark.slow
 def test_interpret_end_to_end_and_rerun(setup):
   from jaxsae.formats import store
   from jaxsae.interpret import records
@@ -105,6 +106,7 @@ def test_interpret_end_to_end_and_rerun(setup):
   assert json.load(open(out / 'summary.json'))['explained'] == len(want)
 
 
+@pytest.mark.slow
 def test_bad_settings_fail_before_any_work(setup):
   root, _, args = setup
   r = interpret(
@@ -122,6 +124,7 @@ def test_bad_settings_fail_before_any_work(setup):
   assert not (root / 'bad' / 'stats_checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_interpretation_never_imports_torch(setup, tmp_path):
   """Statistics, records and the browser are JAX/NumPy only (an OpenAI-compatible server does
   the explaining); only the local-model backend needs the bridge."""
@@ -135,6 +138,8 @@ import sys
 sys.path.insert(0, {REPO!r})
 from experiments import demo
 from jaxsae.interpret import pipeline
+
+pytestmark = pytest.mark.torch
 c = demo.get_config()
 c.model.name, c.export.manifest = {c.model.name!r}, {c.export.manifest!r}
 c.data.store_path, c.interpret.explain = {c.data.store_path!r}, False

@@ -108,6 +108,7 @@ def check_against_brute_force(r, s, p, sizes):
     assert list(r.get('img_row')[f][: len(rows)]) == rows, f
 
 
+@pytest.mark.slow
 def test_statistics_equal_brute_force_and_full_tokens_are_redone(tmp_path):
   s = make_store(tmp_path / 's', [30, 1, 57, 44, 9])  # 141 rows: a partial last batch
   p = sae_params()
@@ -122,6 +123,7 @@ def test_statistics_equal_brute_force_and_full_tokens_are_redone(tmp_path):
   assert (counts == 0).any() and (counts > c.interpret.reservoir).any()
 
 
+@pytest.mark.slow
 def test_interrupted_pass_resumes_to_the_same_result_and_new_rows_are_added(tmp_path):
   s = make_store(tmp_path / 's', [40, 50, 51, 60, 50])  # 6 batches of 48
   p = sae_params()
@@ -168,6 +170,8 @@ def test_resuming_with_another_sae_is_refused(tmp_path):
     stats.compute(c, s, sae_params(2), str(tmp_path / 'ckpt'), progress=False)
 
 
+@pytest.mark.multidevice
+@pytest.mark.slow
 def test_meshes_give_the_same_statistics(tmp_path):
   """8 simulated devices: tokens over `data`, features over `model`, merged on the host."""
   make_store(tmp_path / 's', [30, 1, 57, 44, 9])

@@ -131,6 +131,7 @@ def cpu_step_config(**overrides):
   return step_config(GROUPS, WEIGHTS, top_k_aux=6, **overrides)
 
 
+@pytest.mark.slow
 def test_sparse_loss_and_gradients_equal_autodiff_of_the_dense_loss():
   params, x, _, _, sel = sparse_setup()
   got = kernels_cpu.l2_and_grads(params, x, sel.entries, GROUPS, WEIGHTS)

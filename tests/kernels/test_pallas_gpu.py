@@ -107,6 +107,7 @@ def pallas_result(params, x, vals, idx, **blocks):
         {'block_tokens': 8, 'block_d': 8, 'block_entries': 4},  # 4 d tiles, long segments chunked
     ],
 )
+@pytest.mark.slow
 def test_kernels_match_xla_and_dense(blocks):
   params, x, vals, idx = batchtopk_codes()
   result = pallas_result(params, x, vals, idx, **blocks)
@@ -122,6 +123,7 @@ def test_kernels_match_xla_and_dense(blocks):
     assert not np.any(g[NEVER]) and np.any(g[ALWAYS]), name
 
 
+@pytest.mark.slow
 def test_kernels_match_xla_on_arbitrary_codes():
   params, x, vals, idx = random_codes()
   ref = xla.l2_and_grads(params, x, vals, idx, GROUPS, WEIGHTS)
@@ -142,6 +144,7 @@ def test_custom_vjp_gradient_is_the_dense_gradient():
     )
 
 
+@pytest.mark.slow
 def test_training_steps_match_dense():
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k = D, sum(GROUPS), K

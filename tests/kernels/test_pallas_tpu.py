@@ -3,6 +3,7 @@
 DMAs and semaphores, and fills uninitialised memory with NaN, so a row the kernels forget to fetch
 or zero shows up."""
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ GROUPS = (4, 4, 8, 16, 29)  # F = 61: the latent blocks of 8 have a partial last
 WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.3)
 
 
+@pytest.mark.slow
 def test_tpu_kernels_match_xla_and_dense():
   B, d, k, kc = 11, 24, 4, 16  # B not a multiple of the 8-token blocks
   params, x = random_sae(GROUPS, B, d)

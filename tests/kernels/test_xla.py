@@ -31,6 +31,7 @@ def dense_reference(params, x, k):
   return aux, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('chunk,capacity', [(256, None), (64, 256), (7, 260), (1000, 300)])
 def test_sparse_matches_dense(chunk, capacity):
   """Whole chunks, a partial last chunk, a chunk larger than the capacity: all exact."""
@@ -90,6 +91,7 @@ def _tied_batch(tie_rows: int, ties: int):
         (30, 15, {'xla': False, 'pallas_gpu': True}),
     ],
 )
+@pytest.mark.slow
 def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
   params, x = _tied_batch(tie_rows, ties)
   assert sparse.entry_capacity(64, 4, 16) == 512

@@ -45,6 +45,7 @@ def test_derived_values():
   assert config_lib.learning_rate(c) == pytest.approx(2e-4)  # F = 2^14
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_override_and_bad_k_before_training(tmp_path):
   r = run_cli(cli_args('jaxsae.train', workdir=str(tmp_path / 'w'), **{'sae.nope': 1}))
   assert r.returncode != 0 and 'nope' in r.stderr
@@ -53,6 +54,7 @@ def test_cli_rejects_unknown_override_and_bad_k_before_training(tmp_path):
   assert not (tmp_path / 'w' / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_paper_configs_stop_clearly_without_the_store(tmp_path):
   from helpers import REPO
   import os

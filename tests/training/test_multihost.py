@@ -1,6 +1,7 @@
 """Two processes on loopback (gloo CPU collectives) train and checkpoint one SAE together, and get
 what one process with the same four devices gets."""
 
+import pytest
 import os
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import numpy as np
 
 from helpers import REPO, cli_args, run_cli
 from jaxsae import weights
+
+pytestmark = pytest.mark.multidevice
 
 OVERRIDES = {
     'train.steps': 20,
@@ -24,6 +27,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   port = free_port()
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}

@@ -1,6 +1,7 @@
 """A run killed with `kill -9` at any moment, mid-save included, and restarted, ends with exactly
 the weights of a run that was never interrupted."""
 
+import pytest
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ def final_params(workdir):
   return {k: np.asarray(v) for k, v in state['params'].items()}, state
 
 
+@pytest.mark.slow
 def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
   overrides = {'train.steps': STEPS, 'train.checkpoint_every': 2}
   clean = str(tmp_path / 'clean')
@@ -73,6 +75,7 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
   assert steps == sorted(set(steps))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops_cleanly(tmp_path):
   workdir = str(tmp_path / 'run')
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}

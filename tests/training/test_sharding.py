@@ -55,6 +55,7 @@ def single(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('data, model', [(8, 1), (1, 8), (2, 4), (4, 2)])
 def test_mesh_matches_one_device(single, tmp_path, data, model):
   train(tmp_path, devices=8, data=data, model=model)
@@ -67,6 +68,7 @@ def test_mesh_matches_one_device(single, tmp_path, data, model):
   assert int(np.sum(got_state['tokens_since_fired'] >= 192)) > 0  # AuxK was exercised
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_meshes(single, tmp_path):
   train(tmp_path / 'a', devices=8, data=2, model=4)
   for name, devices, data, model in (('to8x1', 8, 8, 1), ('to1', 1, -1, 1)):
@@ -81,6 +83,7 @@ def test_checkpoint_moves_between_meshes(single, tmp_path):
       np.testing.assert_allclose(got[key], ref[key], rtol=1e-3, atol=ATOL, err_msg=f'{name} {key}')
 
 
+@pytest.mark.slow
 def test_latent_sharded_step_never_gathers_the_batch_by_latent_matrix():
   """On a 1x8 mesh no collective moves a [B, F]-sized array (only its 1/8 shards and scalars)."""
   code = f"""
@@ -89,6 +92,8 @@ sys.path[:0] = [{REPO!r}, {os.path.join(REPO, "tests")!r}]
 import jax
 from helpers import tiny_config
 from jaxsae import sharding, train_step
+
+pytestmark = pytest.mark.multidevice
 c = tiny_config(**{{"sae.d": 32, "sae.expansion_factor": 8, "sae.k": 4, "data.batch_size": 64,
                     "mesh.data": 1, "mesh.model": 8}})
 mesh = sharding.make_mesh(c)

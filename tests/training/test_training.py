@@ -12,6 +12,7 @@ from jaxsae import data, trainer, weights
 from jaxsae.config import ConfigError
 
 
+@pytest.mark.slow
 def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
   workdir = tmp_path / 'run'
   r = run_cli(cli_args('jaxsae.train', workdir=str(workdir), **{'sae.k': 3}))
@@ -42,6 +43,7 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
   assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints')) == [30, 35, 40]  # keep 3
 
 
+@pytest.mark.slow
 def test_recovers_planted_features():
   """An easy planted dictionary is found: most true features have a decoder row at cos > 0.9."""
   c = tiny_config(
@@ -90,6 +92,7 @@ def _poison(monkeypatch, bad_index):
   monkeypatch.setattr(data, 'open_source', lambda c: _PoisonedSource(real(c), bad_index))
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
   _poison(monkeypatch, bad_index=17)
   with pytest.raises(trainer.NonFiniteError, match=r'at step 17.*checkpoint before it is step 15'):
@@ -98,6 +101,7 @@ def test_nonfinite_batch_stops_naming_step_and_checkpoint(tmp_path, monkeypatch)
   assert np.all(np.isfinite(np.asarray(state['params']['W_enc'])))  # nothing bad was saved
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_counts_and_continues(tmp_path, monkeypatch):
   _poison(monkeypatch, bad_index=17)
   summary = trainer.train_and_evaluate(tiny_config(**{'train.skip_nonfinite': True}), str(tmp_path))
@@ -118,6 +122,7 @@ def test_data_width_mismatch_fails_before_compute(tmp_path, monkeypatch):
   del real
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   c = tiny_config()
   trainer.train_and_evaluate(c, str(tmp_path))
@@ -132,6 +137,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   assert os.listdir(tmp_path / 'checkpoints_unreadable')  # moved aside, not deleted
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
   trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
