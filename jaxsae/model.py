@@ -10,7 +10,8 @@ same functions for inference and for loading exported weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, Sequence
+import dataclasses
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -158,8 +159,10 @@ def auxk_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-class LossHyper(Protocol):
-  """The hyper-parameters `loss_fn` reads (`jaxsae.kernels.common.StepConfig` has them)."""
+@dataclasses.dataclass(frozen=True)
+class LossHyper:
+  """The hyper-parameters `loss_fn` reads; a step's full configuration
+  (`jaxsae.kernels.common.StepConfig`) extends them."""
 
   k: int
   group_sizes: tuple[int, ...]

@@ -22,19 +22,13 @@ GPU_BACKENDS = ('gpu', 'cuda', 'rocm')  # platform names the Pallas Triton kerne
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """The static hyper-parameters a compiled step closes over (`train_step.StepConfig.from_config`
-  makes one from a config)."""
+class StepConfig(model.LossHyper):
+  """The static hyper-parameters a compiled step closes over: the loss's, and the threshold EMA's,
+  the backend's and the optimizer's (`train_step.StepConfig.from_config` makes one from a config).
+  Construct it with keywords."""
 
-  k: int
-  group_sizes: tuple[int, ...]
-  group_weights: tuple[float, ...]
-  auxk_alpha: float
-  top_k_aux: int
-  dead_tokens_threshold: int
   threshold_beta: float
   threshold_start_step: int
-  candidates_per_row: int
   skip_nonfinite: bool
   kernel: str = 'dense'  # a backend name, as `jaxsae.kernels.resolve` returns it
   # The optimizer's constants, for a backend's own update (the 'cpu' one; optax's otherwise).

@@ -397,18 +397,5 @@ def l2_and_grads(
   return common.L2Result(dec.l2, dec.sq_err, dec.x_hat, grads)
 
 
-def loss_and_grads(
-    params: model.Params, x: jax.Array, tokens_since_fired: jax.Array, sc: common.StepConfig
-) -> common.LossAndGrads:
-  """The sparse step (`sparse.loss_and_grads`) with these kernels, which walk the candidates in
-  place (room for all of them)."""
-  return sparse.loss_and_grads(
-      params,
-      x,
-      tokens_since_fired,
-      sc,
-      lambda p, xs, vals, idx, sc, room: l2_and_grads(
-          p, xs, vals, idx, sc.group_sizes, sc.group_weights
-      ),
-      sparse.every_candidate,
-  )
+# The sparse step with these kernels, which walk the candidates in place.
+loss_and_grads = sparse.in_place_backend(l2_and_grads)

@@ -102,3 +102,24 @@ def loss_and_grads(
   return jax.lax.cond(
       proven & fits, run_sparse, lambda: dense.loss_and_grads(params, x, tokens_since_fired, sc)
   )
+
+
+def in_place_backend(
+    l2_and_grads: Callable[..., common.L2Result],
+) -> Callable[..., common.LossAndGrads]:
+  """The sparse step for kernels that walk the candidates in place, so they have room for all of
+  them: `l2_and_grads(params, x, vals, idx, group_sizes, group_weights)`."""
+
+  def step(params, x, tokens_since_fired, sc):
+    return loss_and_grads(
+        params,
+        x,
+        tokens_since_fired,
+        sc,
+        lambda p, xs, vals, idx, sc, room: l2_and_grads(
+            p, xs, vals, idx, sc.group_sizes, sc.group_weights
+        ),
+        every_candidate,
+    )
+
+  return step
