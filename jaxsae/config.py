@@ -7,10 +7,13 @@ names the key, not after an hour of training.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import math
+import numbers
 import os
-from typing import Sequence
+import re
 
 import ml_collections
 
@@ -79,6 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_threads = 4  # grain reader threads (each reads whole batches)
   c.data.prefetch = 8  # batches read ahead
   c.data.worker_processes = 0  # >0: read in that many processes (grain mp_prefetch)
+  # Share of the store's studies never trained on, for the held-out evaluation (by study id,
+  # jaxsae.formats.split; 0: none). 5% costs little training data, and from a store of ~1.3M
+  # tokens up it holds more than train.eval_tokens, so the evaluation is not starved.
+  c.data.held_out_fraction = 0.05
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n_features = 4096
   c.data.synthetic.mean_active = 16.0  # expected number of active true features per token
@@ -95,6 +102,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True
   c.train.skip_nonfinite = False
+  # Resume a checkpoint on data other than its own (another store, or other synthetic settings);
+  # off, that is refused. Its activation scale is kept. A store that only grew needs no flag.
+  c.train.allow_store_change = False
+  # Held-out tokens the end-of-training evaluation (FVU, L0, dead latents) counts over. "Dead" is
+  # "fires on none of these N tokens": a latent firing on a share p of tokens is missed with
+  # probability (1-p)^N, under 0.2% for p >= 1e-4 at N = 65536 (8 batches of 2048 missed 20%).
+  c.train.eval_tokens = 65_536
   c.train.progress_bar = True
 
   # Several processes (hosts) training one SAE: jax.distributed.initialize before anything else.
@@ -209,8 +223,220 @@ def top_k_aux(c: ml_collections.ConfigDict) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation
+# Validation: a rule per key (type and range), then the relations between keys
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one key accepts, so that the check and the error message come from one place."""
+
+  kind: str  # int | float | bool | str | choice | ints | floats | subset
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple = ()  # choice/subset: the allowed values; int: special values beside the range
+  optional: bool = False  # None allowed: it stands for a derived default
+  means: str = ''  # what None (or a special value) stands for
+  pattern: str = ''  # str: a regular expression the whole value matches
+  pattern_means: str = ''
+
+  def allowed(self) -> str:
+    """The allowed values, in words: 'a float in [0, 1)'."""
+    if self.kind in ('choice', 'subset'):
+      options = ', '.join(map(repr, self.choices))
+      text = f'one of {options}' if self.kind == 'choice' else f'a non-empty tuple from {options}'
+    elif self.kind == 'bool':
+      text = 'True or False'
+    elif self.kind == 'str':
+      text = self.pattern_means or 'a string'
+    else:
+      noun = {'int': 'an int', 'float': 'a float', 'ints': 'a non-empty tuple of ints',
+              'floats': 'a non-empty tuple of floats'}[self.kind]  # fmt: skip
+      text = noun + self._range()
+      if self.kind in ('int', 'float') and self.choices:
+        text += ', or ' + ', '.join(map(repr, self.choices))
+    if self.optional:
+      text += ', or None'
+    return text + (f' ({self.means})' if self.means else '')
+
+  def _range(self) -> str:
+    lo, hi = self.lo, self.hi
+    if lo is not None and hi is not None:
+      return f' in {"(" if self.lo_open else "["}{lo:g}, {hi:g}{")" if self.hi_open else "]"}'
+    if lo is not None:
+      return f' {">" if self.lo_open else ">="} {lo:g}'
+    if hi is not None:
+      return f' {"<" if self.hi_open else "<="} {hi:g}'
+    return ''
+
+  def problem(self, value: object) -> str | None:
+    """Why `value` is not allowed ('is out of range', 'is a str'), or None when it is."""
+    if value is None:
+      return None if self.optional else 'cannot be None'
+    if self.kind == 'bool':
+      return None if isinstance(value, bool) else f'is a {type(value).__name__}'
+    if self.kind in ('str', 'choice'):
+      if not isinstance(value, str):
+        return f'is a {type(value).__name__}'
+      if self.kind == 'choice':
+        return None if value in self.choices else 'is not one of the choices'
+      return None if re.fullmatch(self.pattern or '.*', value, re.DOTALL) else 'is malformed'
+    if self.kind in ('int', 'float'):
+      return None if self.kind == 'int' and value in self.choices else self._number(value)
+    if not isinstance(value, (tuple, list)) or not value:
+      return 'is not a non-empty tuple'
+    for item in value:
+      if self.kind == 'subset':
+        why = None if item in self.choices else 'is not one of the choices'
+      else:
+        why = self._number(item, 'int' if self.kind == 'ints' else 'float')
+      if why:
+        return f'has an entry {item!r} that {why}'
+    return None
+
+  def _number(self, value: object, kind: str | None = None) -> str | None:
+    kind = kind or self.kind
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if kind == 'int' else numbers.Real
+    ):
+      return f'is a {type(value).__name__}'
+    if not math.isfinite(value):
+      return 'is not finite'
+    below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+    above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+    return 'is out of range' if below or above else None
+
+
+def _int(lo: int | None = None, **kw) -> Rule:
+  return Rule('int', lo=lo, **kw)
+
+
+def _float(lo: float | None = None, hi: float | None = None, **kw) -> Rule:
+  return Rule('float', lo=lo, hi=hi, **kw)
+
+
+def _choice(*choices: str) -> Rule:
+  return Rule('choice', choices=choices)
+
+
+_BOOL, _TEXT = Rule('bool'), Rule('str')
+_NONEMPTY = Rule('str', pattern=r'.+', pattern_means='a non-empty string')
+_POSITIVE, _COUNT = _int(1), _int(0)  # >= 1; >= 0
+_UNIT = _float(0, 1, hi_open=True)  # [0, 1): a decay rate, a fraction
+_DTYPES = ('float32', 'bfloat16')
+
+# Every key of default_config() and what it accepts (tests/training/test_config.py checks that no
+# key lacks a rule). Relations between keys (k < F, warmup < steps, ...) are checked after these.
+RULES: dict[str, Rule] = {
+    'seed': _COUNT,
+    'sae.d': _POSITIVE,
+    'sae.expansion_factor': _POSITIVE,
+    'sae.dict_size': _int(1, optional=True, means='None: expansion_factor * d'),
+    'sae.k': _POSITIVE,
+    'sae.group_fractions': Rule(
+        'floats', lo=0, hi=1, lo_open=True, optional=True, means='None: use sae.group_sizes'
+    ),
+    'sae.group_sizes': Rule('ints', lo=1, optional=True, means='None: from sae.group_fractions'),
+    'sae.group_weights': Rule('floats', lo=0, optional=True, means='None: 1/G each'),
+    'sae.auxk_alpha': _float(0),
+    'sae.top_k_aux': _int(1, optional=True, means='None: d // 2'),
+    'sae.dead_tokens_threshold': _POSITIVE,
+    'sae.threshold_beta': _UNIT,
+    'sae.threshold_start_step': _COUNT,
+    'sae.candidates_per_row': _POSITIVE,
+    'sae.kernel': _choice(*KERNELS),
+    'sae.dtype': _choice(*_DTYPES),
+    'optim.lr': _float(0, lo_open=True, optional=True, means='None: 2e-4 / sqrt(F / 2^14)'),
+    'optim.b1': _UNIT,
+    'optim.b2': _UNIT,
+    'optim.eps': _float(0, lo_open=True),
+    'optim.warmup_steps': _COUNT,
+    'optim.decay_start': _int(1, optional=True, means='None: no decay'),
+    'optim.grad_clip': _float(0, lo_open=True),
+    'data.source': _choice('synthetic', 'store'),
+    'data.batch_size': _POSITIVE,
+    'data.normalize': _BOOL,
+    'data.scale_estimate_batches': _POSITIVE,
+    'data.store_path': _TEXT,
+    'data.store_dtype': _choice(*_DTYPES),
+    'data.num_threads': _COUNT,
+    'data.prefetch': _COUNT,
+    'data.worker_processes': _COUNT,
+    'data.held_out_fraction': _UNIT,
+    'data.synthetic.n_features': _POSITIVE,
+    'data.synthetic.mean_active': _float(0, lo_open=True),
+    'data.synthetic.zipf_exponent': _float(0),
+    'data.synthetic.n_parents': _COUNT,
+    'data.synthetic.children_per_parent': _COUNT,
+    'data.synthetic.noise_std': _float(0),
+    'data.synthetic.seed': _COUNT,
+    'train.steps': _POSITIVE,
+    'train.log_every': _POSITIVE,
+    'train.checkpoint_every': _POSITIVE,
+    'train.keep_checkpoints': _POSITIVE,
+    'train.async_checkpointing': _BOOL,
+    'train.skip_nonfinite': _BOOL,
+    'train.progress_bar': _BOOL,
+    'train.eval_tokens': _POSITIVE,
+    'train.allow_store_change': _BOOL,
+    'distributed.enabled': _BOOL,
+    'distributed.coordinator_address': Rule(
+        'str', pattern=r'|[^\s:]+:\d+', pattern_means="host:port, or '' (JAX finds the cluster)"
+    ),
+    'distributed.num_processes': _POSITIVE,
+    'distributed.process_id': _COUNT,
+    'distributed.local_device_count': _COUNT,
+    'distributed.cpu_collectives': _choice('gloo', 'mpi', 'megascale'),
+    'mesh.data': _int(1, choices=(-1,), means='-1: all remaining devices'),
+    'mesh.model': _POSITIVE,
+    'model.name': _NONEMPTY,
+    'model.layer': _COUNT,
+    'model.hook_name': _TEXT,
+    'model.dtype': _choice('float32', 'bfloat16', 'float16'),
+    'model.device': _NONEMPTY,
+    'model.trust_remote_code': _BOOL,
+    'export.manifest': _TEXT,
+    'export.batch_size': _POSITIVE,
+    'export.teacher_forcing': _BOOL,
+    'export.keep_kinds': Rule('subset', choices=tuple(TOKEN_KINDS)),
+    'export.rows_per_chunk': _POSITIVE,
+    'export.rows_per_shard': _POSITIVE,
+    'export.skip_bad': _BOOL,
+    'export.stop_at_layer': _BOOL,
+    'export.max_studies': _int(1, optional=True, means='None: every study'),
+    **{
+        f'interpret.{key}': _POSITIVE
+        for key in (
+            'batch_size', 'top_examples', 'reservoir', 'n_quantiles', 'per_quantile',
+            'histogram_bins_per_octave', 'checkpoint_every', 'negative_pool', 'score_batch',
+            'llm.concurrency', 'llm.max_new_tokens',
+        )  # fmt: skip
+    },
+    **{
+        f'interpret.{key}': _COUNT
+        for key in (
+            'heatmaps', 'n_negatives', 'context_before', 'context_after', 'n_top', 'n_quantile',
+            'seed', 'llm.max_retries',
+        )  # fmt: skip
+    },
+    'interpret.row_capacity': _int(1, choices=(0,), means='0: 4 * sae.k'),
+    'interpret.max_features': _int(1, optional=True, means='None: every feature'),
+    'interpret.explain': _BOOL,
+    'interpret.llm.backend': _choice('openai', 'local'),
+    'interpret.llm.base_url': Rule(
+        'str', pattern=r'https?://\S+', pattern_means='an http:// or https:// URL'
+    ),
+    'interpret.llm.model': _TEXT,
+    'interpret.llm.api_key_env': Rule(
+        'str',
+        pattern=r'|[A-Za-z_][A-Za-z0-9_]*',
+        pattern_means="an environment variable's name, or '' (no key)",
+    ),
+    'interpret.llm.timeout_s': _float(0, lo_open=True),
+    'interpret.llm.device': _NONEMPTY,
+}
 
 
 def _flat_keys(c: ml_collections.ConfigDict, prefix: str = '') -> dict[str, object]:
@@ -224,134 +450,197 @@ def _flat_keys(c: ml_collections.ConfigDict, prefix: str = '') -> dict[str, obje
   return out
 
 
-def _close(keys: Sequence[str], key: str) -> str:
-  import difflib
-
-  near = difflib.get_close_matches(key, keys, n=3)
-  return f' Did you mean {", ".join(near)}?' if near else ''
+def config_keys() -> dict[str, object]:
+  """Every key of the schema ('sae.k', ...) with its default."""
+  return _flat_keys(default_config())
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raise ConfigError naming the first wrong key; cheap, runs before anything is allocated."""
-  known = _flat_keys(default_config())
+def unknown_key(key: str, where: str = '') -> str:
+  """The message for a key the schema lacks, with the nearest known keys."""
+  keys = list(config_keys())
+  ratio = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in keys}
+  best = max(ratio.values())
+  near = [k for k in difflib.get_close_matches(key, keys, n=3) if ratio[k] > best - 0.05] or [
+      k for k in keys if k.rsplit('.', 1)[-1] == key.rsplit('.', 1)[-1]
+  ]
+  hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else '.'
+  return (
+      f'unknown config key {key!r}{where}{hint} The keys are those of '
+      'jaxsae.config.default_config().'
+  )
+
+
+def flag_text(value: object) -> str:
+  """A value as it is written after `--config.a.b=` (quoted where a shell needs it)."""
+  if isinstance(value, (tuple, list)):
+    return f'"{tuple(value)!r}"'
+  if isinstance(value, str) and (not value or ' ' in value):
+    return repr(value)
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def _check_rule(key: str, value: object, default: object) -> None:
+  rule = RULES.get(key)
+  if rule is None:
+    raise ConfigError(f'config key {key!r} has no validation rule: add one to config.RULES.')
+  why = rule.problem(value)
+  if why is None:
+    return
+  fix = f'--config.{key}={flag_text(default)}'
+  raise ConfigError(
+      f'{key}={value!r} {why}: {key} must be {rule.allowed()}. Change it in the experiment '
+      f'file or on the command line, e.g. {fix} (the default).'
+  )
+
+
+def _check_keys(c: ml_collections.ConfigDict, only: tuple[str, ...] | None = None) -> None:
+  """Unknown keys, then every key's rule (or only those of `only`: keys, or sections ending
+  in '.')."""
+  known = config_keys()
   given = _flat_keys(c)
   for key in given:
     if key not in known:
-      raise ConfigError(
-          f'unknown config key {key!r}.{_close(list(known), key)} '
-          'Known keys are those of jaxsae.config.default_config().'
-      )
+      raise ConfigError(unknown_key(key))
+  for key, value in given.items():
+    if only is None or any(key == p or (p.endswith('.') and key.startswith(p)) for p in only):
+      _check_rule(key, value, known[key])
 
-  d, F, k = c.sae.d, dict_size(c), c.sae.k
-  if d <= 0 or F <= 0:
-    raise ConfigError(f'sae.d and the dictionary size must be positive, got d={d}, F={F}.')
-  if not 0 < k < F:
+
+def _check_sae(c: ml_collections.ConfigDict) -> None:
+  F, k = dict_size(c), c.sae.k
+  if not k < F:
     raise ConfigError(
         f'sae.k must satisfy 0 < k < F (dictionary size); got k={k}, F={F}. '
         'Lower sae.k or raise sae.expansion_factor / sae.dict_size.'
     )
   if c.sae.group_sizes is not None:
     sizes = group_sizes(c)
-    if sum(sizes) != F or any(s <= 0 for s in sizes):
+    if sum(sizes) != F:
       raise ConfigError(
-          f'sae.group_sizes must be positive and sum to F={F}; got {sizes} ' f'(sum {sum(sizes)}).'
+          f'sae.group_sizes must be positive and sum to F={F}; got {sizes} (sum {sum(sizes)}). '
+          'Fix the sizes, or set --config.sae.group_sizes=None to use sae.group_fractions.'
       )
+  elif c.sae.group_fractions is None:
+    raise ConfigError(
+        'sae.group_fractions and sae.group_sizes are both None: set one of them (the default '
+        f'is sae.group_fractions={flag_text(default_config().sae.group_fractions)}).'
+    )
   else:
     fr = tuple(c.sae.group_fractions)
-    if not fr or not math.isclose(sum(fr), 1.0, abs_tol=1e-6) or any(f <= 0 for f in fr):
+    if not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
       raise ConfigError(
-          f'sae.group_fractions must be positive and sum to 1; got {fr} ' f'(sum {sum(fr):.6g}).'
+          f'sae.group_fractions must be positive and sum to 1; got {fr} (sum {sum(fr):.6g}).'
       )
     if any(s <= 0 for s in group_sizes(c)):
       raise ConfigError(
-          f'sae.group_fractions {fr} give an empty group at F={F}: ' f'sizes {group_sizes(c)}.'
+          f'sae.group_fractions {fr} give an empty group at F={F}: sizes {group_sizes(c)}. '
+          'Use larger fractions for the small groups, or a larger dictionary.'
       )
-  weights = group_weights(c)
-  if len(weights) != len(group_sizes(c)):
+  weights, G = group_weights(c), len(group_sizes(c))
+  if len(weights) != G:
     raise ConfigError(
-        f'sae.group_weights has {len(weights)} entries but there are '
-        f'{len(group_sizes(c))} groups.'
+        f'sae.group_weights has {len(weights)} entries but there are {G} groups: give one '
+        'weight per group, or None for 1/G each.'
     )
-  if c.sae.candidates_per_row < 1:
-    raise ConfigError(f'sae.candidates_per_row must be >= 1, got {c.sae.candidates_per_row}.')
-  if not 0 < top_k_aux(c):
-    raise ConfigError(f'sae.top_k_aux must be positive, got {top_k_aux(c)}.')
-  if c.sae.kernel not in KERNELS:
-    raise ConfigError(
-        f"sae.kernel must be one of {', '.join(map(repr, KERNELS))}, " f'got {c.sae.kernel!r}.'
-    )
-  if c.sae.dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f"sae.dtype must be 'float32' or 'bfloat16', got {c.sae.dtype!r}.")
+  if not sum(weights) > 0:
+    raise ConfigError(f'sae.group_weights {weights} are all 0: at least one must be positive.')
 
-  B, steps = c.data.batch_size, c.train.steps
-  if B <= 0:
-    raise ConfigError(f'data.batch_size must be positive, got {B}.')
-  if c.data.source not in ('synthetic', 'store'):
-    raise ConfigError(f"data.source must be 'synthetic' or 'store', got {c.data.source!r}.")
+
+def _check_optim(c: ml_collections.ConfigDict) -> None:
+  w, ds, steps = c.optim.warmup_steps, c.optim.decay_start, c.train.steps
+  if not w < steps:
+    raise ConfigError(
+        f'optim.warmup_steps must satisfy 0 <= warmup_steps < train.steps; got {w} and {steps}. '
+        f'Lower it, e.g. --config.optim.warmup_steps={steps // 10}, or raise train.steps.'
+    )
+  if ds is not None and not w < ds < steps:
+    raise ConfigError(
+        f'optim.decay_start must satisfy warmup_steps < decay_start < train.steps; got {ds} '
+        f'(warmup {w}, steps {steps}). Pass --config.optim.decay_start=None (no decay) or a step '
+        f'between {w} and {steps}.'
+    )
+
+
+def _check_data(c: ml_collections.ConfigDict) -> None:
   if c.data.source == 'store' and not c.data.store_path:
     raise ConfigError(
         'data.source is "store" but data.store_path is empty: set it to the '
         'activation store written by `python -m jaxsae.export_activations`.'
     )
-  if c.data.store_dtype not in ('float32', 'bfloat16'):
+  s = c.data.synthetic
+  if s.n_parents * (1 + s.children_per_parent) > s.n_features:
     raise ConfigError(
-        "data.store_dtype must be 'float32' or 'bfloat16', got " f'{c.data.store_dtype!r}.'
+        f'data.synthetic: {s.n_parents} parents with {s.children_per_parent} children each need '
+        f'{s.n_parents * (1 + s.children_per_parent)} features but n_features={s.n_features}; '
+        'raise data.synthetic.n_features or lower n_parents / children_per_parent.'
     )
-  if c.data.num_threads < 0 or c.data.prefetch < 0 or c.data.worker_processes < 0:
-    raise ConfigError(
-        'data.num_threads, data.prefetch and data.worker_processes must be >= 0; '
-        f'got {c.data.num_threads}, {c.data.prefetch}, {c.data.worker_processes}.'
-    )
-  validate_export(c)
-  if steps <= 0:
-    raise ConfigError(f'train.steps must be positive, got {steps}.')
-  w, ds = c.optim.warmup_steps, c.optim.decay_start
-  if not 0 <= w < steps:
-    raise ConfigError(
-        f'optim.warmup_steps must satisfy 0 <= warmup_steps < train.steps; ' f'got {w} and {steps}.'
-    )
-  if ds is not None and not w < ds < steps:
-    raise ConfigError(
-        f'optim.decay_start must satisfy warmup_steps < decay_start < train.steps; '
-        f'got {ds} (warmup {w}, steps {steps}).'
-    )
-  for key in ('log_every', 'checkpoint_every', 'keep_checkpoints'):
-    if c.train[key] <= 0:
-      raise ConfigError(f'train.{key} must be positive, got {c.train[key]}.')
-
-  if num_devices is not None:
-    data_axis = c.mesh.data if c.mesh.data != -1 else num_devices // max(c.mesh.model, 1)
-    if data_axis * c.mesh.model != num_devices:
-      raise ConfigError(
-          f'mesh {c.mesh.data}x{c.mesh.model} (data x model) does not use the '
-          f'{num_devices} available devices.'
-      )
-    if B % data_axis:
-      raise ConfigError(
-          f'data.batch_size={B} is not divisible by the {data_axis} devices on the '
-          'data axis of the mesh; pick a multiple.'
-      )
-    if F % c.mesh.model:
-      raise ConfigError(f'dictionary size F={F} is not divisible by mesh.model={c.mesh.model}.')
 
 
-def validate_export(c: ml_collections.ConfigDict) -> None:
-  """The export keys (also checked by `validate`, so a training config cannot carry bad ones)."""
+def _check_distributed(c: ml_collections.ConfigDict) -> None:
+  n, i = c.distributed.num_processes, c.distributed.process_id
+  if not i < n:
+    raise ConfigError(
+        f'distributed.process_id={i} must be below distributed.num_processes={n} (processes '
+        'are numbered 0 .. num_processes-1).'
+    )
+
+
+def _check_export(c: ml_collections.ConfigDict) -> None:
   e = c.export
-  bad = [k for k in e.keep_kinds if k not in TOKEN_KINDS]
-  if bad or not e.keep_kinds:
-    raise ConfigError(
-        f'export.keep_kinds must be a non-empty subset of {TOKEN_KINDS}; got '
-        f'{tuple(e.keep_kinds)}.'
-    )
-  if e.batch_size <= 0:
-    raise ConfigError(f'export.batch_size must be positive, got {e.batch_size}.')
-  if e.rows_per_chunk <= 0 or e.rows_per_shard <= 0 or e.rows_per_shard % e.rows_per_chunk:
+  if e.rows_per_shard % e.rows_per_chunk:
     raise ConfigError(
         'export.rows_per_shard must be a positive multiple of export.rows_per_chunk; '
         f'got {e.rows_per_shard} and {e.rows_per_chunk}.'
     )
-  if c.model.dtype not in ('float32', 'bfloat16', 'float16'):
+
+
+def _check_interpret(c: ml_collections.ConfigDict) -> None:
+  i = c.interpret
+  if i.explain and i.n_top + i.n_quantile == 0:
     raise ConfigError(
-        f"model.dtype must be 'float32', 'bfloat16' or 'float16', got " f'{c.model.dtype!r}.'
+        'interpret.n_top and interpret.n_quantile are both 0: the explainer needs examples. '
+        'Raise one of them, or set --config.interpret.explain=False.'
     )
+
+
+def _check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  B, F = c.data.batch_size, dict_size(c)
+  data_axis = c.mesh.data if c.mesh.data != -1 else num_devices // c.mesh.model
+  if data_axis < 1 or data_axis * c.mesh.model != num_devices:
+    raise ConfigError(
+        f'mesh {c.mesh.data}x{c.mesh.model} (data x model) does not use the '
+        f'{num_devices} available devices; set mesh.data * mesh.model = {num_devices} '
+        '(mesh.data=-1 takes the rest).'
+    )
+  if B % data_axis:
+    raise ConfigError(
+        f'data.batch_size={B} is not divisible by the {data_axis} devices on the '
+        'data axis of the mesh; pick a multiple.'
+    )
+  if F % c.mesh.model:
+    raise ConfigError(f'dictionary size F={F} is not divisible by mesh.model={c.mesh.model}.')
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raise ConfigError naming the first wrong key; cheap, runs before anything is allocated.
+  Every key's type and range first (RULES), then the relations between keys; the mesh's only
+  when the number of devices is known."""
+  _check_keys(c)
+  for check in (_check_sae, _check_optim, _check_data, _check_distributed, _check_export):
+    check(c)
+  _check_interpret(c)
+  if num_devices is not None:
+    _check_mesh(c, num_devices)
+
+
+def validate_export(c: ml_collections.ConfigDict) -> None:
+  """The keys activation export reads (also checked by `validate`, so that a training config
+  cannot carry bad ones)."""
+  _check_keys(c, ('export.', 'model.', 'data.store_path', 'data.store_dtype', 'sae.d'))
+  _check_export(c)
+
+
+def validate_interpret(c: ml_collections.ConfigDict) -> None:
+  """The interpret keys (also checked by `validate`)."""
+  _check_keys(c, ('interpret.', 'data.store_path', 'sae.k'))
+  _check_interpret(c)

@@ -6,13 +6,12 @@ command after a crash continues after the last committed study.
 """
 
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxsae.config import ConfigError
+from jaxsae import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment file (get_config()).', lock_config=True
@@ -34,11 +33,7 @@ def main(argv):
   from jaxsae.formats import store  # pylint: disable=import-outside-toplevel
 
   c = _CONFIG.value
-  try:
-    meta = export.export(c, skip_bad=_SKIP_BAD.value)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  meta = export.export(c, skip_bad=_SKIP_BAD.value)
   print(
       f'activation store {c.data.store_path}: {meta["rows"]} rows x d={meta["d"]} '
       f'({meta["dtype"]}) from {meta["studies"] - meta["skipped"]} studies; token kinds '
@@ -52,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

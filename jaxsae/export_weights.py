@@ -1,15 +1,14 @@
 """python -m jaxsae.export_weights --workdir=DIR --out=DIR --format=dictionary_learning|saelens [--step=N]
 
-Writes a trained checkpoint's SAE as safetensors (activation scale folded in).
+Writes a trained checkpoint's SAE as safetensors (activation scale folded in). The folder at --out
+appears complete or not at all, with a manifest of its files' checksums that the loaders verify:
+a previous export there is replaced in one step, and a kill or a full disk leaves it intact.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
-from jaxsae import weights
-from jaxsae.config import ConfigError
+from jaxsae import cli, weights
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training directory (with checkpoints/).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory.')
@@ -21,13 +20,9 @@ flags.mark_flags_as_required(['workdir', 'out'])
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    path = weights.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  path = weights.export(_WORKDIR.value, _OUT.value, _FORMAT.value, _STEP.value)
   print(f'wrote {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,11 @@
-"""Training metrics to `metrics.jsonl` and TensorBoard event files, and the end-of-run plots."""
+"""Training metrics to `metrics.jsonl` and TensorBoard event files, the end-of-run plots, and the
+one definition of a dead latent.
+
+Dead, wherever a "dead fraction" or "dead latents" is reported (the training summary, evaluate,
+interpret): a latent that fires on none of N held-out tokens, N reported beside it
+(`dead_latents`). The periodic training metric `auxk_dead_fraction` is another thing, AuxK's
+notion: latents that fired on none of the last sae.dead_tokens_threshold *training* tokens.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,18 @@ import time
 from typing import Mapping
 
 import numpy as np
+
+DEAD = 'fires on none of the {n} held-out tokens'
+
+
+def dead_latents(fires: np.ndarray, tokens: int) -> dict[str, float | int]:
+  """The dead-latent figures from per-latent firing counts over `tokens` held-out tokens."""
+  dead = np.asarray(fires) == 0
+  return {
+      'dead_fraction': float(np.mean(dead)),
+      'dead_latents': int(np.sum(dead)),
+      'dead_over_tokens': int(tokens),
+  }
 
 
 class MetricWriter:
@@ -71,8 +90,9 @@ def read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def save_plots(workdir: str, feature_density: np.ndarray) -> str:
-  """loss curve + histogram of log10 feature density, as one PNG; returns its path."""
+def save_plots(workdir: str, feature_density: np.ndarray | None, tokens: int = 0) -> str:
+  """loss curve + histogram of log10 feature density over `tokens` held-out tokens (None: no
+  held-out rows), as one PNG; returns its path."""
   import matplotlib
 
   matplotlib.use('Agg')
@@ -92,10 +112,17 @@ def save_plots(workdir: str, feature_density: np.ndarray) -> str:
     ax_loss.legend(fontsize=7)
   ax_loss.set_xlabel('step')
   ax_loss.set_title('loss and per-prefix FVU')
-  dead = int(np.sum(feature_density == 0))
-  ax_dens.hist(np.log10(feature_density[feature_density > 0] + 1e-12), bins=60)
+  if feature_density is None:
+    ax_dens.set_title('feature density: no held-out tokens to measure it on')
+  else:
+    dead = int(np.sum(feature_density == 0))
+    ax_dens.hist(np.log10(feature_density[feature_density > 0] + 1e-12), bins=60)
+    ax_dens.set_title(
+        f'feature density over {tokens:,} held-out tokens\n'
+        f'({dead} of {feature_density.size} dead: {DEAD.format(n=f"{tokens:,}")})',
+        fontsize=9,
+    )
   ax_dens.set_xlabel('log10 firing density')
-  ax_dens.set_title(f'feature density ({dead} of {feature_density.size} never fired)')
   fig.tight_layout()
   path = os.path.join(workdir, 'training_summary.png')
   fig.savefig(path, dpi=110)

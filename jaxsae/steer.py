@@ -3,30 +3,32 @@
 
 Greedy baseline and steered reports for the same study, side by side, grounded phrases and boxes
 parsed. Several alphas (--alpha=0,2,4,8) make a sweep over --num_studies studies (or --study=A,B):
-OUT/steer_sweep.csv (one report per row) and OUT/steer_sweep.png (share of reports containing
---target, and share well-formed, per alpha, baseline dashed).
+OUT/steer_sweep.csv (one report per row, with its affirmed and negated mentions of --target:
+"no pleural effusion" negates, see steering.mentions) and OUT/steer_sweep.png (share of reports
+affirming --target, and share well-formed, per alpha, baseline dashed).
 """
 
 import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxsae import cli
 from jaxsae.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment file (get_config()).', lock_config=True
 )
 _WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
-_FEATURE = flags.DEFINE_list('feature', None, 'Latent(s) to steer with, e.g. 12 or 12,40.')
-_ALPHA = flags.DEFINE_list(
+_FEATURE = cli.define_int_list('feature', None, 'Latent(s) to steer with, e.g. 12 or 12,40.')
+_ALPHA = cli.define_float_list(
     'alpha',
     None,
-    'Strength(s); several make a sweep. add: coefficient of '
-    'W_dec[f]; clamp: the value the feature is set to.',
+    'Strength(s), finite numbers; several make a sweep. add: coefficient of W_dec[f]; clamp: the '
+    'value the feature is set to.',
 )
 _MODE = flags.DEFINE_enum(
     'mode',
@@ -44,10 +46,14 @@ _RELATIVE = flags.DEFINE_boolean(
     "at the layer (over the studies' prompt text tokens).",
 )
 _STUDY = flags.DEFINE_list('study', [], "Study id(s); default the manifest's first.")
-_NUM_STUDIES = flags.DEFINE_integer('num_studies', 8, 'Studies in a sweep (without --study).')
+_NUM_STUDIES = flags.DEFINE_integer(
+    'num_studies', 8, 'Studies in a sweep (without --study).', lower_bound=1
+)
 _TARGET = flags.DEFINE_string('target', '', 'Phrase whose presence a sweep counts.')
 _GROUNDING = flags.DEFINE_boolean('grounding', False, "MAIRA-2's grounded reporting prompt.")
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'Default 300 (450 with --grounding).')
+_MAX_NEW = flags.DEFINE_integer(
+    'max_new_tokens', None, 'Default 300 (450 with --grounding).', lower_bound=1
+)
 _OUT = flags.DEFINE_string('out', 'outputs/steer', 'Output folder.')
 _MANIFEST = flags.DEFINE_string('manifest', None, 'Studies; default config export.manifest.')
 flags.mark_flags_as_required(['config', 'weights', 'feature', 'alpha'])
@@ -117,13 +123,13 @@ def main(argv):
     return
   csv_path, png_path = steering.write_sweep(_OUT.value, rows, _TARGET.value, what)
   print(
-      f'{"alpha":>9} {"studies":>7} {"target":>7} {"well-formed":>11} {"finished":>8} '
-      f'{"distinct 3-grams":>16}'
+      f'{"alpha":>9} {"studies":>7} {"target":>7} {"negated":>7} {"well-formed":>11} '
+      f'{"finished":>8} {"distinct 3-grams":>16}'
   )
   for s in steering.summarise(rows):
-    t = '-' if s['target_rate'] is None else f'{s["target_rate"]:.2f}'
+    t, n = ('-' if s[k] is None else f'{s[k]:.2f}' for k in ('target_rate', 'negated_rate'))
     print(
-        f'{s["alpha"]!s:>9} {s["studies"]:>7} {t:>7} {s["well_formed_rate"]:>11.2f} '
+        f'{s["alpha"]!s:>9} {s["studies"]:>7} {t:>7} {n:>7} {s["well_formed_rate"]:>11.2f} '
         f'{s["finished_rate"]:>8.2f} {s["distinct_3grams"]:>16.2f}'
     )
   print(f'sweep: {csv_path}, {png_path}')
@@ -135,4 +141,4 @@ def _generation(steering, r):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

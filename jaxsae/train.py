@@ -6,11 +6,11 @@ Trains an SAE; resumes automatically from the newest checkpoint in DIR.
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxsae import config as config_lib
+from jaxsae import cli
 from jaxsae import host_memory
 from jaxsae import trainer
 
@@ -28,11 +28,11 @@ def main(argv):
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, trainer.NonFiniteError, trainer.Interrupted) as e:
-    print(f'error: {e}' if not isinstance(e, trainer.Interrupted) else str(e), file=sys.stderr)
-    sys.exit(143 if isinstance(e, trainer.Interrupted) else 2)
+  except trainer.Interrupted as e:  # a checkpoint was saved; the exit status of SIGTERM
+    print(e, file=sys.stderr)
+    sys.exit(143)
   print('summary:', {k: v for k, v in summary.items()})
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, errors=(trainer.NonFiniteError,))

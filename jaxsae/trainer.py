@@ -109,9 +109,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       abstract_state,
       state_shardings,
   )
-  restored = ckpt.restore(target, sae_shape(c), data_iterator=batches)  # also moves `batches`
+  data_record = checkpointing.data_identity(c)  # the checkpoint's data must be this, or grown
+  restored = ckpt.restore(  # also moves `batches`
+      target,
+      sae_shape(c),
+      data_iterator=batches,
+      data=data_record,
+      allow_data_change=c.train.allow_store_change,
+  )
   if restored is not None:
     start, state, meta = restored
+    _check_held_out_split(meta, c)
     scale = meta['scale']
     log.info('resumed from %s at step %d', ckpt.directory, start)
   else:
@@ -130,7 +138,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   meta = {
       'shape': sae_shape(c),
       'scale': scale,
-      'data': {'source': c.data.source},
+      'data': {**data_record, **_held_out_split(c)},
       'config': c.to_json_best_effort(),
   }
 
@@ -198,6 +206,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         m = jax.device_get(m)
         now = time.perf_counter()
         scalars = {k: v for k, v in m.items() if k not in ('fvu', 'finite')}
+        # AuxK's counters, not the summary's held-out "dead": the name says whose notion it is.
+        scalars['auxk_dead_fraction'] = scalars.pop('dead_fraction')
         scalars.update(zip(prefix_names, m['fvu']))
         scalars['tokens_per_s'] = (done - last_step) * c.data.batch_size / (now - last_time)
         scalars['nonfinite_batches'] = check_finite(state)
@@ -229,12 +239,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   state = {key: state[key] for key in ('params', 'threshold', 'step')}
   if jax.process_count() > 1:  # every process gets the whole (possibly sharded) SAE, on the host
     state = multihost_utils.process_allgather(state, tiled=True)
-  summary = end_of_training_metrics(state, source, scale, sc, first_batch=c.train.steps)
+  summary = end_of_training_metrics(state, source, scale, sc, c.train.eval_tokens)
   if source.features is not None:  # planted ground truth: how much of it was recovered
     summary.update(_synthetic_recovery(state, source))
   summary['step'] = int(state['step'])
   if distributed.is_primary():
-    summary['plot'] = metrics_lib.save_plots(workdir, np.asarray(summary['feature_density']))
+    summary['plot'] = metrics_lib.save_plots(
+        workdir, summary['feature_density'], summary['eval_tokens']
+    )
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump({k: v for k, v in summary.items() if k != 'feature_density'}, f, indent=2)
   summary.pop('feature_density')
@@ -246,37 +258,65 @@ def end_of_training_metrics(
     source: data.ActivationSource,
     scale: float,
     sc: train_step.StepConfig,
-    first_batch: int,
-    n_batches: int = 8,
+    tokens: int,
 ) -> dict[str, Any]:
-  """Inference-mode (learned threshold) FVU and L0, and per-feature firing density."""
+  """Inference-mode (learned threshold) FVU, L0, dead latents and per-feature firing density over
+  the first `tokens` held-out rows (`source.held_out`: rows no training batch holds). With none,
+  the figures are None and `eval_on` says why: nothing in-sample is passed off as held out."""
   params, threshold = state['params'], state['threshold']
   use_threshold = float(threshold) >= 0  # before threshold_start_step there is none yet
 
   @jax.jit
-  def stats(x):
+  def stats(params, threshold, x):
     x = x / scale
     pre = model.pre_activations(params, x)
     acts = model.jumprelu(pre, threshold) if use_threshold else model.batch_topk(pre, sc.k)
-    x_hat = model.decode(params, acts)
-    err = jnp.sum((x - x_hat) ** 2)
-    var = jnp.sum((x - x.mean(0)) ** 2)
-    return err, var, jnp.sum(acts > 0, axis=0)
+    err = jnp.sum((x - model.decode(params, acts)) ** 2)
+    centred = x - params['b_dec']  # near the data's centre: the variance below cancels little
+    return err, jnp.sum(centred, 0), jnp.sum(centred**2), jnp.sum(acts > 0, axis=0)
 
-  err = var = 0.0
-  fires = 0
-  for i in range(first_batch, first_batch + n_batches):
-    e, v, f = stats(source.batch(i))
-    err, var, fires = err + e, var + v, fires + f
-  tokens = n_batches * source.batch_size
-  density = np.asarray(fires) / tokens
+  n, err, sum_x, sum_sq, fires = 0, 0.0, 0.0, 0.0, 0
+  for x in source.held_out(tokens):
+    e, sx, sq, f = jax.device_get(stats(params, threshold, x))
+    n += len(x)
+    err, sum_sq = err + float(e), sum_sq + float(sq)
+    sum_x, fires = sum_x + sx.astype(np.float64), fires + f.astype(np.int64)
+  out = {'eval_tokens': n, 'eval_on': source.held_out_note, 'threshold': float(threshold)}
+  if not n:
+    log.warning('no held-out rows (%s): the summary has no evaluation', source.held_out_note)
+    none = ('eval_fvu', 'eval_l0', 'dead_fraction', 'dead_latents', 'dead_over_tokens')
+    return {**out, **dict.fromkeys(none), 'feature_density': None}
+  var = sum_sq - float(np.sum(sum_x**2)) / n  # about the held-out rows' mean, as evaluate's
+  density = fires / n
   return {
-      'eval_fvu': float(err / var),
+      **out,
+      'eval_fvu': float(err / var) if var > 0 else float('nan'),
       'eval_l0': float(density.sum()),
-      'dead_fraction': float(np.mean(density == 0)),
-      'threshold': float(threshold),
+      **metrics_lib.dead_latents(fires, n),
       'feature_density': density,
   }
+
+
+def _held_out_split(c: ml_collections.ConfigDict) -> dict[str, float]:
+  """What a checkpoint records of the split: the store's training rows depend on it."""
+  return {'held_out_fraction': float(c.data.held_out_fraction)} if c.data.source == 'store' else {}
+
+
+def _check_held_out_split(meta: dict, c: ml_collections.ConfigDict) -> None:
+  """Refuse to resume with another held-out fraction: the new held-out studies may have been
+  trained on, and the batch positions would fall on other rows. Checkpoints from before the split
+  existed trained on every study: fraction 0."""
+  if c.data.source != 'store':
+    return
+  was = float(meta.get('data', {}).get('held_out_fraction', 0.0))
+  if was != float(c.data.held_out_fraction):
+    raise config_lib.ConfigError(
+        f'the checkpoint was trained with data.held_out_fraction={was:g} but the config says '
+        f'{c.data.held_out_fraction:g}: the studies held out now may have been trained on, and '
+        f'the saved data position would point at other rows. Resume with '
+        f'--config.data.held_out_fraction={was:g} (its held-out split is then the honest one), '
+        'or train from scratch in a new --workdir.'
+    )
 
 
 def _synthetic_recovery(state: dict, source) -> dict[str, float]:

@@ -76,8 +76,10 @@ def load_checkpoint(
 
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
-  """Write the checkpoint's SAE to `out` in layout `fmt`; returns the weights file's path."""
+  """Write the checkpoint's SAE to `out` in layout `fmt` (the folder appears complete or not at
+  all, with a manifest that `load` verifies); returns the weights file's path."""
   weights_format.check_layout(fmt)
+  weights_format.check_destination(out)  # before the checkpoint is read: nothing wasted
   s, state, meta, c = load_checkpoint(workdir, step)
   params, threshold = fold_scale(state['params'], float(state['threshold']), meta['scale'])
   return weights_format.write(out, fmt, params, threshold, _metadata(c, s, meta['scale']))
@@ -109,7 +111,8 @@ def _metadata(c: ml_collections.ConfigDict, step: int, scale: float) -> weights_
 
 
 def load(path: str) -> tuple[model.MatryoshkaSAE, dict[str, Any]]:
-  """An exported SAE (either layout, detected from the files in `path`) and its config dict."""
+  """An exported SAE (either layout, detected from the files in `path`, checked against its
+  manifest when it has one) and its config dict."""
   w = weights_format.read(path)
   k = w.k if w.k is not None else 1  # only BatchTopK encoding uses k; SAELens files may lack it
   return model.MatryoshkaSAE.from_params(w.params, k, w.group_sizes, w.threshold), w.cfg

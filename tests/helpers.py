@@ -1,6 +1,7 @@
 """Builders the tests share: tiny configs, the real command lines, random SAEs, stores, the tiny
 model and its studies."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -259,3 +260,42 @@ def write_dictionary_learning(out, sae, layer=LAYER):
   with open(os.path.join(out, 'config.json'), 'w') as f:
     json.dump({'trainer': {'layer': layer, 'k': sae.k, 'dict_size': sae.F}}, f)
   return out
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk (tests/formats/test_weights.py, tests/training/test_checkpoint_safety.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path, size='1M', inodes=None):
+  """A size-limited tmpfs mounted at `path` (made if missing) for the block: yields True, or False
+  where this machine does not allow mounting (not root, no mount), and the caller then simulates
+  ENOSPC instead. Unmounted afterwards."""
+  os.makedirs(path, exist_ok=True)
+  options = f'size={size}' + (f',nr_inodes={inodes}' if inodes else '')
+  mounted = False
+  if hasattr(os, 'geteuid') and os.geteuid() == 0:
+    try:
+      cmd = ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)]
+      mounted = subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+      pass
+  try:
+    yield mounted
+  finally:
+    if mounted and subprocess.run(['umount', str(path)], capture_output=True).returncode:
+      subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+def fill_disk(folder):
+  """Write a ballast file into `folder` until its filesystem is full; returns the file's path."""
+  path = os.path.join(folder, 'ballast')
+  try:
+    with open(path, 'wb') as f:
+      while True:
+        f.write(b'\0' * 4096)
+        f.flush()
+  except OSError:
+    pass
+  return path

@@ -111,6 +111,7 @@ def export(
   skip_bad = c.export.skip_bad if skip_bad is None else skip_bad
   if not c.data.store_path:
     raise ConfigError('data.store_path is empty: set where the activation store goes.')
+  store_lib.check_path(c.data.store_path)  # a path holding anything but a store: refused, untouched
   studies = manifest.read(c.export.manifest, c.export.teacher_forcing)
   if not skip_bad:  # stop before the model loads
     bad = next((s for s in studies if isinstance(s, manifest.BadStudyError)), None)

@@ -13,11 +13,17 @@ KL(clean || intervened) per report token, averaged.
 
 The spliced positions default to the token kinds the SAE was trained on (export.keep_kinds):
 an SAE never shown image tokens or the prompt boilerplate is not asked to reconstruct them.
+
+The studies must be held out: outside the training split (jaxsae.formats.split) of the store the
+SAE was trained on. `held_out` refuses (NotHeldOut) when that cannot be shown, unless the caller
+allows in-sample studies, which are then labelled so. A dead latent is one that fires on none of
+the evaluated tokens (jaxsae.metrics.dead_latents, the training summary's definition).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import textwrap
 from typing import Any, Sequence
@@ -30,7 +36,10 @@ from jaxsae.bridge import interventions as iv
 from jaxsae.bridge import manifest, prompt
 from jaxsae.bridge.steering import to_device
 from jaxsae.config import ConfigError
+from jaxsae.formats import split as split_lib
+from jaxsae.formats import weights as weights_format
 from jaxsae.formats.tokens import TOKEN_KINDS
+from jaxsae.metrics import dead_latents
 
 
 def _kinds_mask(kinds: np.ndarray, names: Sequence[str]) -> torch.Tensor:
@@ -83,8 +92,7 @@ class _Sums:
         'fvu': fvu[-1],
         'prefix_fvu': fvu,
         'l0': self.active / max(self.n, 1),
-        'dead_fraction': float(np.mean(freq == 0)),
-        'dead_latents': int(np.sum(freq == 0)),
+        **dead_latents(self.fires, self.n),
         'dense_fraction': float(np.mean(freq > dense_threshold)),
         'dense_latents': int(np.sum(freq > dense_threshold)),
         'dense_threshold': dense_threshold,
@@ -203,7 +211,9 @@ def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, 
   ax_freq.axvline(np.log10(results['dense_threshold']), color='tab:red', ls='--', lw=0.8)
   ax_freq.set_xlabel('log10 firing frequency')
   ax_freq.set_title(
-      f'{results["dead_latents"]} dead, {results["dense_latents"]} dense ' f'of {freq.size} latents'
+      f'{results["dead_latents"]} dead (no firing on {results["dead_over_tokens"]:,} tokens), '
+      f'{results["dense_latents"]} dense of {freq.size} latents',
+      fontsize=9,
   )
   if title:
     fig.suptitle(textwrap.fill(title, 120), fontsize=9)
@@ -213,33 +223,103 @@ def write(out_dir: str, results: dict[str, Any], title: str = '') -> tuple[str, 
   return json_path, png_path
 
 
-def held_out(
-    manifest_path: str, store_path: str, count: int, ids: Sequence[str] = ()
-) -> tuple[list[manifest.Study], str]:
-  """Studies to evaluate on, and where they come from: `ids` if given; else up to `count` manifest
-  studies that the activation store at `store_path` does not hold (never trained on); else, if the
-  store holds them all, the manifest's last `count` (then not held out: the note says so)."""
+class NotHeldOut(ConfigError):
+  """The studies to evaluate are, or may be, ones the SAE was trained on."""
+
+
+def recorded_training(weights_dir: str) -> tuple[float | None, float | None]:
+  """(activation scale, held-out fraction) that exported weights record of their training, each
+  None where the files do not say (weights from elsewhere, or exported before it was recorded)."""
+  layout = weights_format.detect(weights_dir)
+  path = os.path.join(weights_dir, weights_format.FILES[layout][1])
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return None, None  # the weights loader reports an unreadable config, naming it
+  if layout == 'dictionary_learning':
+    rec = cfg.get('trainer', {})
+    return rec.get('norm_factor'), rec.get('held_out_fraction')
+  rec = cfg.get('metadata', {}).get('jaxsae', {})
+  return rec.get('activation_scale'), rec.get('held_out_fraction')
+
+
+def _training_split(
+    store_path: str, fraction: float, trained_scale: float | None
+) -> tuple[split_lib.Split | None, str | None]:
+  """The split of the SAE's training store, or why it cannot be known."""
   from jaxsae.formats import store as store_lib  # pylint: disable=import-outside-toplevel
+
+  if not store_path or not store_lib.exists(store_path):
+    return None, (
+        f'there is no activation store at data.store_path={store_path!r}, so nothing shows '
+        'which studies the SAE was trained on'
+    )
+  try:
+    store = store_lib.open_store(store_path)
+  except ConfigError as e:
+    return None, f'the activation store at {store_path!r} cannot be read: {e}'
+  # A scale of 1 is also what data.normalize=False records: then the scale cannot tell.
+  if trained_scale is not None and trained_scale != 1.0:
+    if not math.isclose(trained_scale, store.scale, rel_tol=1e-6):
+      return None, (
+          f'the SAE was trained on activations of scale {trained_scale:.6g} but the store at '
+          f'{store_path!r} has scale {store.scale:.6g}: it is not the store the SAE was trained '
+          'on (or it has grown since)'
+      )
+  return split_lib.split(store.studies(), fraction), None
+
+
+def held_out(
+    manifest_path: str,
+    store_path: str,
+    count: int,
+    ids: Sequence[str] = (),
+    fraction: float = 0.0,
+    trained_scale: float | None = None,
+    allow_in_sample: bool = False,
+) -> tuple[list[manifest.Study], str, bool]:
+  """(studies, where they come from, whether they are held out). Held out: not in the training
+  split (`fraction`, jaxsae.formats.split) of the store at `store_path`, the SAE's training store
+  (its recorded `trained_scale` must match). `ids` if given, else the manifest's first `count` such
+  studies. When that cannot be shown: NotHeldOut, or with `allow_in_sample` the studies (`ids`, or
+  the manifest's last `count`) labelled in-sample."""
   from jaxsae.bridge import steering  # pylint: disable=import-outside-toplevel
 
+  sp, problem = _training_split(store_path, fraction, trained_scale)
+  training = set(sp.training) if sp is not None else set()
   if ids:
-    return steering.studies(manifest_path, ids, teacher_forcing=True), 'the studies named'
-  usable = steering.studies(manifest_path, teacher_forcing=True)
-  seen: set[str] = set()
-  if store_path and store_lib.exists(store_path):
-    try:
-      seen = {r['study_id'] for r in store_lib.open_store(store_path).studies()}
-    except ConfigError:
-      seen = set()
-  fresh = [s for s in usable if s.study_id not in seen]
-  if fresh:
-    return fresh[:count], (
-        f'{min(count, len(fresh))} of the {len(fresh)} manifest studies not in '
-        f'the activation store {store_path or "(none)"}'
+    studies, note = steering.studies(manifest_path, ids, teacher_forcing=True), 'the studies named'
+    seen = [i for i in ids if i in training]
+    if problem is None and seen:
+      problem = (
+          f'{", ".join(map(repr, seen[:5]))}{" ..." if len(seen) > 5 else ""} '
+          f'{"is" if len(seen) == 1 else "are"} in the training split of the activation store '
+          f'{store_path} ({sp.describe()})'
+      )
+  else:
+    usable = steering.studies(manifest_path, teacher_forcing=True)
+    fresh = [s for s in usable if s.study_id not in training] if problem is None else []
+    if problem is None and not fresh:
+      problem = (
+          f'every study of {manifest_path} is in the training split of the activation store '
+          f'{store_path} ({sp.describe()})'
+      )
+    studies = fresh[:count] if fresh else usable[-count:]
+    note = (
+        f'{len(studies)} of the {len(fresh)} studies of {manifest_path} outside the training '
+        f'split of the activation store {store_path} ({sp.describe()})'
+        if fresh
+        else f'the last {len(studies)} studies of {manifest_path}'
     )
-  n = min(count, len(usable))
-  return usable[-count:], (
-      f"the manifest's last {n} studies: every study is in the activation "
-      f'store {store_path}, so none is held out (export with '
-      '--config.export.max_studies=N to keep some back)'
-  )
+  if problem is None:
+    return studies, f'held out: {note}', True
+  if not allow_in_sample:
+    raise NotHeldOut(
+        f'the studies to evaluate are NOT held out: {problem}. The SAE may have been trained on '
+        'them, which makes FVU, L0 and dead latents in-sample. Point --config.data.store_path at '
+        'the store the SAE was trained on, with --config.data.held_out_fraction as in training '
+        '(its held-out studies are then chosen), or name held-out studies with --study; or pass '
+        '--allow_in_sample to evaluate anyway, labelled in-sample.'
+    )
+  return studies, f'IN-SAMPLE, not held out ({problem}): {note}', False

@@ -20,19 +20,30 @@ from jaxsae.config import ConfigError
 
 IMAGE_FIELDS = ('frontal', 'lateral', 'prior_frontal')
 TEXT_FIELDS = ('indication', 'technique', 'comparison', 'prior_report', 'findings')
+# What to do about a bad row depends on the command: only export_activations can skip studies.
+EXPORT_FIX = (
+    'Fix the manifest row, or rerun with --skip_bad to skip such studies (they are listed in the '
+    "store's skipped_studies.json)."
+)
+CHOOSE_FIX = 'Fix the manifest row, or choose other studies with --study.'
 
 
 class BadStudyError(ConfigError):
-  """One study cannot be used; says which study, field and file (skip such with --skip_bad)."""
+  """One study cannot be used; says which study, field and file, and `fix`: what the command
+  that read the manifest offers (EXPORT_FIX, CHOOSE_FIX)."""
 
-  def __init__(self, study: str, field: str, file: str | None, problem: str, where: str):
+  def __init__(
+      self,
+      study: str,
+      field: str,
+      file: str | None,
+      problem: str,
+      where: str,
+      fix: str = EXPORT_FIX,
+  ):
     self.study, self.field, self.file, self.problem = study, field, file, problem
     what = f"field '{field}'" + (f', file {file!r}' if file else '')
-    super().__init__(
-        f'study {study!r} ({where}): {what}: {problem}. Fix the manifest row, or '
-        'rerun with --skip_bad to skip such studies (they are listed in the '
-        "store's skipped_studies.json)."
-    )
+    super().__init__(f'study {study!r} ({where}): {what}: {problem}. {fix}')
 
   def record(self) -> dict:
     return {'field': self.field, 'file': self.file, 'error': self.problem}
@@ -51,6 +62,7 @@ class Study:
   comparison: str | None = None
   prior_report: str | None = None
   findings: str | None = None
+  fix: str = dataclasses.field(default=EXPORT_FIX, repr=False, compare=False)  # for BadStudyError
 
   def images(self) -> list[tuple[str, Image.Image | None]]:
     """(field, greyscale image) for frontal, lateral, prior_frontal; None where absent."""
@@ -67,7 +79,9 @@ def _load_image(study: Study, field: str, path: str) -> Image.Image:
       im.load()
       return im.convert('L')
   except FileNotFoundError:
-    raise BadStudyError(study.study_id, field, path, 'image file does not exist', study.where)
+    raise BadStudyError(
+        study.study_id, field, path, 'image file does not exist', study.where, study.fix
+    )
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many types)
     raise BadStudyError(
         study.study_id,
@@ -75,6 +89,7 @@ def _load_image(study: Study, field: str, path: str) -> Image.Image:
         path,
         f'cannot be read as an image ({type(e).__name__}: {e})',
         study.where,
+        study.fix,
     )
 
 
@@ -94,10 +109,11 @@ def _rows(path: str) -> list[tuple[str, dict]]:
   return rows
 
 
-def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
+def read(path: str, teacher_forcing: bool, fix: str = EXPORT_FIX) -> list[Study | BadStudyError]:
   """Every manifest row as a Study, or as the error that makes it unusable (missing field, missing
   image file) — so that with skip_bad a bad row is skipped, and without it the first one stops
-  the export before the model is loaded. Unreadable image content shows up when it is loaded."""
+  the export before the model is loaded. Unreadable image content shows up when it is loaded.
+  `fix` ends the message of each such error (what the calling command lets the user do)."""
   if not path:
     raise ConfigError(
         'export.manifest is empty: set it to a JSONL or CSV file with one study per '
@@ -123,7 +139,7 @@ def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
       absent = missing[0] not in row
       out.append(
           BadStudyError(
-              sid, missing[0], None, 'missing from the row' if absent else 'is empty', where
+              sid, missing[0], None, 'missing from the row' if absent else 'is empty', where, fix
           )
       )
       continue
@@ -132,13 +148,14 @@ def read(path: str, teacher_forcing: bool) -> list[Study | BadStudyError]:
         values[field] = os.path.join(base, values[field])
     bad = next((f for f in IMAGE_FIELDS if values.get(f) and not os.path.exists(values[f])), None)
     if bad:
-      out.append(BadStudyError(sid, bad, values[bad], 'image file does not exist', where))
+      out.append(BadStudyError(sid, bad, values[bad], 'image file does not exist', where, fix))
       continue
     out.append(
         Study(
             study_id=sid,
             index=index,
             where=where,
+            fix=fix,
             **{f: values.get(f) for f in IMAGE_FIELDS + TEXT_FIELDS},
         )
     )

@@ -131,9 +131,124 @@ def _box(coords: list[tuple[str, int]], problems: list[str]):
 
 
 def contains(text: str, target: str) -> bool:
-  """Case- and whitespace-insensitive substring test."""
-  norm = lambda s: ' '.join(s.lower().split())
-  return norm(target) in norm(text)
+  """Case- and whitespace-insensitive substring test (negated mentions count: see `mentions`)."""
+  return _norm(target) in _norm(text)
+
+
+def _norm(s: str) -> str:
+  return ' '.join(s.lower().split())
+
+
+# Negation of a target phrase, in the spirit of NegEx (Chapman et al. 2001) with the clause as
+# scope: a mention is negated when a PRE cue comes before it, or a POST cue after it, in the same
+# clause. Clauses end at . ; : ! ? (not a decimal point), a blank line, or a TERMINATION term.
+# PSEUDO phrases contain cue words but negate nothing ("no change in the effusion" keeps it); they
+# are blanked out before cues are looked for. Hedged mentions ("cannot be excluded", "possible")
+# count as mentions: the report raises the finding. Words match whole (`no` is not in `nodule`).
+NEGATION_PRE = (
+    'no',
+    'not',
+    'without',
+    'absent',
+    'absence of',
+    'negative for',
+    'free of',
+    'resolved',
+    'resolution of',
+    'ruled out',
+)
+NEGATION_POST = (
+    'not seen',
+    'not identified',
+    'not present',
+    'not visualized',
+    'not visualised',
+    'not demonstrated',
+    'not appreciated',
+    'not evident',
+    'absent',
+    'no longer',
+    'resolved',
+    'has cleared',
+    'have cleared',
+    'ruled out',
+    'excluded',
+)
+NEGATION_PSEUDO = (
+    'no change',
+    'no interval change',
+    'no significant change',
+    'no increase',
+    'no significant increase',
+    'not only',
+    'not changed',
+    'not resolved',
+    'not fully resolved',
+    'not completely resolved',
+    'partially resolved',
+    'partly resolved',
+    'incompletely resolved',
+    'nearly resolved',
+    'almost resolved',
+    'cannot be excluded',
+    'can not be excluded',
+    'not be excluded',
+    'not excluded',
+    'cannot be ruled out',
+    'not be ruled out',
+    'not ruled out',
+    'not seen on prior',
+    'not present on prior',
+    'not seen previously',
+    'not previously seen',
+)
+NEGATION_TERMINATION = (
+    'but',
+    'however',
+    'although',
+    'though',
+    'whereas',
+    'yet',
+    'nevertheless',
+    'except',
+    'aside from',
+    'apart from',
+    'which',
+    'there is',
+    'there are',
+    'there has been',
+)
+
+
+def _words(phrases: Sequence[str]) -> re.Pattern:
+  """Any of `phrases` as whole words, longest first."""
+  alts = '|'.join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
+  return re.compile(rf'(?<![\w-])(?:{alts})(?![\w-])')
+
+
+_PRE, _POST, _PSEUDO = _words(NEGATION_PRE), _words(NEGATION_POST), _words(NEGATION_PSEUDO)
+_CLAUSE_END = re.compile(r'[.;:!?](?!\d)|\n\s*\n|' + _words(NEGATION_TERMINATION).pattern)
+
+
+def mentions(text: str, target: str) -> tuple[int, int]:
+  """(affirmed, negated) mentions of `target` in `text`, case- and whitespace-insensitive; a
+  mention is the target at a word start ("pleural effusion" also finds "pleural effusions")."""
+  want = _norm(target)
+  if not want:
+    return 0, 0
+  found = re.compile(rf'(?<![\w-]){re.escape(want)}')
+  affirmed = negated = 0
+  for clause in _CLAUSE_END.split(text.lower()):
+    clause = _norm(clause)
+    cues = _PSEUDO.sub(lambda m: '_' * len(m.group()), clause)  # same length: offsets hold
+    pre = [m.end() for m in _PRE.finditer(cues)]
+    post = [m.start() for m in _POST.finditer(cues)]
+    for m in found.finditer(clause):
+      if any(p <= m.start() for p in pre) or any(q >= m.end() for q in post):
+        negated += 1
+      else:
+        affirmed += 1
+  return affirmed, negated
 
 
 def distinct_ngrams(text: str, n: int = 3) -> float:
@@ -158,8 +273,9 @@ class StudyInputs:
 def studies(
     path: str, ids: Sequence[str] = (), count: int | None = None, teacher_forcing: bool = False
 ) -> list[manifest.Study]:
-  """The manifest's studies named in `ids` (in that order), else its first `count` usable ones."""
-  rows = manifest.read(path, teacher_forcing)
+  """The manifest's studies named in `ids` (in that order), else its first `count` usable ones.
+  A bad study's error suggests --study (steer and evaluate have no --skip_bad)."""
+  rows = manifest.read(path, teacher_forcing, manifest.CHOOSE_FIX)
   if ids:
     by_id = {(r.study if isinstance(r, manifest.BadStudyError) else r.study_id): r for r in rows}
     unknown = [i for i in ids if i not in by_id]
@@ -334,6 +450,8 @@ CSV_FIELDS = (
     'markup_ok',
     'well_formed',
     'has_target',
+    'target_affirmed',
+    'target_negated',
     'phrases',
     'boxes',
     'distinct_3grams',
@@ -351,6 +469,7 @@ def row(
     g: Generation,
     target: str,
 ) -> dict[str, Any]:
+  affirmed, negated = mentions(g.parsed.plain, target) if target else ('', '')
   return {
       'study_id': study_id,
       'mode': mode,
@@ -362,7 +481,9 @@ def row(
       'finished': g.finished,
       'markup_ok': not g.parsed.problems,
       'well_formed': g.well_formed,
-      'has_target': contains(g.parsed.plain, target) if target else '',
+      'has_target': bool(affirmed) if target else '',  # negated mentions do not count
+      'target_affirmed': affirmed,
+      'target_negated': negated,
       'phrases': len(g.parsed.phrases),
       'boxes': g.parsed.boxes,
       'distinct_3grams': round(distinct_ngrams(g.parsed.plain), 4),
@@ -400,7 +521,8 @@ def sweep(
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per alpha (baseline first): studies, share with the target phrase, share well-formed."""
+  """Per alpha (baseline first): studies, share affirming the target phrase, share with a
+  negated mention of it, share well-formed."""
   groups: dict[Any, list] = {}
   for r in rows:
     groups.setdefault('baseline' if r['mode'] == 'baseline' else r['alpha'], []).append(r)
@@ -412,6 +534,11 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             'studies': len(rs),
             'target_rate': (
                 float(np.mean([bool(r['has_target']) for r in rs]))
+                if rs[0]['has_target'] != ''
+                else None
+            ),
+            'negated_rate': (
+                float(np.mean([bool(r['target_negated']) for r in rs]))
                 if rs[0]['has_target'] != ''
                 else None
             ),
@@ -445,7 +572,7 @@ def write_sweep(
   fig, ax = plt.subplots(figsize=(6.5, 4))
   series = [('well_formed_rate', 'well-formed', 'tab:blue')]
   if target:
-    series.insert(0, ('target_rate', f'contains "{target}"', 'tab:red'))
+    series.insert(0, ('target_rate', f'mentions "{target}" (not negated)', 'tab:red'))
   for key, label, colour in series:
     ax.plot(alphas, [s[key] for s in steered], 'o-', color=colour, label=label)
     ax.axhline(base[key], color=colour, ls='--', lw=0.8, label=f'{label} (baseline)')

@@ -1,15 +1,16 @@
 """Where training batches come from, checked before any compute.
 
-A source gives batch i as an array [B, d] and is deterministic in i. Training reads it through a
-grain iterator (`batches`) whose state, a position, is saved in every checkpoint, so a resumed run
-continues at the exact batch: the activation store's own pipeline (jaxsae.data.store_source), or
-for other sources a plain in-order one.
+A source gives batch i as an array [B, d] and is deterministic in i, and, for the evaluation, rows
+that no batch holds (`held_out`). Training reads it through a grain iterator (`batches`) whose
+state, a position, is saved in every checkpoint, so a resumed run continues at the exact batch:
+the activation store's own pipeline (jaxsae.data.store_source), or for other sources a plain
+in-order one.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import grain
 import jax
@@ -32,9 +33,16 @@ class ActivationSource(Protocol):
   batch_size: int  # rows of one batch (this process's rows, for the store)
   scale: float | None  # the activation scale if the data knows it (the store's); None: measure
   features: jax.Array | None  # planted ground-truth features [n, d] (synthetic data); else None
+  held_out_rows: int | None  # rows `held_out` can give; None: unlimited (generated data)
+  held_out_note: str  # where the held-out rows come from, for the summary
 
   def batch(self, index: int) -> jax.Array | np.ndarray:
     """Batch `index`, deterministic in `index`."""
+    ...
+
+  def held_out(self, tokens: int) -> Iterator[jax.Array | np.ndarray]:
+    """The first `tokens` rows (fewer if there are fewer) that no training batch holds, in a fixed
+    order, as pieces [n <= batch_size, d]: what the end-of-training evaluation reads."""
     ...
 
   def iterator(self) -> grain.DatasetIterator | None:

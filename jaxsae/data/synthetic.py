@@ -4,18 +4,26 @@ Each token is a sparse non-negative combination of unit "true features" with pow
 frequencies, optionally hierarchical (a child fires only together with its parent, the structure
 Matryoshka SAEs are meant to keep apart), plus Gaussian noise. Batch i is a pure function of
 (seed, i), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Held out: the data is generated, so "held-out" rows are fresh draws from the same distribution,
+batches from an index range training never reaches (from 2^31 on; training reads batch i at step
+i), not a reserved part of a fixed data set.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-__all__ = ['SyntheticSource', 'recovery']
+__all__ = ['SyntheticSource', 'recovery', 'HELD_OUT_START']
+
+HELD_OUT_START = 2**31  # the first held-out batch index; training steps stay below it
 
 
 class SyntheticSource:
@@ -41,6 +49,10 @@ class SyntheticSource:
     self.d, self.batch_size, self.n_features = d, batch_size, n_features
     self.mean_active, self.noise_std = mean_active, noise_std
     self.scale = None  # unknown in advance: training measures it on the first batches
+    self.held_out_rows = None  # unlimited: generated on demand
+    self.held_out_note = (
+        f'generated batches {HELD_OUT_START} and on (fresh draws; training reads batches from 0)'
+    )
     key = jax.random.PRNGKey(seed)
     k_feat, self._key = jax.random.split(key)
     feats = jax.random.normal(k_feat, (n_features, d), jnp.float32)
@@ -74,6 +86,16 @@ class SyntheticSource:
 
   def batch(self, index: int) -> jax.Array:
     return self._batch(jnp.asarray(index, jnp.uint32))
+
+  def held_out(self, tokens: int) -> Iterator[jax.Array]:
+    """`tokens` rows from batches no training step reads, in pieces of `batch_size` rows."""
+    left = tokens
+    for index in itertools.count(HELD_OUT_START):
+      if left <= 0:
+        return
+      x = self.batch(index)
+      yield x[:left] if left < len(x) else x
+      left -= len(x)
 
   def iterator(self) -> None:
     """None: batches are cheap and pure in their index, so the plain in-order pipeline serves."""

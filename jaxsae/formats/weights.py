@@ -18,16 +18,28 @@ Two layouts of one SAE, a directory each:
 
 Both describe encode(x) = a * (a > threshold) with a = relu((x - b_dec) W_enc + b_enc), and
 decode(a) = a W_dec + b_dec, on raw activations (jaxsae.weights folds the training scale in). The
-layout is detected from which weights file a directory holds. Files are written config first and
-weights last, each through a temporary file and a rename, so a weights file is never half written
-and never lacks its config.
+layout is detected from which weights file a directory holds.
+
+A directory appears complete or not at all: its files are written into a temporary sibling folder
+that one rename puts in place (swapped atomically with a previous export there), so a kill, a full
+disk or an error leaves the old export or the new one, never a config of one step beside the
+weights of another. jaxsae's exports also hold manifest.json (each file's size and SHA-256, the
+format version), which `read` verifies; other tools' exports, without one, still load.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import hashlib
+import importlib.metadata
 import json
 import os
+import re
+import secrets
+import shutil
+import stat
 from typing import Any, Mapping, Sequence
 
 import ml_dtypes
@@ -44,13 +56,17 @@ __all__ = [
     'DL_CONFIG',
     'SL_WEIGHTS',
     'SL_CONFIG',
+    'MANIFEST',
+    'MANIFEST_FORMAT',
     'PARAMS',
     'SAEWeights',
     'Metadata',
     'check_layout',
     'detect',
     'read',
+    'verify',
     'check_shapes',
+    'check_destination',
     'write',
     'write_files',
 ]
@@ -60,6 +76,9 @@ DL_WEIGHTS, DL_CONFIG = 'ae.safetensors', 'config.json'
 SL_WEIGHTS, SL_CONFIG = 'sae_weights.safetensors', 'cfg.json'
 FILES = {'dictionary_learning': (DL_WEIGHTS, DL_CONFIG), 'saelens': (SL_WEIGHTS, SL_CONFIG)}
 PARAMS = ('W_enc', 'b_enc', 'W_dec', 'b_dec')
+MANIFEST, MANIFEST_FORMAT = 'manifest.json', 'jaxsae-weights/1'
+# What a folder may hold for a new export to replace it: an export's files, of either layout.
+_EXPORT_FILES = frozenset({DL_WEIGHTS, DL_CONFIG, SL_WEIGHTS, SL_CONFIG, MANIFEST})
 
 _EXPORT_HINT = (
     'Export them with `python -m jaxsae.export_weights --workdir=... --out=DIR '
@@ -131,10 +150,11 @@ def detect(path: str) -> str:
 
 def read(path: str) -> SAEWeights:
   """The SAE in directory `path` (either layout), checked for shape consistency."""
+  verify(path)  # before anything is parsed: a missing, truncated or changed file is named as such
   layout = detect(path)
   weights_name, config_name = FILES[layout]
   weights_file = os.path.join(path, weights_name)
-  cfg = _read_json(os.path.join(path, config_name), weights_file)
+  cfg = _read_config(os.path.join(path, config_name), weights_file)
   if layout == 'saelens' and cfg.get('architecture') != 'jumprelu':
     raise ConfigError(
         f'{os.path.join(path, config_name)}: architecture '
@@ -264,7 +284,7 @@ def write(
         },
     }
   weights_name, config_name = FILES[layout]
-  return write_files(out, weights_name, tensors, config_name, cfg)
+  return write_files(out, weights_name, tensors, config_name, cfg, manifest=True)
 
 
 def write_files(
@@ -273,32 +293,276 @@ def write_files(
     tensors: Mapping[str, np.ndarray],
     config_name: str,
     cfg: Mapping[str, Any],
+    *,
+    manifest: bool = False,
 ) -> str:
-  """Config first, weights last, each via a temporary file and a rename: never half a file.
-  Returns the weights file's path."""
-  os.makedirs(out, exist_ok=True)
-  for name, payload in ((config_name, None), (weights_name, tensors)):
-    tmp = os.path.join(out, name + '.tmp')
-    if payload is None:
-      with open(tmp, 'w') as f:
-        json.dump(cfg, f, indent=2)
-    else:
-      save_file({k: np.array(v, order='C') for k, v in payload.items()}, tmp)  # keeps 0-d
-    os.replace(tmp, os.path.join(out, name))
+  """Make directory `out` hold exactly these two files (and, with `manifest`, their manifest.json),
+  or leave it as it was: they are written into a temporary sibling folder that one rename puts at
+  `out`. A previous export there is replaced; a folder holding anything else is refused. Returns
+  the weights file's path."""
+  target = os.path.realpath(out)
+  existed = check_destination(out)
+  arrays = {k: np.array(v, order='C') for k, v in tensors.items()}  # np.array keeps 0-d
+  config_bytes = json.dumps(cfg, indent=2).encode()
+  needed = sum(a.nbytes for a in arrays.values()) + len(config_bytes) + 2**16
+  parent, tmp = os.path.dirname(target), None
+  try:
+    os.makedirs(parent, exist_ok=True)
+    _clean_leftovers(target)
+    if shutil.disk_usage(parent).free < needed:  # refused before writing anything
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), parent)
+    tmp = _sibling(target, 'tmp')
+    os.mkdir(tmp)  # the umask's mode, like any folder the user makes (mkdtemp would give 0700)
+    _write_folder(tmp, weights_name, arrays, config_name, config_bytes, manifest)
+    _swap_in(tmp, target)
+  except (OSError, safetensors.SafetensorError) as e:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise _write_error(out, parent, e, existed, needed) from None
+  except BaseException:
+    if tmp is not None:
+      shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return os.path.join(out, weights_name)
 
 
-def _read_json(path: str, weights_file: str) -> dict:
+def verify(path: str) -> dict | None:
+  """Check directory `path`'s files against its manifest.json: the manifest, or None where there is
+  none (an export by another tool). A missing, truncated or altered file is a ConfigError."""
+  manifest_file = os.path.join(path, MANIFEST)
+  if not os.path.exists(manifest_file):
+    return None
+  redo = (
+      f'Re-export it with `python -m jaxsae.export_weights --workdir=<training dir> --out={path}`.'
+  )
+  m = _read_json(manifest_file, redo)
+  files = m.get('files')
+  if m.get('format') != MANIFEST_FORMAT or not isinstance(files, dict):
+    raise ConfigError(
+        f'{manifest_file} has format {m.get("format")!r}; this version of jaxsae reads '
+        f'{MANIFEST_FORMAT!r} (with a "files" table). Upgrade jaxsae, or: {redo}'
+    )
+  for name, want in files.items():
+    want = want if isinstance(want, dict) else {}
+    file = os.path.join(path, name)
+    if name != os.path.basename(name) or name in ('', '.', '..'):
+      raise ConfigError(f'{manifest_file} lists {name!r}, which is not a file name. {redo}')
+    if not os.path.exists(file):
+      raise ConfigError(f'{file} is missing, though {manifest_file} lists it. {redo}')
+    got = {'bytes': os.path.getsize(file)}
+    if got['bytes'] == want.get('bytes'):
+      got['sha256'] = _sha256(file)
+    for key in ('bytes', 'sha256'):
+      if key in got and got[key] != want.get(key):
+        raise ConfigError(
+            f'{file} does not match {manifest_file}: {key} expected {want.get(key)}, got '
+            f'{got[key]}; it was truncated or changed after the export. {redo}'
+        )
+  return m
+
+
+def check_destination(out: str) -> bool:
+  """Whether an export is already at `out` (to be replaced); a ConfigError if something else is
+  there. Writers call it before any work, `write_files` again before writing."""
+  target = os.path.realpath(out)
+  if not os.path.lexists(target):
+    return False
+  if not os.path.isdir(target):
+    raise ConfigError(
+        f'{out} exists and is not a folder; an SAE export is a folder. Choose another output '
+        'folder, or move it away.'
+    )
+  entries = os.listdir(target)
+  other = sorted(set(entries) - _EXPORT_FILES)
+  if other:
+    shown = ', '.join(other[:5]) + (f' and {len(other) - 5} more' if len(other) > 5 else '')
+    raise ConfigError(
+        f'{out} holds {shown}, which is not part of an SAE export; an export replaces the whole '
+        'folder, so nothing was written. Choose a new or empty output folder, or move those away.'
+    )
+  return bool(entries)
+
+
+def _write_folder(
+    folder: str,
+    weights_name: str,
+    arrays: Mapping[str, np.ndarray],
+    config_name: str,
+    config_bytes: bytes,
+    manifest: bool,
+) -> None:
+  """The export's files, each flushed to disk before the folder is renamed into place."""
+  config_file, weights_file = os.path.join(folder, config_name), os.path.join(folder, weights_name)
+  _write_bytes(config_file, config_bytes)
+  save_file(arrays, weights_file)
+  os.chmod(weights_file, stat.S_IMODE(os.stat(config_file).st_mode))  # safetensors makes it 0600
+  _fsync(weights_file)
+  if manifest:
+    files = {
+        name: {'bytes': os.path.getsize(f), 'sha256': _sha256(f)}
+        for name, f in ((config_name, config_file), (weights_name, weights_file))
+    }
+    record = {'format': MANIFEST_FORMAT, 'jaxsae_version': _version(), 'files': files}
+    _write_bytes(os.path.join(folder, MANIFEST), json.dumps(record, indent=2).encode())
+  _fsync(folder)
+
+
+def _swap_in(tmp: str, target: str) -> None:
+  """Put folder `tmp` at `target` in one step: a rename, or an exchange with what is there (whose
+  old contents are then removed). Where exchanging is unsupported, the old folder is renamed aside
+  first; a run killed in between leaves it aside, and the next write puts it back."""
+  if not os.path.lexists(target):
+    os.rename(tmp, target)
+  elif _exchange(tmp, target):
+    shutil.rmtree(tmp, ignore_errors=True)  # now the previous export
+  else:
+    old = _sibling(target, 'old')
+    os.rename(target, old)
+    try:
+      os.rename(tmp, target)
+    except OSError:
+      os.rename(old, target)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+  _fsync(os.path.dirname(target))
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swap paths `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError, TypeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # this filesystem or kernel cannot
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def _sibling(target: str, kind: str) -> str:
+  """A hidden temporary folder name beside `target`, recognisable as this module's leftover."""
+  parent, base = os.path.split(target)
+  return os.path.join(parent, f'.{base}.jaxsae-{kind}.{os.getpid()}.{secrets.token_hex(4)}')
+
+
+def _clean_leftovers(target: str) -> None:
+  """What writes killed mid-way left beside `target`: half-written folders are removed; a previous
+  export that the fallback swap had moved aside is put back if nothing replaced it. Folders of
+  writes still running (their process is alive) are left alone."""
+  parent, base = os.path.split(target)
+  pattern = re.compile(rf'\.{re.escape(base)}\.jaxsae-(tmp|old)\.(\d+)\.[0-9a-f]{{8}}')
+  for name in sorted(os.listdir(parent), key=lambda n: 'old' not in n):  # restore before removing
+    match = pattern.fullmatch(name)
+    if match is None or _alive(int(match[2])):
+      continue
+    path = os.path.join(parent, name)
+    if match[1] == 'old' and not os.path.lexists(target):
+      os.rename(path, target)
+    else:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return False  # this process's own leftover: its write has ended
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _write_error(
+    out: str, parent: str, error: Exception, existed: bool, needed: int
+) -> ConfigError:
+  kept = 'the previous export there is intact' if existed else 'nothing was written there'
+  text = str(error)
+  full = getattr(error, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or any(
+      s in text for s in ('No space left on device', 'Disk quota exceeded')
+  )
+  if full:
+    try:
+      free = f'{_size(shutil.disk_usage(parent).free)} free'
+    except OSError:
+      free = 'free space unknown'
+    return ConfigError(
+        f'the disk is full: no space left on the device for the SAE export at {out} (it needs '
+        f'about {_size(needed)}; {parent} has {free}, or no free inodes). Nothing was changed at '
+        f'{out}: {kept}. Free some space, or export to a folder on another disk.'
+    )
+  return ConfigError(f'cannot write the SAE export at {out}: {text}. Nothing was changed: {kept}.')
+
+
+def _size(n: int) -> str:
+  for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
+    if n < 1024 or unit == 'GiB':
+      return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n:.1f} TiB'
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync(path: str) -> None:
+  """Flush a file or folder to disk (a folder: the names in it), where the platform allows."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # some filesystems cannot fsync a directory
+  finally:
+    os.close(fd)
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _version() -> str:
+  try:
+    return importlib.metadata.version('jaxsae')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown'
+
+
+def _read_config(path: str, weights_file: str) -> dict:
   if not os.path.exists(path):
     raise ConfigError(
         f'{path} is missing: the weights in {weights_file} come with their config '
         f'file. Copy it beside them, or re-export. {_EXPORT_HINT}'
     )
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f'{path} is not valid JSON ({e}); re-export the weights.') from None
+  return _read_json(path, f'Re-export the weights. {_EXPORT_HINT}')
+
+
+def _read_json(path: str, fix: str) -> dict:
+  """A JSON object from `path`, or a ConfigError naming the file and `fix`."""
+  try:
+    with open(path, 'rb') as f:
+      value = json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}): truncated or corrupt. {fix}') from None
+  except OSError as e:
+    raise ConfigError(f'cannot read {path}: {e}. {fix}') from None
+  if not isinstance(value, dict):
+    raise ConfigError(f'{path} holds a JSON {type(value).__name__}, not an object. {fix}')
+  return value
 
 
 # numpy lacks bfloat16: such files are read from the raw buffers, typed by ml_dtypes.
@@ -314,17 +578,23 @@ _RAW_DTYPES = {
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
   try:
-    return load_file(path)
-  except TypeError:  # a dtype numpy does not know
-    with open(path, 'rb') as f:
-      raw = safetensors.deserialize(f.read())
-    unknown = sorted({v['dtype'] for _, v in raw} - set(_RAW_DTYPES))
-    if unknown:
-      raise ConfigError(
-          f'{path} holds tensors of dtype {unknown}; jaxsae reads '
-          f'{sorted(_RAW_DTYPES)}. Save the SAE in float32.'
-      ) from None
-    return {
-        n: np.frombuffer(v['data'], _RAW_DTYPES[v['dtype']]).reshape(v['shape']).copy()
-        for n, v in raw
-    }
+    try:
+      return load_file(path)
+    except TypeError:  # a dtype numpy does not know
+      with open(path, 'rb') as f:
+        raw = safetensors.deserialize(f.read())
+  except (safetensors.SafetensorError, OSError) as e:
+    raise ConfigError(
+        f'{path} cannot be read as safetensors ({e}): the file is empty, truncated or corrupt. '
+        f'Re-export it, or copy it again from where it came from. {_EXPORT_HINT}'
+    ) from None
+  unknown = sorted({v['dtype'] for _, v in raw} - set(_RAW_DTYPES))
+  if unknown:
+    raise ConfigError(
+        f'{path} holds tensors of dtype {unknown}; jaxsae reads '
+        f'{sorted(_RAW_DTYPES)}. Save the SAE in float32.'
+    )
+  return {
+      n: np.frombuffer(v['data'], _RAW_DTYPES[v['dtype']]).reshape(v['shape']).copy()
+      for n, v in raw
+  }

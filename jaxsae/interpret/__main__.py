@@ -10,12 +10,11 @@ import json
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxsae import host_memory
-from jaxsae.config import ConfigError
+from jaxsae import cli, host_memory
 from jaxsae.interpret import llm, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,21 +30,34 @@ def main(argv):
   host_memory.reuse_freed_memory()  # before JAX's thread pools start (see its docstring)
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('jaxsae').setLevel(logging.INFO)
-  try:
-    summary = pipeline.run(_CONFIG.value, _WEIGHTS.value, _OUT.value)
-  except (ConfigError, llm.LLMConfigError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  summary = pipeline.run(_CONFIG.value, _WEIGHTS.value, _OUT.value)
   print(json.dumps({k: v for k, v in summary.items() if k != 'sae_config'}, indent=1))
-  if summary['failed']:
+  print(f'feature browser: {summary["index"]}')
+  return _failures(summary)
+
+
+def _failures(summary: dict) -> int:
+  """Exit status: 1 when features were tried and none got an explanation, else 0; failures
+  are counted either way, with where their errors are."""
+  failed = len(summary['failed'])
+  if not failed:
+    return 0
+  tried = failed + summary['explained']
+  where = f'errors in {summary["errors"]}; '
+  if summary['explained']:
     print(
-        f'{len(summary["failed"])} features could not be explained (LLM errors); rerun to '
-        'retry them.',
+        f'{failed} of {tried} features could not be explained (LLM errors; {where}rerun to '
+        'retry them).',
         file=sys.stderr,
     )
-  print(f'feature browser: {summary["index"]}')
-  return 0
+    return 0
+  print(
+      f'error: all {failed} features failed to get an explanation ({where}check the LLM '
+      'server and interpret.llm.*, then rerun: finished stages are kept).',
+      file=sys.stderr,
+  )
+  return 1
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, errors=(llm.LLMConfigError,))

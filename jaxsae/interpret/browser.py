@@ -22,9 +22,10 @@ arrive in any order and are never held together, prev / next are resolved in the
 package's own `static/` files (package data), copied byte for byte.
 
 Heatmap images are referenced, not copied: `image_file` is relative to `out_dir` (as in
-records.Heatmap); a missing file is dropped at write time (the grid is drawn alone) so pages never
-produce "failed to load resource" errors. The patch grid is stretched over the whole image, so the
-image should be the one the model saw (after its resize / crop).
+records.Heatmap; the pipeline names them by jaxsae.formats.names.encode(study id), URL-quoted
+here). A name outside `out_dir` or a missing file is dropped at write time (the grid is drawn
+alone) so pages never produce "failed to load resource" errors. The patch grid is stretched over
+the whole image, so the image should be the one the model saw (after its resize / crop).
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
   scores = [r[6] for r in rows if r[6] is not None]
   counts = [
       ('features', f'{n:,}'),
-      ('live', f'{n - dead:,}'),
-      ('dead', f'{dead:,}'),
+      ('fired in the store', f'{n - dead:,}'),
+      ('never fired in the store', f'{dead:,}'),
       ('explained', f'{explained:,}'),
   ]
   if scores:
@@ -194,7 +195,7 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
 <p class="counts" id="counts">{counts_html}</p></header>
 <div class="controls">
 <input type="search" id="search" placeholder="search explanation, top tokens, or #id" autofocus>
-<label><input type="checkbox" id="show-dead"> include dead features</label>
+<label><input type="checkbox" id="show-dead"> include features that never fired</label>
 <span id="status"></span>
 <button type="button" id="prev-page">&larr; prev</button>
 <button type="button" id="next-page">next &rarr;</button>
@@ -391,15 +392,19 @@ def _heatmap_html(hm: Heatmap, out_dir: str) -> str:
 
 
 def _image_src(image_file: str, out_dir: str) -> str:
-  """The image's URL from a feature page, or '' when there is no such file."""
+  """The image's URL from a feature page, or '' when there is no such file. A relative name is
+  URL-quoted whole (the pipeline's names hold `%XX` escapes: `%` -> `%25`), and one that would
+  leave `out_dir` (`../x`) is dropped."""
   if not image_file:
     return ''
-  path = image_file if os.path.isabs(image_file) else os.path.join(out_dir, image_file)
-  if not os.path.isfile(path):
-    return ''
   if os.path.isabs(image_file):
-    return pathlib.Path(image_file).as_uri()
-  return '../' + urllib.parse.quote(pathlib.PurePath(image_file).as_posix())
+    return pathlib.Path(image_file).as_uri() if os.path.isfile(image_file) else ''
+  rel = os.path.normpath(image_file)
+  if rel == os.curdir or rel.split(os.sep)[0] == os.pardir:
+    return ''
+  if not os.path.isfile(os.path.join(out_dir, rel)):
+    return ''
+  return '../' + urllib.parse.quote(pathlib.PurePath(rel).as_posix())
 
 
 def _examples_html(examples: Sequence[Example] | None, scale: float) -> str:

@@ -276,7 +276,7 @@ def build(
           'feature': f,
           'density': n / max(result.tokens, 1),
           'count': n,
-          'mean': float(total[f] / n) if n else 0.0,
+          'mean': float(total[f]) / n if n else 0.0,  # in float64 whatever the table's dtype
           'max': float(mx[f]),
           'kind_counts': {k: int(v) for k, v in zip(TOKEN_KINDS, result.get('kinds')[:, f])},
           'histogram': _occupied(edges, result.get('hist')[f]),

@@ -378,6 +378,7 @@ class RunResult:
   new: int  # features explained by this run
   dead: int  # features skipped for having no top examples
   failed: list[int]  # features whose LLM calls failed after retries
+  errors: dict[int, str] = dataclasses.field(default_factory=dict)  # failed feature -> message
 
 
 def run(
@@ -431,7 +432,7 @@ def run(
   kw = dict(
       n_top=n_top, n_quantile=n_quantile, score_batch=score_batch, seed=seed, max_tokens=max_tokens
   )
-  failed: list[int] = []
+  errors: dict[int, str] = {}
   new = finished = 0
   pool = cf.ThreadPoolExecutor(concurrency, thread_name_prefix='explain')
   futures: dict[cf.Future, int] = {}
@@ -459,7 +460,7 @@ def run(
               e,
               cache_path,
           )
-          failed.append(feature)
+          errors[feature] = str(e)
         else:
           append_jsonl(cache_path, dict(explanation))
           results[feature] = explanation
@@ -470,17 +471,19 @@ def run(
     clean = True
   finally:
     pool.shutdown(wait=clean, cancel_futures=True)
+  failed = sorted(errors)
   if failed:
     log.warning(
         '%d feature(s) failed and are not in %s; rerun to retry them: %s',
         len(failed),
         cache_path,
-        sorted(failed)[:20],
+        failed[:20],
     )
   return RunResult(
       explanations=[results[f] for f in sorted(results)],
       cached=counts['cached'],
       new=new,
       dead=counts['dead'],
-      failed=sorted(failed),
+      failed=failed,
+      errors={f: errors[f] for f in failed},
   )

@@ -5,17 +5,26 @@ hosted providers serve, so one small client covers them all without a new depend
 transformers model lives in `jaxsae.bridge.local_llm` (the bridge is the only place torch may be
 imported). The API key is read from the environment variable *named* in the config at each request
 and is never stored on the client, logged, or put into an error message.
+
+Redirects are never followed. A chat-completions POST that gets a 3xx would be resent as a GET
+(urllib's rule for 301-303), so it could not succeed even on the same server, and following one to
+another origin would hand that host the `Authorization` header and accept its answer. Any 3xx is
+therefore an `LLMConfigError` naming both URLs (the key went only to the configured one). A
+plain-http base URL to a host other than loopback gets one warning: the key travels unencrypted.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Protocol
 
@@ -23,6 +32,9 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 409, 429})  # plus every 5xx
 CONFIG_STATUSES = frozenset({401, 403, 404})  # wrong key, URL or model: no request can succeed
+_WARNED: set[str] = set()  # plain-http URLs already warned about (once per process)
+_WARNED_LOCK = threading.Lock()
+_PORTS = {'http': 80, 'https': 443}
 
 
 class LLMError(RuntimeError):
@@ -55,6 +67,53 @@ def _retry_after(value: str | None) -> float | None:
   except ValueError:
     return None
   return max(seconds, 0.0)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+  """Hands every 3xx back as an HTTPError instead of following it (see the module docstring)."""
+
+  def redirect_request(self, req, fp, code, msg, headers, newurl):
+    return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)  # shared: it holds no per-request state
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+  """(scheme, host, port) with the scheme's default port filled in: what "same origin" compares."""
+  p = urllib.parse.urlsplit(url)
+  try:
+    port = p.port
+  except ValueError:  # a malformed port (in a server's Location, say): no origin matches it
+    return p.scheme.lower(), p.netloc.lower(), -1
+  return p.scheme.lower(), (p.hostname or '').lower(), port or _PORTS.get(p.scheme.lower())
+
+
+def is_loopback(host: str) -> bool:
+  """localhost or a loopback address (no DNS lookup)."""
+  if host == 'localhost' or host.endswith('.localhost'):
+    return True
+  try:
+    return ipaddress.ip_address(host.strip('[]')).is_loopback
+  except ValueError:
+    return False
+
+
+def _warn_plain_http(url: str, api_key_env: str) -> None:
+  scheme, host, _ = origin(url)
+  if scheme != 'http' or is_loopback(host):
+    return
+  with _WARNED_LOCK:
+    if url in _WARNED:
+      return
+    _WARNED.add(url)
+  log.warning(
+      'interpret.llm.base_url %s is plain http to %s, not loopback: the API key in $%s and the '
+      'prompts travel unencrypted. Use https, or an SSH tunnel to localhost.',
+      url,
+      host,
+      api_key_env,
+  )
 
 
 def _server_message(body: bytes) -> str:
@@ -114,6 +173,7 @@ class OpenAIChat:
     self.backoff_s = float(backoff_s)
     self.max_backoff_s = float(max_backoff_s)
     self.name = f'openai:{model}'
+    _warn_plain_http(self.url, api_key_env)
 
   def __repr__(self) -> str:
     return f'OpenAIChat(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})'
@@ -154,11 +214,13 @@ class OpenAIChat:
       retry_after = None
       request = urllib.request.Request(self.url, data=body, headers=headers, method='POST')
       try:
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with _OPENER.open(request, timeout=self.timeout_s) as response:
           raw = response.read()
         return self._content(raw, key)
       except urllib.error.HTTPError as e:
         status = e.code
+        if 300 <= status < 400:
+          raise self._redirected(status, e.headers, key) from None
         try:
           detail = self._redact(_server_message(e.read()), key)
         except (OSError, http.client.HTTPException):
@@ -191,6 +253,29 @@ class OpenAIChat:
         'server up and the model served? Raise interpret.llm.max_retries or '
         'interpret.llm.timeout_s, or lower interpret.llm.concurrency if rate-limited.',
         None,
+    )
+
+  def _redirected(self, status: int, headers, key: str | None) -> LLMConfigError:
+    """The error for a 3xx: never followed, with the key or without it."""
+    location = headers.get('Location') if headers else None
+    if not location:
+      return LLMConfigError(
+          f'{self.url} answered HTTP {status} (a redirect) without a Location; '
+          'redirects are not followed. Check interpret.llm.base_url.',
+          status,
+      )
+    target = self._redact(urllib.parse.urljoin(self.url, location), key)
+    if origin(target) != origin(self.url):
+      why = (
+          'to another origin (scheme, host or port differ); it was not followed and the API '
+          f'key in ${self.api_key_env} was not sent there'
+      )
+    else:
+      why = 'on the same server; it was not followed (a POST redirected would arrive as a GET)'
+    return LLMConfigError(
+        f'{self.url} answered HTTP {status}, redirecting to {target} {why}. If you trust '
+        f'{target}, set interpret.llm.base_url to it.',
+        status,
     )
 
   def _content(self, raw: bytes, key: str | None) -> str:

@@ -8,7 +8,10 @@ Layout of `out`:
   stats.npz            per-feature count, density, mean, max, kind counts, histogram
   features.jsonl       one FeatureRecord per feature (jaxsae/interpret/records.py)
   explanations.jsonl   one Explanation per explained feature (the cache)
-  images/              the X-rays that heatmaps are drawn over
+  explain_errors.jsonl {"feature", "error"} per feature the last run could not explain (retried
+                       by the next run; absent when none failed)
+  images/              the X-rays that heatmaps are drawn over, one file per study and image,
+                       named by jaxsae.formats.names.encode(study id) (`..` or `/` stay inside)
   index.html, features/, static/   the feature browser (open index.html)
   summary.json         what was done, with the statistics throughput
 """
@@ -25,57 +28,23 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxsae import config as config_lib
 from jaxsae import weights
-from jaxsae.formats import store
+from jaxsae.formats import names, store
 from jaxsae.config import ConfigError
 from jaxsae.interpret import browser, examples, explain, llm, records, stats
 
 log = logging.getLogger(__name__)
 
+IMAGES = 'images'
+ERRORS = 'explain_errors.jsonl'  # why each feature of the last run failed (absent: none did)
+
 
 def validate(c: ml_collections.ConfigDict) -> None:
+  """The interpret settings' types and ranges (`config.validate_interpret`), then what only this
+  command needs before any work: an LLM to ask, and the store."""
+  config_lib.validate_interpret(c)
   i = c.interpret
-  positive = (
-      'batch_size',
-      'top_examples',
-      'reservoir',
-      'n_quantiles',
-      'per_quantile',
-      'histogram_bins_per_octave',
-      'checkpoint_every',
-      'negative_pool',
-      'score_batch',
-      'llm.concurrency',
-      'llm.max_new_tokens',
-  )
-  bad = [f'interpret.{k}={i[k]}' for k in positive if not i[k] > 0]
-  bad += [
-      f'interpret.{k}={i[k]}'
-      for k in (
-          'heatmaps',
-          'n_negatives',
-          'context_before',
-          'context_after',
-          'row_capacity',
-          'n_top',
-          'n_quantile',
-          'llm.max_retries',
-      )
-      if i[k] < 0
-  ]
-  if bad:
-    raise ConfigError(
-        f'{", ".join(bad)}: must be positive (or >= 0 for heatmaps, n_negatives, '
-        'context_*, row_capacity, n_top, n_quantile, llm.max_retries).'
-    )
-  if i.explain and i.n_top + i.n_quantile == 0:
-    raise ConfigError(
-        'interpret.n_top and interpret.n_quantile are both 0: the explainer needs ' 'examples.'
-    )
-  if i.explain and i.llm.backend not in ('openai', 'local'):
-    raise ConfigError(
-        f"interpret.llm.backend must be 'openai' or 'local', got " f'{i.llm.backend!r}.'
-    )
   if i.explain and i.llm.backend == 'openai' and not i.llm.model:
     raise ConfigError(
         'interpret.llm.model is empty: name the model the server at '
@@ -145,32 +114,44 @@ class _Images:
     path = getattr(s, examples.IMAGE_FIELDS[image], None) if s is not None else None
     if not path or not os.path.exists(path):
       return ''
-    name = os.path.join('images', f'{study["study_id"]}_{image}.png')
-    if not os.path.exists(os.path.join(self.out, name)):
-      os.makedirs(os.path.join(self.out, 'images'), exist_ok=True)
+    name = image_name(study['study_id'], image)
+    target = os.path.join(self.out, name)
+    if not os.path.exists(target):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
       with Image.open(path) as im:
         im = im.convert('L')
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
+        tmp = target + '.tmp'  # renamed into place whole: a killed run leaves no torn PNG
         im.crop((left, top, left + side, top + side)).resize((self.size, self.size)).save(
-            os.path.join(self.out, name)
+            tmp, format='PNG'
         )
+        os.replace(tmp, target)
     return name
 
 
+def image_name(study_id: str, image: int) -> str:
+  """`images/<study id as a safe file name>_<image>.png`, relative to `out` (never outside it)."""
+  return os.path.join(IMAGES, f'{names.encode(study_id)}_{int(image)}.png')
+
+
 def _stats_npz(out: str, r: stats.Result) -> None:
-  count = r.get('count')
-  np.savez(
-      os.path.join(out, 'stats.npz'),
-      count=count,
-      density=count / max(r.tokens, 1),
-      mean=np.where(count > 0, r.get('total') / np.maximum(count, 1), 0.0),
-      max=r.get('max'),
-      kind_counts=r.get('kinds'),
-      histogram=r.get('hist'),
-      histogram_edges=stats.histogram_edges(r.sizes),
-      tokens=r.tokens,
-  )
+  """Fixed dtypes: tables fresh from the pass and restored from its checkpoint differ in theirs."""
+  count = r.get('count').astype(np.int64)
+  path = os.path.join(out, 'stats.npz')
+  with open(path + '.tmp', 'wb') as f:  # renamed into place whole, like every output here
+    np.savez(
+        f,
+        count=count,
+        density=count / max(r.tokens, 1),
+        mean=np.where(count > 0, r.get('total').astype(np.float64) / np.maximum(count, 1), 0.0),
+        max=r.get('max').astype(np.float32),
+        kind_counts=r.get('kinds').astype(np.int64),
+        histogram=r.get('hist').astype(np.int64),
+        histogram_edges=stats.histogram_edges(r.sizes),
+        tokens=r.tokens,
+    )
+  os.replace(path + '.tmp', path)
 
 
 def run(
@@ -202,11 +183,7 @@ def run(
       'manifest': c.export.manifest,
   }
   stamp_path = features + '.stamp.json'
-  fresh = (
-      os.path.exists(features)
-      and os.path.exists(stamp_path)
-      and json.load(open(stamp_path)) == json.loads(json.dumps(stamp))
-  )
+  fresh = os.path.exists(features) and _read_json(stamp_path) == json.loads(json.dumps(stamp))
   if not fresh:
     t0 = time.perf_counter()
     tokenizer = examples.load_tokenizer(c.model.name)
@@ -219,8 +196,7 @@ def run(
       for rec in examples.build(c, source, params, result, tokenizer, _Images(c, out), promoted):
         f.write(json.dumps(rec) + '\n')
     os.replace(tmp, features)
-    with open(stamp_path, 'w') as f:
-      json.dump(stamp, f)
+    _write_json(stamp_path, stamp)
     log.info('feature records: %d in %.1f s', F, time.perf_counter() - t0)
 
   # ---- explanations and detection scores -------------------------------------------------------
@@ -249,6 +225,7 @@ def run(
     )
     explained = {e['feature']: e for e in done.explanations}
     failed = list(done.failed)
+    _write_errors(os.path.join(out, ERRORS), done.errors)
   else:
     explained = {
         e['feature']: e for e in records.read_jsonl(os.path.join(out, records.EXPLANATIONS))
@@ -261,13 +238,15 @@ def run(
       'weights': os.path.abspath(weights_dir),
       'store': os.path.abspath(c.data.store_path),
       'features': F,
-      'dead': int((count == 0).sum()),
+      **stats.held_out_dead(c, source, params),
+      'never_fired_in_store': int((count == 0).sum()),
       'tokens': result.tokens,
       'statistics_seconds': round(result.seconds, 2),
       'statistics_tokens_per_s': round(rate, 1),
       'redone_batches': result.redone_batches,
       'explained': len(explained),
       'failed': failed,
+      'errors': os.path.abspath(os.path.join(out, ERRORS)) if failed else None,
       'mean_detection_score': float(np.mean(scores)) if scores else None,
       'llm': (
           f'{c.interpret.llm.backend}:{c.interpret.llm.model or c.model.name}'
@@ -280,12 +259,40 @@ def run(
       records.read_jsonl(features),
       explained,
       title=f'SAE features: {os.path.basename(os.path.abspath(weights_dir))}',
-      meta={k: v for k, v in summary.items() if k != 'failed'},
+      meta={k: v for k, v in summary.items() if k not in ('failed', 'errors')},
   )
   summary['index'] = os.path.abspath(index)
   summary['sae_config'] = {
       k: sae_cfg.get(k) for k in ('k', 'dict_size', 'activation_dim') if k in sae_cfg
   }
-  with open(os.path.join(out, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  _write_json(os.path.join(out, 'summary.json'), summary)
   return summary
+
+
+def _write_errors(path: str, errors: dict[int, str]) -> None:
+  """The last run's failures, replacing an earlier run's (none: the file goes)."""
+  if not errors:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  with open(path + '.tmp', 'w') as f:
+    for feature in sorted(errors):
+      f.write(json.dumps({'feature': feature, 'error': errors[feature]}) + '\n')
+  os.replace(path + '.tmp', path)
+
+
+def _read_json(path: str) -> Any:
+  """The file's JSON, or None when it is missing or damaged (then the stage is redone)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Written whole or not at all (a killed run never leaves half a file)."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)

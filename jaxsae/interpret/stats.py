@@ -36,8 +36,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsae import model, sharding
+from jaxsae import metrics, model, sharding
 from jaxsae.config import ConfigError
+from jaxsae.formats import split as split_lib
 from jaxsae.formats.store import ActivationStore
 from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
@@ -455,3 +456,30 @@ def compute(
   if n_batches or tables is None:
     tables, meta = save(rows_end)
   return Result(tables, meta['tokens'], sizes, meta['seconds'], meta['redone_batches'])
+
+
+def held_out_dead(
+    c: ml_collections.ConfigDict, source: ActivationStore, params: dict[str, np.ndarray]
+) -> dict[str, Any]:
+  """Dead latents by the one definition (jaxsae.metrics): firing on none of the first
+  train.eval_tokens held-out rows of the store (data.held_out_fraction's split), encoded as
+  `update` does, with the raw-activation weights. The statistics pass covers every row, training
+  ones included, so its zero counts are not this figure; with no held-out rows it is None."""
+  sp = split_lib.split(source.studies(), c.data.held_out_fraction)
+  ids = sp.first_rows(c.train.eval_tokens)
+  p = {k: jnp.asarray(params[k], jnp.float32) for k in ('W_enc', 'b_enc', 'b_dec')}
+  p['threshold'] = jnp.asarray(params['threshold'], jnp.float32)
+  fires_of = jax.jit(
+      lambda p, x: jnp.sum(model.jumprelu(model.pre_activations(p, x), p['threshold']) > 0, 0)
+  )
+  fires = np.zeros(p['W_enc'].shape[1], np.int64)
+  for lo in range(0, len(ids), c.interpret.batch_size):
+    fires += np.asarray(fires_of(p, source.read(ids[lo : lo + c.interpret.batch_size])))
+  if not len(ids):
+    return {
+        'dead_fraction': None,
+        'dead_latents': None,
+        'dead_over_tokens': 0,
+        'dead_on': sp.describe(),
+    }
+  return {**metrics.dead_latents(fires, len(ids)), 'dead_on': sp.describe()}

@@ -244,7 +244,7 @@ def _repeated_manifest(demo_dir, tmp_path, times):
 
 
 @pytest.mark.slow
-def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path):
+def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path, faults):
   demo_dir, _ = demo
   path, ids = _repeated_manifest(demo_dir, tmp_path, 20)  # 320 studies, a few seconds of work
   small = {
@@ -278,6 +278,7 @@ def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path):
   kills = kill_repeatedly(args, committed, 3, random.Random(1), window=(0.0, 0.5))
   print(f'killed {kills} times; committed studies seen: {progress}')
   assert kills >= 2 and progress[-1] < len(ids), f'not killed mid-export: {kills} kills, {progress}'
+  faults.inject('kill -9 during export_activations', kills)
   r = run_cli(args)
   assert r.returncode == 0, r.stderr[-3000:]
   a, b = store.open_store(str(tmp_path / 'clean')), store.open_store(str(killed))

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -120,6 +121,98 @@ def test_exact_sae_recovers_all_the_loss(tiny):
   assert os.path.getsize(png_path) > 0
 
 
+def _store_of(path, ids, rows=30, d=8, seed=0):
+  """An activation store holding the studies `ids` (random rows); its scale."""
+  from jaxsae.formats import store
+  from jaxsae.formats.tokens import TOKEN_COLUMNS
+
+  rng = np.random.default_rng(seed)
+  w = store.StoreWriter(str(path), d, 'float32', {'test': True}, rows_per_chunk=2, rows_per_shard=8)
+  for i, sid in enumerate(ids):
+    w.append(
+        rng.standard_normal((rows, d)).astype(np.float32),
+        np.zeros((rows, len(TOKEN_COLUMNS)), np.int32),
+        [{'study_id': sid, 'manifest_index': i, 'row_start': 0, 'rows': rows}],
+    )
+  return w.close()['scale']
+
+
+def test_evaluate_takes_only_held_out_studies_unless_allowed(tiny, tmp_path):
+  from jaxsae.bridge import in_model_metrics as imm, steering
+  from jaxsae.formats import split
+
+  c, _, _, root = tiny
+  manifest = c.export.manifest
+  ids = [s.study_id for s in steering.studies(manifest)]
+  held = [i for i in ids if split.is_held_out(i, 0.55)]
+  assert 0 < len(held) < len(ids)  # the tiny manifest's ids: some on each side at 0.55
+  scale = _store_of(tmp_path / 'store', ids)  # the store holds every manifest study
+  path = str(tmp_path / 'store')
+
+  studies, note, ok = imm.held_out(manifest, path, 10, fraction=0.55, trained_scale=scale)
+  assert ok and [s.study_id for s in studies] == held and 'outside the training split' in note
+  assert imm.held_out(manifest, path, 10, [held[-1]], fraction=0.55)[2]
+  training = next(i for i in ids if i not in held)
+  for kwargs, why in (
+      (dict(store_path=str(root / 'no_store')), 'no activation store at'),
+      (dict(fraction=0.0), 'every study of'),
+      (dict(ids=[held[0], training]), f"'{training}' is in the training split"),
+      (dict(trained_scale=scale * 1.5), 'not the store the SAE was trained on'),
+  ):
+    args = {'store_path': path, 'fraction': 0.55, 'trained_scale': scale, **kwargs}
+    with pytest.raises(imm.NotHeldOut, match=f'NOT held out: .*{re.escape(why)}'):
+      imm.held_out(manifest, count=2, **args)
+    studies, note, ok = imm.held_out(manifest, count=2, allow_in_sample=True, **args)
+    assert not ok and note.startswith('IN-SAMPLE') and why in note and len(studies) == 2
+
+
+def test_recorded_training_reads_the_exported_scale(tmp_path):
+  from jaxsae.bridge import in_model_metrics as imm
+
+  plain = write_dictionary_learning(str(tmp_path / 'plain'), random_torch_sae())
+  assert imm.recorded_training(plain) == (None, None)  # weights from elsewhere: nothing recorded
+  with open(os.path.join(plain, 'config.json'), 'w') as f:
+    json.dump({'trainer': {'norm_factor': 2.5, 'held_out_fraction': 0.1}}, f)
+  assert imm.recorded_training(plain) == (2.5, 0.1)
+
+
+@pytest.mark.slow  # imports JAX beside torch
+def test_summary_and_evaluate_count_dead_latents_alike():
+  """Same SAE, same held-out rows: the training summary (JAX, scaled inputs) and evaluate's sums
+  (torch, the exported raw-activation SAE) give the same dead latents over the same N tokens."""
+  import jax
+  from jaxsae import model, train_step, trainer, weights
+  from jaxsae.bridge import in_model_metrics as imm
+  from jaxsae.bridge.sae import TorchSAE
+  from helpers import tiny_config
+
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((300, 16)) * 3 + 1).astype(np.float32)
+
+  class Rows:  # the held-out rows, as a source gives them
+    held_out_note = 'test rows'
+
+    def held_out(self, tokens):
+      yield from (x[i : i + 64] for i in range(0, min(tokens, len(x)), 64))
+
+  params = {k: np.asarray(v) for k, v in model.init_params(jax.random.PRNGKey(1), 16, 64).items()}
+  params['b_enc'] = np.linspace(-2, 0.5, 64).astype(np.float32)
+  params['b_enc'][:16] = -1e4  # never fire
+  state, scale = {'params': params, 'threshold': np.float32(0.2)}, 2.0
+  sc = train_step.StepConfig.from_config(tiny_config())
+  summary = trainer.end_of_training_metrics(state, Rows(), scale, sc, 10**6)
+  raw, threshold = weights.fold_scale(params, 0.2, scale)
+  sae = TorchSAE(*(torch.tensor(raw[n]) for n in ('W_enc', 'b_enc', 'W_dec', 'b_dec')), threshold)
+  sums = imm._Sums(64, 1)  # pylint: disable=protected-access
+  sums.add(sae, torch.from_numpy(x))
+  ev = sums.results(0.5)
+  assert 0 < summary['dead_latents'] < 64
+  for key in ('dead_latents', 'dead_fraction', 'dead_over_tokens'):
+    assert ev[key] == summary[key], key
+  assert ev['fvu'] == pytest.approx(summary['eval_fvu'], rel=1e-4)
+  assert ev['l0'] == pytest.approx(summary['eval_l0'], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_steer_and_evaluate_commands(tiny, tmp_path):
   c, site, _, root = tiny
@@ -150,22 +243,25 @@ def test_steer_and_evaluate_commands(tiny, tmp_path):
   assert 'baseline' in r.stdout and (tmp_path / 'sweep' / 'steer_sweep.png').exists()
   with open(tmp_path / 'sweep' / 'steer_sweep.csv') as f:
     assert len(list(csv.DictReader(f))) == 2 * 3
-  r = run_cli(
-      [
-          sys.executable,
-          '-m',
-          'jaxsae.evaluate',
-          *cfg,
-          f'--weights={weights}',
-          '--num_studies=2',
-          f'--out={tmp_path / "eval"}',
-      ]
-  )
+  evaluate = [
+      sys.executable,
+      '-m',
+      'jaxsae.evaluate',
+      *cfg,
+      f'--weights={weights}',
+      '--num_studies=2',
+      f'--out={tmp_path / "eval"}',
+  ]
+  r = run_cli(evaluate)  # data.store_path does not exist: nothing shows the studies held out
+  assert r.returncode == 2 and 'NOT held out' in r.stderr and '--allow_in_sample' in r.stderr
+  assert not (tmp_path / 'eval').exists()
+  r = run_cli(evaluate + ['--allow_in_sample'])
   assert r.returncode == 0, r.stderr[-3000:]
   with open(tmp_path / 'eval' / 'evaluation.json') as f:
     res = json.load(f)
   assert res['studies'] == 2 and len(res['prefix_fvu']) == 2 and 'loss_recovered' in res
-  assert 'not in the activation store' in res['held_out']
+  assert res['held_out'] is False and res['evaluated_on'].startswith('IN-SAMPLE')
+  assert res['dead_over_tokens'] == res['tokens'] and 'IN-SAMPLE tokens' in r.stdout
   # Clear errors from the command line: out-of-range feature, SAE for another layer.
   r = run_cli(
       [
@@ -180,5 +276,122 @@ def test_steer_and_evaluate_commands(tiny, tmp_path):
   )
   assert r.returncode == 2 and 'feature 500 is out of range' in r.stderr and 'F=128' in r.stderr
   other = write_dictionary_learning(str(tmp_path / 'w1'), random_torch_sae(), layer=1)
-  r = run_cli([sys.executable, '-m', 'jaxsae.evaluate', *cfg, f'--weights={other}'])
+  r = run_cli(
+      [sys.executable, '-m', 'jaxsae.evaluate', *cfg, f'--weights={other}', '--allow_in_sample']
+  )
   assert r.returncode == 2 and 'trained on layer 1' in r.stderr and 'model.layer=1' in r.stderr
+
+
+# (report, affirmed, negated) mentions of 'pleural effusion'
+NEGATION_TABLE = [
+    ('Small left pleural effusion.', 1, 0),
+    ('Bilateral pleural effusions are noted.', 1, 0),
+    ('No pleural effusion.', 0, 1),
+    ('There is no evidence of pleural effusion or pneumothorax.', 0, 1),
+    ('No focal consolidation, pneumothorax, or pleural effusion.', 0, 1),
+    ('Lungs are clear without pleural effusion.', 0, 1),
+    ('Pleural effusion is not seen.', 0, 1),
+    ('Negative for pleural effusion.', 0, 1),
+    ('Free of pleural effusion.', 0, 1),
+    ('Resolved pleural effusion.', 0, 1),
+    ('The right pleural effusion has resolved.', 0, 1),
+    ('Interval resolution of the pleural effusion.', 0, 1),
+    ('The pleural effusion is no longer visible.', 0, 1),
+    ('Pleural effusion absent.', 0, 1),
+    ('No pneumothorax. Small pleural effusion.', 1, 0),
+    ('No pneumothorax; small pleural effusion.', 1, 0),
+    ('No pneumothorax but a small pleural effusion.', 1, 0),
+    ('No pneumothorax, there is a small pleural effusion.', 1, 0),
+    ('Small pleural effusion, no pneumothorax.', 1, 0),
+    ('No change in the small left pleural effusion.', 1, 0),
+    ('No significant increase in the pleural effusion.', 1, 0),
+    ('Partially resolved pleural effusion.', 1, 0),
+    ('Pleural effusion cannot be excluded.', 1, 0),
+    ('Pleural effusion 1.5 cm, not seen on prior.', 1, 0),
+    ('Nodular pleural effusion.', 1, 0),
+    ('No pleural effusion. Now a large PLEURAL\n effusion on the right.', 1, 1),
+    ('Findings: no pneumothorax\n\nPleural effusion on the right', 1, 0),
+    ('Heart size normal. No pneumothorax.', 0, 0),
+    ('Nonpleural effusion.', 0, 0),
+]
+
+
+@pytest.mark.parametrize('text, affirmed, negated', NEGATION_TABLE)
+def test_target_mentions_tell_negated_from_affirmed(text, affirmed, negated):
+  from jaxsae.bridge import steering
+
+  assert steering.mentions(text, 'pleural effusion') == (affirmed, negated)
+  assert steering.mentions(text, '') == (0, 0)
+
+
+def test_sweep_csv_counts_affirmed_and_negated_mentions(tmp_path):
+  """--target counts only affirmed mentions; the CSV has both counts per report."""
+  from jaxsae.bridge import steering
+
+  def gen(text):
+    return steering.Generation(text, 5, True, steering.parse(text))
+
+  reports = [
+      ('baseline', None, 'No pleural effusion.'),
+      ('add', 1.0, 'Small pleural effusion. No pleural effusion on the left.'),
+      ('add', 2.0, 'Large <obj>pleural effusion<box><x1><y1><x9><y9></box></obj>.'),
+  ]
+  rows = [
+      steering.row('s1', mode, [7], alpha, 'all', False, gen(t), 'pleural effusion')
+      for mode, alpha, t in reports
+  ]
+  assert [(r['has_target'], r['target_affirmed'], r['target_negated']) for r in rows] == [
+      (False, 0, 1),
+      (True, 1, 1),
+      (True, 1, 0),
+  ]
+  summary = steering.summarise(rows)
+  assert [(s['target_rate'], s['negated_rate']) for s in summary] == [
+      (0.0, 1.0),
+      (1.0, 1.0),
+      (1.0, 0.0),
+  ]
+  csv_path, _ = steering.write_sweep(str(tmp_path), rows, 'pleural effusion', 'test')
+  with open(csv_path) as f:
+    back = list(csv.DictReader(f))
+  assert [(r['has_target'], r['target_affirmed'], r['target_negated']) for r in back] == [
+      ('False', '0', '1'),
+      ('True', '1', '1'),
+      ('True', '1', '0'),
+  ]
+  untargeted = steering.row('s1', 'add', [7], 1.0, 'all', False, gen('x'), '')
+  assert (untargeted['has_target'], untargeted['target_affirmed']) == ('', '')
+  assert steering.summarise([untargeted])[0]['negated_rate'] is None
+
+
+def test_bad_study_errors_suggest_what_steer_and_evaluate_offer(tmp_path):
+  """steer and evaluate have --study, not --skip_bad (export_activations' flag): their errors
+  for a bad manifest row or image say so."""
+  from jaxsae.bridge import manifest, steering
+
+  good, broken = tmp_path / 'good.png', tmp_path / 'broken.png'
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  Image.new('L', (8, 8)).save(good)
+  broken.write_bytes(b'not a png')
+  rows = [
+      {'study_id': 'ok', 'frontal': 'good.png', 'findings': 'x'},
+      {'study_id': 'gone', 'frontal': 'missing.png', 'findings': 'x'},
+      {'study_id': 'torn', 'frontal': 'broken.png', 'findings': 'x'},
+  ]
+  path = tmp_path / 'manifest.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  with pytest.raises(manifest.BadStudyError) as missing:
+    steering.studies(str(path), ['gone'], teacher_forcing=True)
+  (torn,) = steering.studies(str(path), ['torn'])
+  with pytest.raises(manifest.BadStudyError) as unreadable:
+    torn.images()
+  for e in (missing, unreadable):
+    msg = str(e.value)
+    assert '--study' in msg and '--skip_bad' not in msg, msg
+  assert "study 'gone'" in str(missing.value) and 'missing.png' in str(missing.value)
+  assert 'broken.png' in str(unreadable.value)
+  export_view = manifest.read(str(path), True)  # export_activations does have --skip_bad
+  assert '--skip_bad' in str(export_view[1])
+  with pytest.raises(manifest.BadStudyError, match='--skip_bad'):
+    export_view[2].images()

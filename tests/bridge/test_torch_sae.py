@@ -15,6 +15,8 @@ from jaxsae.bridge import sae as sae_lib
 from jaxsae.config import ConfigError
 from jaxsae.formats import weights as weights_format
 
+pytestmark = pytest.mark.torch
+
 
 def write_random(out, d=24, F=96, per_latent=False, seed=0, layer=2, sizes=(24, 24, 48)):
   """A random SAE written in dictionary_learning's layout (scalar threshold) or SAELens's
@@ -158,7 +160,6 @@ import sys, torch
 sys.path.insert(0, {REPO!r})
 from jaxsae.bridge import sae
 
-pytestmark = pytest.mark.torch
 s = sae.load({str(tmp_path)!r})
 s(torch.randn(3, 24))
 bad = [m for m in sys.modules if m == "jax" or m.startswith(("jax.", "jaxlib", "flax"))]

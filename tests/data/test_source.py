@@ -13,7 +13,17 @@ from jaxsae.data import source as source_lib
 from jaxsae.data import store_source, synthetic
 from jaxsae.formats import store
 
-MEMBERS = ('d', 'batch_size', 'scale', 'features', 'batch', 'iterator')
+MEMBERS = (
+    'd',
+    'batch_size',
+    'scale',
+    'features',
+    'held_out_rows',
+    'held_out_note',
+    'batch',
+    'held_out',
+    'iterator',
+)
 
 
 def test_the_protocol_declares_every_member_the_callers_read():
@@ -42,6 +52,8 @@ def test_both_sources_define_every_member(both):
     assert all(n in vars(src) or n in vars(type(src)) for n in MEMBERS), type(src)
   assert syn.scale is None and syn.iterator() is None and syn.features.shape == (32, 16)
   assert sto.scale > 0 and sto.features is None
+  assert syn.held_out_rows is None and sto.held_out_rows == 0  # fraction 0: nothing held out
+  assert 'held_out_fraction=0' in sto.held_out_note and list(sto.held_out(100)) == []
   it = sto.iterator()
   assert it is not None
   it.close()

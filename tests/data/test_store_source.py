@@ -95,7 +95,8 @@ def test_a_store_of_100M_rows_of_d4096_is_never_loaded(tmp_path):
   with open(os.path.join(path, store.COMMIT), 'w') as f:
     json.dump(meta, f)
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  src = store_source.StoreSource(store.open_store(path), 4096, seed=0, num_threads=2, prefetch=2)
+  big = store.open_store(path, fill_missing=True)  # the unwritten chunks read as zeros here
+  src = store_source.StoreSource(big, 4096, seed=0, num_threads=2, prefetch=2)
   it = src.iterator()
   batches = [next(it) for _ in range(3)]
   it.close()
@@ -112,6 +113,7 @@ def test_training_divides_by_the_store_scale(tmp_path):
       **{
           'data.source': 'store',
           'data.store_path': str(path),
+          'data.held_out_fraction': 0.2,  # holds out study s6
           'train.steps': 10,
           'optim.decay_start': 8,
       }
@@ -120,12 +122,13 @@ def test_training_divides_by_the_store_scale(tmp_path):
   _, _, meta, _ = weights.load_checkpoint(str(tmp_path / 'run'))
   assert meta['scale'] == s.scale and s.scale > 2  # rows are ~3 x N(0,1) + 1
   assert summary['step'] == 10 and np.isfinite(summary['eval_fvu'])
+  assert summary['eval_tokens'] == 200 and '1 of 10 studies' in summary['eval_on']
   saved = json.load(open(tmp_path / 'run' / 'checkpoints' / '10' / 'data' / 'process_0-of-1.json'))
   assert saved == {'next_index': 10}  # the grain iterator's position, saved with the state
 
 
 @pytest.mark.slow
-def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path):
+def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path, faults):
   steps = 60
   path = tmp_path / 'acts'
   write_store(path, [300] * 10)  # 3000 rows: 46 batches of 64 per epoch, so resumes cross epochs
@@ -147,6 +150,7 @@ def test_kill_minus_9_and_resume_from_store_is_bit_identical(tmp_path):
       random.Random(0),
   )
   assert kills >= 2, 'the run finished before it could be killed twice; make it longer'
+  faults.inject('kill -9 during training on a store', kills)
   r = run_cli(cli_args('jaxsae.train', workdir=killed, **overrides))
   assert r.returncode == 0, r.stderr[-3000:]
   (sa, a, _, _), (sb, b, _, _) = weights.load_checkpoint(clean), weights.load_checkpoint(killed)

@@ -155,7 +155,7 @@ def test_bad_stores_fail_before_compute_with_what_to_do(tmp_path):
   ):
     data.open_source(_store_config(tmp_path / 'd16', **{'data.store_dtype': 'bfloat16'}))
   with pytest.raises(
-      ConfigError, match=r'has 100 rows, fewer than one batch ' r'\(data.batch_size=128\)'
+      ConfigError, match=r'has 100 (training )?rows, fewer than one batch \(data.batch_size=128\)'
   ):
     data.open_source(_store_config(tmp_path / 'd16', **{'data.batch_size': 128}))
   # Empty: every study committed so far was skipped (or kept no tokens).

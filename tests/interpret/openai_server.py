@@ -5,8 +5,9 @@ Explainer requests (the user turn lists "Examples where the feature activates") 
 ..." then "Example i: ...") get a JSON list with 1 for the examples containing W, so a perfect
 scorer's balanced accuracy is known exactly. Other scorer behaviours and permanent failures come
 from `make_responder`; transient ones (429 with Retry-After, 5xx, a reply slower than the client's
-time-out) from `fail` / `slow`. The server records every request (path, headers, body) and the
-largest number of requests it was serving at once.
+time-out) from `fail` / `slow`; redirects (302 to another server, say) from `redirect`. The server
+records every POST (path, headers, body) in `requests`, any GET (what a followed redirect of a POST
+arrives as) in `gets`, and the largest number of requests it was serving at once.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class FakeOpenAI:
     self.responder = responder or make_responder()
     self.delay_s = delay_s
     self.requests: list[dict] = []
+    self.gets: list[dict] = []
     self.max_concurrent = 0
     self._active = 0
     self._lock = threading.Lock()
@@ -90,6 +92,12 @@ class FakeOpenAI:
     header, like a careless server, to test that clients redact the key)."""
     with self._lock:
       self._faults.extend([('status', status, retry_after, message, echo_auth)] * n)
+
+  def redirect(self, location: str, status: int = 302, n: int = 1) -> None:
+    """The next `n` requests are answered `status` with `Location: location` (any URL, e.g.
+    another FakeOpenAI's, to test that the client neither follows it nor sends its key there)."""
+    with self._lock:
+      self._faults.extend([('redirect', status, location)] * n)
 
   def slow(self, seconds: float, n: int = 1) -> None:
     """The next `n` requests are answered only after `seconds` (past the client's time-out)."""
@@ -126,6 +134,12 @@ class FakeOpenAI:
         finally:
           self._leave()
 
+      def do_GET(self):  # pylint: disable=invalid-name
+        with server._lock:
+          server.gets.append({'path': self.path, 'headers': dict(self.headers)})
+        self._left = True  # never counted as active
+        self._send(405, {'error': {'message': 'chat completions take POST'}})
+
       def _leave(self):
         """No longer serving this request: called before the reply goes out, since the client
         may send its next request as soon as it has read the reply."""
@@ -137,6 +151,9 @@ class FakeOpenAI:
       def _answer(self, body, fault):
         if fault and fault[0] == 'slow':
           time.sleep(fault[1])
+        elif fault and fault[0] == 'redirect':
+          self._send(fault[1], {'error': {'message': 'moved'}}, {'Location': fault[2]})
+          return
         elif fault:
           _, status, retry_after, message, echo = fault
           if echo:

@@ -461,7 +461,7 @@ def test_index_loads_with_summary_and_first_page(driver, site):
   assert driver.title == 'Test <SAE> browser'
   meta = driver.find_element('id', 'meta').text
   assert 'maira2_l15_ef4 <test>' in meta and '1,234,567' in meta
-  assert '1 dead' in driver.find_element('id', 'counts').text
+  assert '1 never fired in the store' in driver.find_element('id', 'counts').text
   assert shown_ids(driver) == live(site)[:PAGE_SIZE]
   assert status(driver) == f'showing 1–{PAGE_SIZE} of {N - 1} matching ({N} features)'
   assert driver.find_element('id', 'prev-page').get_property('disabled')
@@ -821,3 +821,40 @@ def test_index_stays_fast_with_32k_features(driver, tmp_path):
       f'search {searched:.2f}s, {os.path.getsize(index) / 1e6:.1f} MB'
   )
   assert loaded < 10 and sorted_in < 3 and searched < 5
+
+
+ODD_IDS = ('p10/p10000/s50410', '../../x', '/abs/x', 'é 中 #?&', '%41', '.')
+
+
+def test_heatmap_images_named_from_odd_study_ids_load(driver, tmp_path):
+  """The pipeline's file names for ids with '/', '..', '%' or unicode stay inside the site and
+  its links (URL-quoted) load them; an image_file outside the out dir is dropped."""
+  from jaxsae.interpret.pipeline import image_name  # pylint: disable=import-outside-toplevel
+
+  record = make_record(IMAGE_FEATURE)
+  grid = record['heatmaps'][0]['grid']
+  record['heatmaps'] = [
+      {'study_id': s, 'image': 0, 'image_file': image_name(s, 0), 'grid': grid, 'max': 4.0}
+      for s in ODD_IDS
+  ]
+  for m in record['heatmaps']:
+    write_png(os.path.join(tmp_path, m['image_file']))
+  write_png(str(tmp_path / 'outside.png'))
+  site_dir = tmp_path / 'site'
+  record['heatmaps'].append(dict(record['heatmaps'][0], image_file='../outside.png'))
+  for m in record['heatmaps'][:-1]:  # the site is a folder below the images: move them in
+    os.renames(os.path.join(tmp_path, m['image_file']), os.path.join(site_dir, m['image_file']))
+  assert sorted(os.listdir(site_dir / 'images')) == sorted(
+      os.path.basename(image_name(s, 0)) for s in ODD_IDS
+  )
+  browser.write_site(str(site_dir), [record], {}, title='odd ids', meta={})
+  load(driver, site_dir / 'features' / f'{IMAGE_FEATURE}.html')
+  figures = driver.find_elements('css selector', 'figure.heatmap')
+  assert len(figures) == len(ODD_IDS) + 1
+  widths = [
+      driver.execute_script(
+          'const i = arguments[0].querySelector("img"); return i ? i.naturalWidth : null', f
+      )
+      for f in figures
+  ]
+  assert widths == [HEAT_COLS * CELL] * len(ODD_IDS) + [None]

@@ -194,3 +194,51 @@ def test_bad_settings_name_the_key(kw, match):
   args = {'base_url': 'http://localhost:8000/v1', 'model': 'm', **kw}
   with pytest.raises(ValueError, match=match):
     llm.OpenAIChat(**args)
+
+
+@pytest.mark.parametrize('status', [301, 302, 303, 307, 308])
+def test_cross_origin_redirect_is_refused_and_gets_no_key(server, monkeypatch, status):
+  """A redirect to another port is another origin: no request (so no key) reaches it, and the
+  error names both URLs."""
+  monkeypatch.setenv(KEY_ENV, SECRET)
+  with FakeOpenAI() as other:
+    target = other.url + '/chat/completions'
+    server.redirect(target, status=status)
+    with pytest.raises(llm.LLMConfigError) as e:
+      ask(client(server))
+    assert not other.requests and not other.gets
+  msg = str(e.value)
+  assert len(server.requests) == 1 and e.value.status == status
+  assert server.url in msg and target in msg and 'another origin' in msg
+  assert f'${KEY_ENV} was not sent there' in msg and SECRET not in msg
+
+
+def test_same_origin_redirect_is_refused_too(server):
+  """A POST redirected would arrive as a GET: no redirect can work, so none is followed."""
+  server.redirect('/v2/chat/completions', status=302)
+  with pytest.raises(llm.LLMConfigError, match='same server') as e:
+    ask(client(server))
+  assert server.url.replace('/v1', '/v2/chat/completions') in str(e.value)
+  assert len(server.requests) == 1 and not server.gets
+
+
+def test_plain_http_beyond_loopback_warns_once(caplog):
+  caplog.set_level(logging.WARNING, logger='jaxsae.interpret.llm')
+  for url in ('http://localhost:8000/v1', 'http://127.0.0.2:8000/v1', 'http://[::1]:8/v1'):
+    llm.OpenAIChat(url, 'm', api_key_env=KEY_ENV)
+  llm.OpenAIChat('https://llm.example.org/v1', 'm', api_key_env=KEY_ENV)
+  assert not caplog.records  # loopback and https are quiet
+  for _ in range(3):
+    llm.OpenAIChat('http://llm-test-plain.example.org:8000/v1', 'm', api_key_env=KEY_ENV)
+  (record,) = caplog.records
+  assert 'plain http' in record.message and 'llm-test-plain.example.org' in record.message
+  assert f'${KEY_ENV}' in record.message and 'https' in record.message
+
+
+def test_redirect_to_a_malformed_url_is_refused_cleanly(server):
+  server.redirect('http://127.0.0.1:notaport/v1/chat/completions', status=307)
+  with pytest.raises(llm.LLMConfigError, match='another origin.*notaport'):
+    ask(client(server))
+  server.redirect('', status=302)
+  with pytest.raises(llm.LLMConfigError, match='without a Location'):
+    ask(client(server))

@@ -10,6 +10,8 @@ import pytest
 from helpers import build_tiny, random_torch_sae, run_cli, write_dictionary_learning
 from openai_server import FakeOpenAI
 
+pytestmark = pytest.mark.torch  # the store is exported with the tiny stand-in (the bridge)
+
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
@@ -35,19 +37,8 @@ def setup(tmp_path_factory):
 
 
 def interpret(root, args, url, out):
-  import sys
-
-  return run_cli(
-      [
-          sys.executable,
-          '-m',
-          'jaxsae.interpret',
-          '--config=experiments/demo.py',
-          *args,
-          f'--config.interpret.llm.base_url={url}',
-          f'--out={out}',
-      ]
-  )
+  del root
+  return run_cli(_interpret_args(args, url, out))
 
 
 @pytest.mark.slow
@@ -139,7 +130,6 @@ sys.path.insert(0, {REPO!r})
 from experiments import demo
 from jaxsae.interpret import pipeline
 
-pytestmark = pytest.mark.torch
 c = demo.get_config()
 c.model.name, c.export.manifest = {c.model.name!r}, {c.export.manifest!r}
 c.data.store_path, c.interpret.explain = {c.data.store_path!r}, False
@@ -157,3 +147,130 @@ print('ok')
       env={**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'},
   )
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
+
+
+def _interpret_args(args, url, out):
+  import sys
+
+  return [
+      sys.executable,
+      '-m',
+      'jaxsae.interpret',
+      '--config=experiments/demo.py',
+      *args,
+      f'--config.interpret.llm.base_url={url}',
+      f'--out={out}',
+  ]
+
+
+@pytest.fixture(scope='module')
+def reference(setup):
+  """One uninterrupted run (statistics checkpointed every 2 batches), to compare others with."""
+  root, _, args = setup
+  args = args + ['--config.interpret.checkpoint_every=2']
+  with FakeOpenAI() as server:
+    r = interpret(root, args, server.url, root / 'reference')
+  assert r.returncode == 0, r.stderr[-3000:]
+  return root / 'reference', args
+
+
+def _outputs(out):
+  """What a run leaves that must not depend on how it got there (timings left out)."""
+  from jaxsae.interpret import records
+
+  with np.load(out / 'stats.npz') as z:
+    stats = {k: z[k] for k in z.files}
+  summary = json.load(open(out / 'summary.json'))
+  return {
+      'stats': stats,
+      'features': list(records.read_jsonl(str(out / records.FEATURES))),
+      'explanations': {
+          e['feature']: e for e in records.read_jsonl(str(out / records.EXPLANATIONS))
+      },
+      'images': {p.name: p.read_bytes() for p in (out / 'images').glob('*.png')},
+      'pages': {p.name: p.read_text() for p in (out / 'features').glob('*.html')},
+      'summary': {
+          k: summary[k]
+          for k in (
+              'tokens',
+              'features',
+              'never_fired_in_store',
+              'dead_latents',
+              'explained',
+              'failed',
+          )
+      },
+  }
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_finish_equals_an_uninterrupted_run(
+    reference, tmp_path, faults
+):
+  """SIGKILL during the statistics, the records and the explanations; the run that finishes
+  leaves exactly what an uninterrupted one does."""
+  import random
+
+  from helpers import kill_repeatedly
+
+  ref, args = reference
+  out = tmp_path / 'out'
+  rng = random.Random(13)
+  stages = [
+      (lambda: any(p.name.isdigit() for p in out.glob('stats_checkpoints/*')), (0.0, 0.4)),
+      (lambda: (out / 'stats.npz').exists(), (0.0, 1.0)),
+      (lambda: (out / 'explanations.jsonl').exists(), (0.0, 0.6)),
+  ]
+  with FakeOpenAI(delay_s=0.1) as server:
+    cmd = _interpret_args(args, server.url, out)
+    kills = sum(kill_repeatedly(cmd, started, 1, rng, window=w) for started, w in stages)
+    r = run_cli(cmd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert kills >= 2  # the run takes seconds past each trigger: the kills land
+  faults.inject('kill -9 during interpret', kills)
+  want, got = _outputs(ref), _outputs(out)
+  assert set(got['stats']) == set(want['stats'])
+  for k, v in want['stats'].items():
+    np.testing.assert_array_equal(got['stats'][k], v, err_msg=k)
+    assert got['stats'][k].dtype == v.dtype, k
+  for a, b in zip(got['features'], want['features']):
+    assert a == b, (a['feature'], [k for k in a if a[k] != b.get(k)])
+  for key in ('features', 'explanations', 'images', 'pages', 'summary'):
+    assert got[key] == want[key], key
+  assert want['images'] and want['explanations']
+
+
+def _copy_without_explanations(ref, out):
+  import shutil
+
+  shutil.copytree(ref, out)
+  os.remove(out / 'explanations.jsonl')
+
+
+@pytest.mark.slow
+def test_every_feature_failing_exits_nonzero_and_names_the_error_log(reference, tmp_path):
+  ref, args = reference
+  out = tmp_path / 'out'
+  _copy_without_explanations(ref, out)
+  args = args + ['--config.interpret.llm.max_retries=0']
+  with FakeOpenAI(lambda messages: 500) as server:
+    r = run_cli(_interpret_args(args, server.url, out))
+  tried = json.load(open(ref / 'summary.json'))['explained']
+  errors = out / 'explain_errors.jsonl'
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert f'error: all {tried} features failed' in r.stderr and str(errors) in r.stderr
+  logged = [json.loads(line) for line in errors.read_text().splitlines()]
+  assert len(logged) == tried and all('HTTP 500' in e['error'] for e in logged)
+  assert (out / 'index.html').exists()  # the rest of the run is kept
+
+  # One feature failing of many: exit 0, with a summary line; the log then holds that one.
+  with FakeOpenAI() as server:
+    server.fail(500, n=1)
+    r = run_cli(_interpret_args(args, server.url, out))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'1 of {tried} features could not be explained' in r.stderr and str(errors) in r.stderr
+  assert len(errors.read_text().splitlines()) == 1
+  with FakeOpenAI() as server:  # the retry of that one succeeds: no failure, no log
+    r = run_cli(_interpret_args(args, server.url, out))
+    assert r.returncode == 0 and len(server.bodies('explain')) == 1, r.stderr[-3000:]
+  assert not errors.exists() and 'could not be explained' not in r.stderr

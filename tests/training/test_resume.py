@@ -23,7 +23,7 @@ def final_params(workdir):
 
 
 @pytest.mark.slow
-def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
+def test_kill_minus_9_and_resume_is_bit_identical(tmp_path, faults):
   overrides = {'train.steps': STEPS, 'train.checkpoint_every': 2}
   clean = str(tmp_path / 'clean')
   r = run_cli(cli_args('jaxsae.train', workdir=clean, **overrides))
@@ -59,6 +59,7 @@ def test_kill_minus_9_and_resume_is_bit_identical(tmp_path):
     kills += 1
   print(f'killed {kills} times; checkpoints now {sorted(os.listdir(ckpt_dir))}')
   assert kills >= 2, 'the run finished before it could be killed twice; make it longer'
+  faults.inject('kill -9 during training (checkpoint saves)', kills)
   r = run_cli(cli_args('jaxsae.train', workdir=killed, **overrides))
   assert r.returncode == 0, r.stderr[-3000:]
 

@@ -11,6 +11,8 @@ import pytest
 from helpers import REPO, cli_args, run_cli
 from jaxsae import weights
 
+pytestmark = pytest.mark.multidevice
+
 # AuxK, the threshold EMA and warmup/decay all happen within these steps.
 # Tolerance: other meshes sum in another order; Adam turns float32 rounding in near-zero gradients
 # into differences up to ~lr/20 on a few weights after 24 steps. The selection itself must agree
@@ -93,7 +95,6 @@ import jax
 from helpers import tiny_config
 from jaxsae import sharding, train_step
 
-pytestmark = pytest.mark.multidevice
 c = tiny_config(**{{"sae.d": 32, "sae.expansion_factor": 8, "sae.k": 4, "data.batch_size": 64,
                     "mesh.data": 1, "mesh.model": 8}})
 mesh = sharding.make_mesh(c)

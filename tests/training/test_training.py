@@ -23,7 +23,7 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
       'loss',
       'fvu/prefix_64',
       'l0',
-      'dead_fraction',
+      'auxk_dead_fraction',
       'threshold',
       'lr',
       'grad_norm',
@@ -31,6 +31,7 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
   ):
     assert np.isfinite(rows[-1][key]), key
   assert rows[-1]['l0'] == pytest.approx(3.0)  # BatchTopK keeps exactly B*k
+  assert 'dead_fraction' not in rows[-1]  # AuxK's counters say auxk_: "dead" is held-out only
   assert rows[-1]['threshold'] > 0 and rows[0]['threshold'] == -1  # EMA starts at step 10
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -40,6 +41,10 @@ def test_cli_run_writes_metrics_tensorboard_plot_and_summary(tmp_path):
   assert (workdir / 'training_summary.png').stat().st_size > 10_000
   summary = json.load(open(workdir / 'summary.json'))
   assert summary['step'] == 40 and 0 <= summary['mmcs'] <= 1
+  # Held-out figures: train.eval_tokens fresh tokens, N stated beside the dead count.
+  assert summary['eval_tokens'] == summary['dead_over_tokens'] == 65536
+  assert 'generated batches 2147483648' in summary['eval_on'] and np.isfinite(summary['eval_fvu'])
+  assert summary['dead_latents'] == round(summary['dead_fraction'] * 64)
   assert sorted(int(s) for s in os.listdir(workdir / 'checkpoints')) == [30, 35, 40]  # keep 3
 
 
@@ -78,6 +83,11 @@ class _PoisonedSource:
     self.inner, self.bad = inner, bad_index
     self.d, self.batch_size = inner.d, inner.batch_size
     self.scale = self.features = None  # the optional members of data.ActivationSource: unused
+    self.held_out_rows, self.held_out_note, self.held_out = (
+        None,
+        inner.held_out_note,
+        inner.held_out,
+    )
 
   def iterator(self):
     return None  # the plain in-order pipeline over `batch`, which holds the NaN

@@ -120,7 +120,7 @@
         td.textContent = r[F.id];
         var badge = document.createElement('span');
         badge.className = 'badge';
-        badge.textContent = 'dead';
+        badge.textContent = 'never fired';
         td.appendChild(badge);
       } else {
         var a = document.createElement('a');
