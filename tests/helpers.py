@@ -299,3 +299,21 @@ def fill_disk(folder):
   except OSError:
     pass
   return path
+
+
+def check_iterator_resumes(src, first: int, later: int) -> None:
+  """A source's grain iterator, checkpointed after `first` batches (which equal src.batch(i)) and
+  restored into a fresh iterator, yields the same next `later` batches."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  it = src.iterator()
+  for i in range(first):
+    np.testing.assert_array_equal(next(it), src.batch(i))
+  state = it.get_state()
+  expected = [next(it) for _ in range(later)]
+  it.close()
+  resumed = src.iterator()
+  resumed.set_state(state)
+  for batch in expected:
+    np.testing.assert_array_equal(next(resumed), batch)
+  resumed.close()

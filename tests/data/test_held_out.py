@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import tiny_config, write_store
+from helpers import check_iterator_resumes, tiny_config, write_store
 from jaxsae import metrics, model, train_step, trainer, weights
 from jaxsae.config import ConfigError
 from jaxsae.data import store_source, synthetic
@@ -112,17 +112,8 @@ def test_fraction_zero_reads_exactly_the_old_pipeline(split_store):
 def test_iterator_with_a_split_resumes_at_the_exact_batch(split_store):
   s, _ = split_store
   src = store_source.StoreSource(s, 64, seed=0, held_out_fraction=0.3, num_threads=2, prefetch=2)
-  it = src.iterator()
-  for i in range(3):
-    np.testing.assert_array_equal(next(it), src.batch(i))
-  state = it.get_state()
-  later = [next(it) for _ in range(14)]  # across the epoch boundary
-  it.close()
-  resumed = src.iterator()
-  resumed.set_state(state)
-  for expected in later:
-    np.testing.assert_array_equal(next(resumed), expected)
-  resumed.close()
+  # across the epoch boundary
+  check_iterator_resumes(src, 3, 14)
 
 
 def test_a_split_leaving_less_than_a_batch_names_the_fraction(split_store):

@@ -10,7 +10,15 @@ import grain
 import numpy as np
 import pytest
 
-from helpers import REPO, cli_args, kill_repeatedly, run_cli, tiny_config, write_store
+from helpers import (
+    REPO,
+    check_iterator_resumes,
+    cli_args,
+    kill_repeatedly,
+    run_cli,
+    tiny_config,
+    write_store,
+)
 from jaxsae.data import store_source
 from jaxsae import trainer, weights
 from jaxsae.formats import store
@@ -44,17 +52,8 @@ def test_batches_are_a_seeded_global_shuffle_reshuffled_each_epoch(small_store):
 def test_iterator_matches_random_access_and_resumes_at_the_exact_batch(small_store):
   s, _ = small_store
   src = store_source.StoreSource(s, 64, seed=0, num_threads=3, prefetch=4)
-  it = src.iterator()
-  for i in range(5):
-    np.testing.assert_array_equal(next(it), src.batch(i))
-  state = it.get_state()
-  later = [next(it) for _ in range(20)]  # past the epoch boundary (15 batches)
-  it.close()
-  resumed = src.iterator()
-  resumed.set_state(state)
-  for expected in later:
-    np.testing.assert_array_equal(next(resumed), expected)
-  resumed.close()
+  # past the epoch boundary (15 batches)
+  check_iterator_resumes(src, 5, 20)
 
 
 def test_processes_read_disjoint_slices_of_the_same_global_batch(small_store):

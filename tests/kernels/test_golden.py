@@ -68,7 +68,6 @@ def test_geometric_median_matches(golden):
         'dense',
         'xla',
         'pallas',  # the config value: 'pallas_gpu' here (interpreted off a GPU), 'pallas_tpu' on a TPU
-        pytest.param('pallas_tpu', marks=pytest.mark.slow),  # TPU interpret mode off a TPU
         pytest.param(
             'cpu',
             marks=pytest.mark.skipif(
