@@ -20,7 +20,13 @@ def get_config(expansion_factor: str = '4'):
   c.data.batch_size = 4096
   c.train.steps = 50_000  # ~200M tokens at B = 4096
   c.train.checkpoint_every = 1000
-  c.model.name = 'microsoft/maira-2'
+  c.data.store_dtype = 'bfloat16'  # half the disk and read time; the SAE trains in float32
+  c.model.name = 'microsoft/maira-2'  # gated: accept its licence on the Hub, then `hf auth login`
+  c.model.revision = (
+      '795a2b1cd4a310624b4e3d14b5a23e41fd273deb'  # the snapshot this port was read against
+  )
   c.model.layer = 15
-  c.model.hook_name = 'language_model.model.layers.15'
+  c.model.hook_name = 'model.language_model.layers.15'  # jaxsae's port (the release: language_model.model.layers.15)
+  c.model.dtype = 'bfloat16'  # ~14 GB on one GPU (the Hub weights are float32, ~27 GB)
+  c.model.device = 'cuda'  # loaded straight onto the GPU; override with --config.model.device=cpu
   return c

@@ -18,6 +18,7 @@ import re
 import ml_collections
 
 from jaxsae.errors import ConfigError  # noqa: F401 (raised here, and by callers as config.ConfigError)
+from jaxsae.formats import hub
 from jaxsae.formats.tokens import TOKEN_KINDS
 
 # sae.kernel: the implementations of the training step's selection, decode and gradients.
@@ -110,6 +111,10 @@ def default_config() -> ml_collections.ConfigDict:
   # probability (1-p)^N, under 0.2% for p >= 1e-4 at N = 65536 (8 batches of 2048 missed 20%).
   c.train.eval_tokens = 65_536
   c.train.progress_bar = True
+  # Start from an exported or released SAE instead of a random one: a weights folder (either
+  # layout) or hf://ORG/NAME[/SUBFOLDER][@REVISION] (the paper's: hf://microsoft/maira-2-sae/...).
+  # Its d, F, group sizes and k must be the config's. Used only while the workdir has no checkpoint.
+  c.train.init_from = ''
 
   # Several processes (hosts) training one SAE: jax.distributed.initialize before anything else.
   # With enabled and no coordinator_address, JAX detects the cluster (SLURM, MPI, TPU pods).
@@ -132,7 +137,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.hook_name = 'model.language_model.layers.15'  # its module path; '' = find it by layer
   c.model.dtype = 'float32'  # torch dtype of the forward pass
   c.model.device = 'cpu'
-  c.model.trust_remote_code = True  # MAIRA-2's processor and model classes are remote code
+  c.model.revision = ''  # Hub commit/tag/branch to pin the weights to; '' = the default branch
+  # True runs a checkpoint's own code (MAIRA-2's needs transformers <4.52); False: jaxsae's port
+  c.model.trust_remote_code = False
 
   # Activation export (python -m jaxsae.export_activations), writing to data.store_path.
   c.export = ml_collections.ConfigDict()
@@ -381,6 +388,11 @@ RULES: dict[str, Rule] = {
     'train.progress_bar': _BOOL,
     'train.eval_tokens': _POSITIVE,
     'train.allow_store_change': _BOOL,
+    'train.init_from': Rule(
+        'str',
+        pattern=hub.SPEC_PATTERN,
+        pattern_means="'' (random init), an SAE weights folder, or hf://ORG/NAME[/SUBFOLDER][@REV]",
+    ),
     'distributed.enabled': _BOOL,
     'distributed.coordinator_address': Rule(
         'str', pattern=r'|[^\s:]+:\d+', pattern_means="host:port, or '' (JAX finds the cluster)"
@@ -396,6 +408,7 @@ RULES: dict[str, Rule] = {
     'model.hook_name': _TEXT,
     'model.dtype': _choice('float32', 'bfloat16', 'float16'),
     'model.device': _NONEMPTY,
+    'model.revision': _TEXT,
     'model.trust_remote_code': _BOOL,
     'export.manifest': _TEXT,
     'export.batch_size': _POSITIVE,

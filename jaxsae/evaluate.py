@@ -19,11 +19,14 @@ from ml_collections import config_flags
 
 from jaxsae import cli
 from jaxsae.config import ConfigError
+from jaxsae.formats import hub
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment file (get_config()).', lock_config=True
 )
-_WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', None, 'Exported SAE folder (either layout) or hf://ORG/NAME[/SUBFOLDER][@REVISION].'
+)
 _OUT = flags.DEFINE_string('out', 'outputs/evaluate', 'Output folder.')
 _NUM_STUDIES = flags.DEFINE_integer(
     'num_studies', 16, 'Held-out studies to evaluate on.', lower_bound=1
@@ -58,7 +61,8 @@ def main(argv):
   c = _CONFIG.value
   kinds = _SPLICE_KINDS.value or list(c.export.keep_kinds)
   try:
-    scale, fraction = in_model_metrics.recorded_training(_WEIGHTS.value)
+    weights_dir = hub.resolve(_WEIGHTS.value)  # a Hub id: its folder in the Hugging Face cache
+    scale, fraction = in_model_metrics.recorded_training(weights_dir)
     studies, source, is_held_out = in_model_metrics.held_out(
         _MANIFEST.value or c.export.manifest,
         c.data.store_path,
@@ -70,8 +74,8 @@ def main(argv):
     )
     if not is_held_out:
       print(f'warning: evaluating on {source}', file=sys.stderr)
-    site, processor = interventions.load_site(c, _WEIGHTS.value)
-    print(f'evaluating {os.path.abspath(_WEIGHTS.value)} at {site.path} on {source}')
+    site, processor = interventions.load_site(c, weights_dir)
+    print(f'evaluating {_label(_WEIGHTS.value)} at {site.path} on {source}')
     if site.sae.threshold.ndim == 0 and float(site.sae.threshold) < 0:
       print(
           'warning: the SAE has no inference threshold yet (trained for fewer than '
@@ -94,7 +98,7 @@ def main(argv):
   print(file=sys.stderr)
   results['held_out'] = is_held_out
   results['evaluated_on'] = source
-  results['weights'] = os.path.abspath(_WEIGHTS.value)
+  results['weights'] = _label(_WEIGHTS.value)
   results['site'] = site.path
   json_path, png_path = in_model_metrics.write(_OUT.value, results, f'{c.model.name} {site.path}')
   print(
@@ -116,6 +120,11 @@ def main(argv):
   for warning in results['warnings']:
     print(f'warning: {warning}', file=sys.stderr)
   print(f'results: {json_path}, {png_path}')
+
+
+def _label(weights: str) -> str:
+  """The weights as results name them: a Hub id as given, a folder by its absolute path."""
+  return weights if hub.is_hub(weights) else os.path.abspath(weights)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxsae import cli
+from jaxsae.bridge.maira2 import grounding
 from jaxsae.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -137,7 +138,7 @@ def main(argv):
 
 def _generation(steering, r):
   """A CSV row back as a Generation, for the side-by-side view."""
-  return steering.Generation(r['report'], r['tokens'], r['finished'], steering.parse(r['report']))
+  return steering.Generation(r['report'], r['tokens'], r['finished'], grounding.parse(r['report']))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,11 @@
 """The training program, top to bottom: config -> mesh -> data -> model & optimizer -> restore or
 initialise -> compiled step -> loop with logging and checkpoints -> final evaluation and plots.
 
+A fresh run starts from random parameters (b_dec at the first batch's geometric median), or, with
+train.init_from, from an exported or released SAE (a folder or an hf:// id): its parameters and
+threshold, unfolded by this run's activation scale, checked against the config before any work.
+Once the workdir has a checkpoint, that is resumed and train.init_from is not read.
+
 `python -m jaxsae.train` is a thin wrapper around `train_and_evaluate`.
 """
 
@@ -28,6 +33,7 @@ from jaxsae import metrics as metrics_lib
 from jaxsae import model
 from jaxsae import sharding
 from jaxsae import train_step
+from jaxsae import weights as weights_lib
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   mesh = sharding.make_mesh(c)
   os.makedirs(workdir, exist_ok=True)
   d, F = c.sae.d, config_lib.dict_size(c)
+  ckpt = checkpointing.Checkpointer(
+      workdir, c.train.checkpoint_every, c.train.keep_checkpoints, c.train.async_checkpointing
+  )
+  # A released SAE to start from: read and checked against the config before any work, unless a
+  # checkpoint will be resumed instead.
+  init_sae = None
+  if c.train.init_from and not ckpt.all_steps():
+    init_sae = weights_lib.read_for_init(c, c.train.init_from)
 
   # ------------------------------------------------------------------------------------------------
   # Input pipeline.
@@ -99,11 +113,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   state_shardings = sharding.state_shardings(mesh, abstract_state)
 
   # ------------------------------------------------------------------------------------------------
-  # Restore the newest checkpoint, or initialise (b_dec = geometric median of the first batch).
+  # Restore the newest checkpoint, or initialise: from train.init_from, else randomly with b_dec the
+  # geometric median of the first batch.
   # ------------------------------------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(
-      workdir, c.train.checkpoint_every, c.train.keep_checkpoints, c.train.async_checkpointing
-  )
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state,
@@ -121,25 +133,39 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     start, state, meta = restored
     _check_held_out_split(meta, c)
     scale = meta['scale']
+    init_record = meta.get('init_from')  # where the run began, whatever the config says now
     log.info('resumed from %s at step %d', ckpt.directory, start)
+    if c.train.init_from:
+      log.info(
+          'train.init_from=%s not read: the run continues from its checkpoint', c.train.init_from
+      )
   else:
     start = 0
     scale = (
         data.activation_scale(source, c.data.scale_estimate_batches) if c.data.normalize else 1.0
     )
+    if c.train.init_from:
+      if init_sae is None:  # every checkpoint there was unreadable (moved aside): a fresh start
+        init_sae = weights_lib.read_for_init(c, c.train.init_from)
+      params, threshold, init_record = weights_lib.initial_params(*init_sae, scale)
+      state = _state_from(params, threshold, optimizer, state_shardings)
+      log.info('initialised from %s (scale %.6g)', c.train.init_from, scale)
+    else:
+      init_record = None
 
-    @functools.partial(jax.jit, out_shardings=state_shardings)
-    def init(first_batch):
-      params = model.init_params(init_key, d, F)
-      params['b_dec'] = model.geometric_median(first_batch)
-      return train_step.init_state(params, optimizer)
+      @functools.partial(jax.jit, out_shardings=state_shardings)
+      def init(first_batch):
+        params = model.init_params(init_key, d, F)
+        params['b_dec'] = model.geometric_median(first_batch)
+        return train_step.init_state(params, optimizer)
 
-    state = init(data.to_device(source.batch(0), batch_sharding) / scale)
+      state = init(data.to_device(source.batch(0), batch_sharding) / scale)
   meta = {
       'shape': sae_shape(c),
       'scale': scale,
       'data': {**data_record, **_held_out_split(c)},
       'config': c.to_json_best_effort(),
+      'init_from': init_record,
   }
 
   # ------------------------------------------------------------------------------------------------
@@ -251,6 +277,26 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       json.dump({k: v for k, v in summary.items() if k != 'feature_density'}, f, indent=2)
   summary.pop('feature_density')
   return summary
+
+
+def _state_from(
+    params: dict[str, np.ndarray], threshold: float, optimizer, state_shardings: dict
+) -> train_step.TrainState:
+  """The initial training state around given host parameters and threshold, laid out by
+  `state_shardings` (each process supplies its own part of the arrays: multi-host safe)."""
+
+  def put(a: np.ndarray, sharding) -> jax.Array:
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  shardings = state_shardings['params']
+  params = {n: put(np.asarray(v, np.float32), shardings[n]) for n, v in params.items()}
+  theta = put(np.asarray(threshold, np.float32), state_shardings['threshold'])
+
+  @functools.partial(jax.jit, out_shardings=state_shardings)
+  def init(params, theta):
+    return {**train_step.init_state(params, optimizer), 'threshold': theta}
+
+  return init(params, theta)
 
 
 def end_of_training_metrics(

@@ -206,6 +206,24 @@ def build_tiny(root, studies=4):
   return c
 
 
+def build_tiny_maira2(root, studies=8):
+  """Synthetic studies + a tiny MAIRA-2 in the release's on-disk layout; returns the demo config
+  (its maira2 variant: decoder layer 15) pointing at them."""
+  sys.path.insert(0, TOOLS)
+  sys.path.insert(0, REPO)
+  import make_demo_data  # pylint: disable=import-outside-toplevel
+  from experiments import demo  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge.maira2 import checkpoint  # pylint: disable=import-outside-toplevel
+
+  rows = make_demo_data.make_studies(str(root), studies, seed=0)
+  checkpoint.build(os.path.join(root, 'model'), make_demo_data.vocabulary_texts(rows), hidden=D)
+  c = demo.get_config('maira2')
+  c.model.name = os.path.join(root, 'model')
+  c.export.manifest = os.path.join(root, 'manifest.jsonl')
+  c.data.store_path = os.path.join(root, 'no_store')
+  return c
+
+
 def random_torch_sae(d=D, F=128, seed=0, threshold=0.0):
   import torch  # pylint: disable=import-outside-toplevel (torch tests only)
   from jaxsae.bridge.sae import TorchSAE  # pylint: disable=import-outside-toplevel
@@ -317,3 +335,67 @@ def check_iterator_resumes(src, first: int, later: int) -> None:
   for batch in expected:
     np.testing.assert_array_equal(next(resumed), batch)
   resumed.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# A pre-filled Hugging Face Hub cache (tests/formats/test_hub.py, tests/training/test_init_from.py)
+# --------------------------------------------------------------------------------------------------
+
+HUB_COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def write_hub_cache(cache, repo_id, folders, commit=HUB_COMMIT, refs=('main',)):
+  """Put local folders into `cache` as huggingface_hub's snapshot_download would have left them:
+  models--ORG--NAME/blobs/<sha256> holding the bytes, snapshots/<commit>/<subfolder>/<file>
+  relative symlinks to them, refs/<name> holding the commit. `folders` maps a subfolder of the
+  repository ('' = its root) to a local folder whose files it holds. Returns the snapshot folder."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+
+  repo = os.path.join(str(cache), 'models--' + repo_id.replace('/', '--'))
+  blobs, snapshot = os.path.join(repo, 'blobs'), os.path.join(repo, 'snapshots', commit)
+  os.makedirs(blobs, exist_ok=True)
+  for sub, src in folders.items():
+    dest = os.path.join(snapshot, *sub.split('/')) if sub else snapshot
+    os.makedirs(dest, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+      data = open(os.path.join(src, name), 'rb').read()
+      blob = os.path.join(blobs, hashlib.sha256(data).hexdigest())
+      with open(blob, 'wb') as f:
+        f.write(data)
+      link = os.path.join(dest, name)
+      os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+  os.makedirs(os.path.join(repo, 'refs'), exist_ok=True)
+  for ref in refs:
+    with open(os.path.join(repo, 'refs', ref), 'w') as f:
+      f.write(commit)  # no newline, as huggingface_hub writes it
+  return snapshot
+
+
+def write_sae(out, layout='dictionary_learning', d=16, group_sizes=(4, 4, 8, 16, 32), k=4,
+              threshold=0.3, seed=0, row_norm=1.0, **meta):  # fmt: skip
+  """A random SAE acting on raw activations written by jaxsae.formats.weights.write (decoder rows
+  of norm `row_norm`, W_enc near W_dec^T, non-zero biases); returns its float32 parameters."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jaxsae.formats import weights as weights_format  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  F = sum(group_sizes)
+  W_dec = rng.standard_normal((F, d))
+  W_dec *= row_norm / np.linalg.norm(W_dec, axis=1, keepdims=True)
+  p = {
+      'W_enc': W_dec.T + 0.1 * rng.standard_normal((d, F)),
+      'b_enc': 0.1 * rng.standard_normal(F),
+      'W_dec': W_dec,
+      'b_dec': 0.5 * rng.standard_normal(d),
+  }
+  p = {n: v.astype(np.float32) for n, v in p.items()}
+  fields = dict(step=100, scale=1.0, layer=15, model_name='m', hook_name='h', training={})
+  fields.update(meta)
+  weights_format.write(
+      str(out),
+      layout,
+      p,
+      threshold,
+      weights_format.Metadata(k=k, group_sizes=tuple(group_sizes), **fields),
+  )
+  return p

@@ -2,7 +2,7 @@
 # Trains a small synthetic SAE, exports it in both layouts, and checks each export loads into the
 # peer library it is meant for (dictionary_learning's MatryoshkaBatchTopKSAE via load_state_dict,
 # SAELens's SAE.load_from_disk) and gives jaxsae's encodings. Needs .venv and .venv-peers
-# (see benchmarks/peers/bench_peers.py for how to create the latter).
+# (tools/install_peers.sh; SAELens additionally: .venv-peers/bin/pip install sae-lens)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-$(mktemp -d)}

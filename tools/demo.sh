@@ -6,17 +6,20 @@
 # -> safetensors weights in both layouts -> a steering example and the in-model evaluation
 # -> feature statistics, explanations, detection scores and the HTML feature browser.
 # Rerunning resumes each step where it stopped. Studies 48-59 are held out of the export and
-# used by the evaluation.
+# used by the evaluation. DEMO_MODEL=maira2 runs it all on a tiny MAIRA-2 in the real checkpoint's
+# layout instead (1369 tokens per image, hooked at decoder layer 15; slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
-OUT=${OUT:-outputs/demo}
+DEMO_MODEL=${DEMO_MODEL:-llava}
+OUT=${OUT:-outputs/demo$([ "$DEMO_MODEL" = llava ] || echo "_$DEMO_MODEL")}
+FINETUNE_STEPS=${FINETUNE_STEPS:-$([ "$DEMO_MODEL" = llava ] && echo 150 || echo 40)}
 PY=.venv/bin/python
-CFG=(--config=experiments/demo.py --config.model.name="$OUT/data/model"
+CFG=(--config=experiments/demo.py:$DEMO_MODEL --config.model.name="$OUT/data/model"
      --config.export.manifest="$OUT/data/manifest.jsonl" --config.data.store_path="$OUT/activations"
      --config.export.max_studies=48)
 mkdir -p "$OUT"
-$PY tools/make_demo_data.py --out "$OUT/data" --finetune_steps 150
+$PY tools/make_demo_data.py --out "$OUT/data" --model "$DEMO_MODEL" --finetune_steps "$FINETUNE_STEPS"
 $PY -m jaxsae.export_activations "${CFG[@]}"
 $PY -m jaxsae.train "${CFG[@]}" --workdir="$OUT/train" "$@"
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_dictionary_learning" \
@@ -30,7 +33,7 @@ $PY -c "import json, sys; r = json.load(open(sys.argv[1])); r.pop('per_study', N
   "$OUT/evaluate/evaluation.json"
 # Interpretation over all 60 studies, image tokens included (for the X-ray heatmaps): statistics,
 # explanations and detection scores written by the local stand-in model, the HTML browser.
-ICFG=(--config=experiments/demo.py --config.model.name="$OUT/data/model"
+ICFG=(--config=experiments/demo.py:$DEMO_MODEL --config.model.name="$OUT/data/model"
       --config.export.manifest="$OUT/data/manifest.jsonl"
       --config.data.store_path="$OUT/activations_interpret"
       "--config.export.keep_kinds=('image','prompt','report')")

@@ -203,12 +203,12 @@ def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
 
 def vocabulary_texts(rows: list[dict]) -> list[str]:
   """Every text the prompts can contain: the studies' sections and MAIRA-2's fixed wording."""
-  from jaxsae.bridge import prompt  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge.maira2 import processing  # pylint: disable=import-outside-toplevel
 
-  texts = ['USER: ASSISTANT: </s>', prompt.MISSING]
+  texts = ['USER: ASSISTANT: </s>', processing.MISSING]
   for lateral in (False, True):
     for prior in (False, True):
-      for m in prompt.reporting_messages(lateral, prior, None, None, None, None, 'x'):
+      for m in processing.reporting_messages(lateral, prior, None, None, None, None, 'x'):
         texts += [c['text'] for c in m['content'] if c['type'] == 'text']
   for row in rows:
     texts += [
@@ -219,13 +219,19 @@ def vocabulary_texts(rows: list[dict]) -> list[str]:
   return texts
 
 
-def finetune(model_dir: str, manifest_path: str, studies: int, steps: int, seed: int = 0) -> float:
+def finetune(
+    model_dir: str, manifest_path: str, studies: int, steps: int, seed: int = 0, batch: int = 8
+) -> float:
   """Teach the tiny model to write the first `studies` reports (teacher-forced, report tokens and
   the end token as labels), so that steering and loss recovered mean something in the demo;
-  the remaining studies stay unseen for the held-out evaluation. Returns the last loss."""
+  the remaining studies stay unseen for the held-out evaluation. The head runs on the labelled
+  positions only (a [batch, tokens, 32207] logits tensor of MAIRA-2's vocabulary would not fit).
+  Returns the last loss."""
   import torch  # pylint: disable=import-outside-toplevel
   from jaxsae import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsae.bridge import export, loading, manifest, prompt  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge.maira2 import checkpoint  # pylint: disable=import-outside-toplevel
+  from jaxsae.bridge.maira2 import modeling as maira2_modeling  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
   c = config_lib.load_experiment(DEMO_CONFIG)
@@ -239,19 +245,26 @@ def finetune(model_dir: str, manifest_path: str, studies: int, steps: int, seed:
   optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
   model.train()
   for step in range(steps):
-    batch = [preps[(step * 8 + i) % len(preps)] for i in range(8)]
-    inputs = export.collate(batch, 0, torch.device('cpu'), torch.float32)
+    chunk = [preps[(step * batch + i) % len(preps)] for i in range(batch)]
+    inputs = export.collate(chunk, 0, torch.device('cpu'), torch.float32)
     labels = torch.full_like(inputs['input_ids'], -100)
-    for i, p in enumerate(batch):
+    for i, p in enumerate(chunk):
       report = np.flatnonzero(p.kinds == prompt.REPORT)
       keep = np.append(report, report[-1] + 1) if report[-1] + 1 < len(p.kinds) else report
       labels[i, keep] = inputs['input_ids'][i, keep]
-    loss = model(**inputs, labels=labels, use_cache=False).loss
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    logits = model.lm_head(hidden[:, :-1][labelled])
+    loss = torch.nn.functional.cross_entropy(logits, targets[labelled])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
   model.eval()
-  model.save_pretrained(model_dir)
+  if isinstance(model, maira2_modeling.Maira2ForConditionalGeneration):
+    checkpoint.save_weights(model, model_dir)  # keep the release's layout (key names, shards)
+  else:
+    model.save_pretrained(model_dir)
   return float(loss.detach())
 
 
@@ -260,7 +273,13 @@ def main() -> None:
   p.add_argument('--out', default=os.path.join('outputs', 'demo', 'data'))
   p.add_argument('--studies', type=int, default=60)
   p.add_argument('--hidden', type=int, default=64, help="the tiny model's width (sae.d)")
-  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--layers', type=int, default=None, help='decoder layers (4 LLaVA, 17 MAIRA-2)')
+  p.add_argument(
+      '--model',
+      choices=('llava', 'maira2'),
+      default='llava',
+      help="the small LLaVA stand-in, or a tiny MAIRA-2 in the real checkpoint's layout",
+  )
   p.add_argument('--seed', type=int, default=0)
   p.add_argument(
       '--finetune_steps',
@@ -271,15 +290,27 @@ def main() -> None:
   p.add_argument('--finetune_studies', type=int, default=48)
   args = p.parse_args()
   rows = make_studies(args.out, args.studies, args.seed)
-  from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
+  model_dir = os.path.join(args.out, 'model')
+  if args.model == 'maira2':
+    from jaxsae.bridge.maira2 import checkpoint  # pylint: disable=import-outside-toplevel
 
-  tiny_model.build(
-      os.path.join(args.out, 'model'),
-      tiny_model.words(vocabulary_texts(rows)),
-      hidden=args.hidden,
-      layers=args.layers,
-      seed=args.seed,
-  )
+    checkpoint.build(
+        model_dir,
+        vocabulary_texts(rows),
+        hidden=args.hidden,
+        layers=args.layers or 17,
+        seed=args.seed,
+    )
+  else:
+    from jaxsae.bridge import tiny_model  # pylint: disable=import-outside-toplevel
+
+    tiny_model.build(
+        model_dir,
+        tiny_model.words(vocabulary_texts(rows)),
+        hidden=args.hidden,
+        layers=args.layers or 4,
+        seed=args.seed,
+    )
   print(
       f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
       f'{args.out}/model'
@@ -291,6 +322,7 @@ def main() -> None:
         args.finetune_studies,
         args.finetune_steps,
         args.seed,
+        batch=8 if args.model == 'llava' else 1,  # MAIRA-2's studies are ~1.5-4.4k tokens long
     )
     print(
         f'fine-tuned the tiny model for {args.finetune_steps} steps on the first '

@@ -4,20 +4,27 @@ Why this exists: jaxsae reimplements dictionary_learning's ``MatryoshkaBatchTopK
 in JAX. This script runs the *reference* trainer on a tiny, seeded problem and records
 its initial parameters, per-step losses / LR / threshold / dead counts and final state in
 ``tests/fixtures/golden_matryoshka.npz``, so the JAX tests can compare against it without
-torch. A second mode (``--check-export``) loads a jaxsae export (``ae.safetensors`` +
-``config.json``) into the reference ``MatryoshkaBatchTopKSAE`` and checks that it
-reproduces expected encodings/reconstructions.
+torch. The other modes check files against the reference, both ways:
 
-It must run in a separate venv (never imports jax). To create that venv from scratch::
+  --check-export DIR            a jaxsae export (ae.safetensors + config.json, or SAELens's
+                                layout) loaded into the reference SAE (or SAELens)
+  --release-fixture DIR         an SAE saved as dictionary_learning's trainer saves one (ae.pt +
+                                config.json, the layout of the paper's released SAEs), with the
+                                reference's encodings, for tests/formats/test_release_fixture.py
+  --check-load-dictionary DIR   a jaxsae export loaded by dictionary_learning's own
+                                ``load_dictionary`` (reads ae.pt), as SAEBench loads SAEs
 
-    python3 -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 \
-        && .venv-peers/bin/pip install --no-deps dictionary-learning einops
-    # --check-export also needs: .venv-peers/bin/pip install safetensors
+The --check-* modes compare with the expected outputs in --inputs NPZ (x, expected_encode,
+expected_decode). It must run in a separate venv (never imports jax), made by
+``bash tools/install_peers.sh``.
 
 Usage::
 
     .venv-peers/bin/python tools/make_golden_fixture.py --out tests/fixtures/golden_matryoshka.npz
     .venv-peers/bin/python tools/make_golden_fixture.py --check-export DIR --inputs NPZ
+    .venv-peers/bin/python tools/make_golden_fixture.py \
+        --release-fixture tests/fixtures/dictionary_learning_release
+    .venv-peers/bin/python tools/make_golden_fixture.py --check-load-dictionary DIR --inputs NPZ
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import sys
 import types
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch as t
@@ -61,6 +69,26 @@ def import_reference() -> types.ModuleType:
   import dictionary_learning.trainers.matryoshka_batch_top_k as ref  # trainers/__init__ is light
 
   return ref
+
+
+def import_load_dictionary() -> Callable:
+  """dictionary_learning.utils.load_dictionary, imported through the real package: only modules
+  it imports for other work and that .venv-peers lacks (nnsight for language models, datasets and
+  zstandard for text corpora) are stubbed, and a stub raises if anything calls it."""
+
+  def unavailable(*args, **kwargs):
+    raise RuntimeError("stubbed by tools/make_golden_fixture.py: not installed in .venv-peers")
+
+  stubs = {"nnsight": ["LanguageModel"], "datasets": ["load_dataset"], "zstandard": []}
+  for name, attrs in stubs.items():
+    if importlib.util.find_spec(name) is None:
+      module = types.ModuleType(name)
+      for attr in attrs:
+        setattr(module, attr, unavailable)
+      sys.modules[name] = module
+  from dictionary_learning.utils import load_dictionary
+
+  return load_dictionary
 
 
 def make_data(
@@ -243,6 +271,11 @@ def check_export(export_dir: Path, inputs: Path, tol: float = 1e-4) -> int:
       return 1
     with t.no_grad():
       got = {"encode": ae.encode(x, use_threshold=True).numpy(), "decode": ae(x).numpy()}
+  return compare(got, data, tol, f"export in {export_dir}", loader)
+
+
+def compare(got: dict, data, tol: float, what: str, loader: str) -> int:
+  """0 if each output in `got` matches data["expected_<name>"] to atol=rtol=tol, else 1."""
   ok = True
   for name, val in got.items():
     exp = data[f"expected_{name}"]
@@ -251,10 +284,110 @@ def check_export(export_dir: Path, inputs: Path, tol: float = 1e-4) -> int:
     print(f"{name}: max abs err {err:.3e} {'ok' if match else 'MISMATCH'}")
     ok &= match
   if not ok:
-    print(f"export in {export_dir} does NOT match the reference (atol=rtol={tol})", file=sys.stderr)
+    print(f"{what} does NOT match the reference (atol=rtol={tol})", file=sys.stderr)
     return 1
-  print(f"export loads into {loader} and matches")
+  print(f"{what} loads with {loader} and matches")
   return 0
+
+
+def check_load_dictionary(export_dir: Path, inputs: Path, tol: float = 1e-5) -> int:
+  """Load a jaxsae export with dictionary_learning's own load_dictionary (config.json's dict_class,
+  then ``MatryoshkaBatchTopKSAE.from_pretrained``: ``torch.load`` of ae.pt, weights_only by
+  default, and ``load_state_dict``) and compare its encode(x) / forward(x) with jaxsae's."""
+  load_dictionary = import_load_dictionary()
+  data = np.load(inputs)
+  x = t.from_numpy(np.asarray(data["x"], dtype=np.float32))
+  try:
+    ae, config = load_dictionary(str(export_dir), "cpu")
+  except Exception as e:  # pylint: disable=broad-except  # report any failure to load, and fail
+    print(f"load_dictionary({str(export_dir)!r}) fails: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+  print(
+      f"{type(ae).__name__}: k={int(ae.k)} group_sizes={ae.group_sizes.tolist()} "
+      f"threshold={float(ae.threshold):.6g} layer={config['trainer'].get('layer')}"
+  )
+  with t.no_grad():
+    got = {"encode": ae.encode(x).numpy(), "decode": ae(x).numpy()}
+  return compare(got, data, tol, f"export in {export_dir}", "dictionary_learning's load_dictionary")
+
+
+RELEASE = dict(d=16, F=64, k=4, B=32, group_fractions=[0.125, 0.125, 0.25, 0.5])
+
+
+def make_release_fixture(out: Path) -> None:
+  """A small SAE saved exactly as dictionary_learning's trainSAE saves its final SAE (the layout of
+  the paper's released SAEs, microsoft/maira-2-sae): ae.pt = torch.save of the state dict's CPU
+  tensors, config.json = {"trainer": trainer.config}; the trainer is the reference's own, built
+  with the paper's layer and model, its SAE given random weights and a learned threshold. Beside
+  them, expected.npz: inputs x and the reference SAE's outputs on them."""
+  ref = import_reference()
+  c = RELEASE
+  trainer = ref.MatryoshkaBatchTopKTrainer(
+      steps=2000,
+      warmup_steps=100,
+      decay_start=1600,
+      threshold_start_step=200,
+      activation_dim=c["d"],
+      dict_size=c["F"],
+      k=c["k"],
+      layer=15,
+      lm_name="microsoft/maira-2",
+      group_fractions=c["group_fractions"],
+      device="cpu",
+      seed=0,
+      submodule_name="language_model.model.layers.15",
+  )
+  ae = trainer.ae
+  assert trainer.group_sizes == [8, 8, 16, 32], trainer.group_sizes
+  g = t.Generator().manual_seed(0)
+  with t.no_grad():
+    ae.W_enc.copy_(t.randn(c["d"], c["F"], generator=g) / 2)  # not W_dec.T: a transpose shows
+    W_dec = t.randn(c["F"], c["d"], generator=g)
+    ae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
+    ae.b_enc.copy_(t.randn(c["F"], generator=g) * 0.5)
+    ae.b_dec.copy_(t.randn(c["d"], generator=g))
+    x = t.randn(c["B"], c["d"], generator=g) * 2 + ae.b_dec
+    ae.threshold.fill_(_threshold_between_codes(ae.encode(x, use_threshold=False)))
+    encode = ae.encode(x, use_threshold=True)
+    forward = ae(x)
+    topk = ae.encode(x, use_threshold=False)
+  pre = t.relu((x - ae.b_dec) @ ae.W_enc + ae.b_enc).detach()
+  kept = t.sort(pre.flatten(), descending=True).values
+  B, k = c["B"], c["k"]
+  assert kept[B * k - 1] - kept[B * k] > 1e-4, "BatchTopK's cut falls between near-equal values"
+  assert 0 < int((encode > 0).sum()) < int((pre > 0).sum()), "the threshold must drop some codes"
+  out.mkdir(parents=True, exist_ok=True)
+  for name in ("ae.pt", "config.json", "expected.npz"):
+    (out / name).unlink(missing_ok=True)
+  final = {k: v.cpu() for k, v in trainer.ae.state_dict().items()}  # as training.py saves it
+  t.save(final, out / "ae.pt")
+  with open(out / "config.json", "w") as f:
+    json.dump({"trainer": trainer.config}, f, indent=4)
+  np.savez(
+      out / "expected.npz",
+      x=np32(x),
+      encode=np32(encode),
+      forward=np32(forward),
+      encode_topk=np32(topk),
+      threshold=np.float32(ae.threshold.item()),
+  )
+  print(
+      f"wrote {out}: group_sizes={trainer.group_sizes} threshold={ae.threshold.item():.6g} "
+      f"codes kept by the threshold {int((encode > 0).sum())} of {int((pre > 0).sum())} positive"
+  )
+
+
+def _threshold_between_codes(codes: t.Tensor) -> float:
+  """A threshold in the widest gap between BatchTopK codes near their median (what a trained
+  threshold is like: it keeps about k codes per token), with no value within float error of it
+  (which one implementation might keep and another drop)."""
+  values = t.sort(codes[codes > 0]).values
+  mid = len(values) // 2
+  window = values[mid - len(values) // 8 : mid + len(values) // 8 + 1]
+  gaps = window[1:] - window[:-1]
+  i = int(gaps.argmax())
+  assert gaps[i] > 1e-4, "no clear gap for the threshold"
+  return float((window[i] + window[i + 1]) / 2)
 
 
 def main() -> None:
@@ -266,14 +399,33 @@ def main() -> None:
       metavar="DIR",
       help="dir with ae.safetensors + config.json to check against the reference",
   )
+  p.add_argument(
+      "--check-load-dictionary",
+      type=Path,
+      metavar="DIR",
+      help="dir with ae.pt + config.json to load with dictionary_learning's load_dictionary",
+  )
+  p.add_argument(
+      "--release-fixture",
+      type=Path,
+      metavar="DIR",
+      help="write an SAE as dictionary_learning's trainer saves it (ae.pt, config.json) here",
+  )
   p.add_argument("--inputs", type=Path, help="npz with x, expected_encode, expected_decode")
   args = p.parse_args()
-  if args.check_export is not None:
-    if args.inputs is None:
-      p.error("--check-export requires --inputs")
-    sys.exit(check_export(args.check_export, args.inputs))
+  for mode, check in (
+      (args.check_export, check_export),
+      (args.check_load_dictionary, check_load_dictionary),
+  ):
+    if mode is not None:
+      if args.inputs is None:
+        p.error("--check-export and --check-load-dictionary require --inputs")
+      sys.exit(check(mode, args.inputs))
+  if args.release_fixture is not None:
+    make_release_fixture(args.release_fixture)
+    return
   if args.out is None:
-    p.error("give --out or --check-export")
+    p.error("give --out, --release-fixture, --check-export or --check-load-dictionary")
   t.use_deterministic_algorithms(True)
   make_golden(args.out)
 

@@ -11,7 +11,8 @@ import os
 import threading
 
 import torch
-import transformers
+
+from jaxsae.bridge import loading
 
 
 def _as_parts(messages: list[dict]) -> list[dict]:
@@ -89,21 +90,11 @@ class LocalChat:
           f'interpret.llm.model={model_name_or_path!r} is neither a local directory '
           'nor a Hub id (org/name).'
       )
-    transformers.utils.logging.disable_progress_bar()
-    kw = dict(trust_remote_code=trust_remote_code)
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, **kw)
-    torch_dtype = getattr(torch, dtype)
-    try:
-      model = transformers.AutoModelForCausalLM.from_pretrained(
-          model_name_or_path, dtype=torch_dtype, **kw
-      )
-    except ValueError as e:  # a LLaVA-style checkpoint is not a causal-LM class
-      if 'Unrecognized configuration class' not in str(e):
-        raise
-      model = transformers.AutoModelForImageTextToText.from_pretrained(
-          model_name_or_path, dtype=torch_dtype, **kw
-      )
-    self.model = model.to(torch.device(device)).eval()
+    model, processor = loading.load_model(
+        model_name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+    self.tokenizer = getattr(processor, 'tokenizer', processor)
+    self.model = model
     self.device = torch.device(device)
     self.max_new_tokens = int(max_new_tokens)
     self.name = f'local:{model_name_or_path}'

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 from PIL import Image
 
 from jaxsae.config import ConfigError
@@ -160,12 +159,3 @@ def read(path: str, teacher_forcing: bool, fix: str = EXPORT_FIX) -> list[Study 
         )
     )
   return out
-
-
-def normalise(image: Image.Image) -> Image.Image:
-  """MAIRA-2's image normalisation: greyscale, intensities stretched to [0, 255]."""
-  x = np.asarray(image.convert('L'), np.float64)
-  x -= x.min()
-  if x.max() > 0:
-    x *= 255 / x.max()
-  return Image.fromarray(x.astype(np.uint8)).convert('L')

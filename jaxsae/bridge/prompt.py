@@ -1,9 +1,9 @@
 """MAIRA-2's reporting prompt, and what each of its tokens is: image, prompt, boilerplate or report.
 
-The processor's own `format_and_preprocess_reporting_input` builds the model inputs when it has
-one (MAIRA-2's does); for any other LLaVA-style processor `reporting_messages` rebuilds the same
-chat messages (Maira2Processor._construct_chat_messages_reporting, non-grounded) and its chat
-template renders them. Token kinds come from the rendered text: the study's own section texts are
+A MAIRA-2 processor (jaxsae's port or the release's remote code) renders the prompt with its own
+`format_reporting_input`; for any other LLaVA-style processor (the offline stand-in) the same chat
+messages (jaxsae.bridge.maira2.processing.reporting_messages) go through its chat template. Either
+way the images are normalised once and the processor runs once. Token kinds come from the rendered text: the study's own section texts are
 `prompt`, the assistant's findings `report`, image placeholders `image` and everything else —
 instructions, section labels, chat roles, "N/A" for a missing section — `boilerplate`.
 """
@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from jaxsae.bridge import manifest
+from jaxsae.bridge.maira2.processing import normalise_image, reporting_messages
 from jaxsae.config import ConfigError
 from jaxsae.formats.tokens import TOKEN_KINDS
 
-MISSING = 'N/A'
 IMAGE, PROMPT, BOILERPLATE, REPORT = (
     TOKEN_KINDS.index(k) for k in ('image', 'prompt', 'boilerplate', 'report')
 )
@@ -32,52 +32,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if m['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
     '{% if add_generation_prompt %}ASSISTANT:{% endif %}'
 )
-
-
-def _section(text: str | None) -> str:
-  return text if isinstance(text, str) and text else MISSING
-
-
-def reporting_messages(
-    has_lateral: bool,
-    has_prior: bool,
-    indication: str | None,
-    technique: str | None,
-    comparison: str | None,
-    prior_report: str | None,
-    assistant_text: str | None = None,
-) -> list[dict[str, Any]]:
-  """MAIRA-2's findings-generation chat messages (its processor's wording, item for item)."""
-
-  def text(t):
-    return {'index': None, 'text': t, 'type': 'text'}
-
-  def image(i):
-    return {'index': i, 'text': None, 'type': 'image'}
-
-  if not has_prior and not has_lateral:
-    prompt = [text('Given the current frontal image only'), image(0)]
-  else:
-    prompt = [text('Given the current frontal image'), image(0)]
-    if has_prior:
-      if has_lateral:
-        prompt += [text(' the current lateral image'), image(1)]
-      prompt += [text(' and the prior frontal image'), image(1 + has_lateral)]
-    else:
-      prompt += [text(' and the current lateral image'), image(1)]
-  if has_prior:
-    prompt.append(text(f' PRIOR_REPORT: {_section(prior_report)}'))
-  prompt.append(
-      text(
-          ' Provide a structured description of the findings in the radiology study in comparison to '
-          f'the prior frontal image. INDICATION: {_section(indication)} TECHNIQUE: '
-          f'{_section(technique)} COMPARISON: {_section(comparison)}'
-      )
-  )
-  messages = [{'content': prompt, 'role': 'user'}]
-  if assistant_text is not None:
-    messages.append({'content': [text(assistant_text)], 'role': 'assistant'})
-  return messages
 
 
 def _spans(
@@ -144,9 +98,9 @@ def prepare(
       get_grounding=False,
       assistant_text=assistant,
   )
-  if hasattr(processor, 'format_and_preprocess_reporting_input'):  # MAIRA-2's processor
-    inputs = processor.format_and_preprocess_reporting_input(**args, return_tensors='pt')
-    text = processor.format_reporting_input(**args)[0]
+  if hasattr(processor, 'format_reporting_input'):  # MAIRA-2's processor
+    text, ordered = processor.format_reporting_input(**args)
+    inputs = processor(text=text, images=ordered, return_tensors='pt')
   else:
     messages = reporting_messages(
         lateral is not None,
@@ -166,7 +120,7 @@ def prepare(
     text = tokenizer.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=assistant is None, tokenize=False
     )
-    ordered = [manifest.normalise(im) for im in (frontal, lateral, prior) if im is not None]
+    ordered = [normalise_image(im) for im in (frontal, lateral, prior) if im is not None]
     inputs = processor(text=text, images=ordered, return_tensors='pt')
   roles = (
       [FRONTAL]

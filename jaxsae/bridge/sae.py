@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from jaxsae.errors import ConfigError
+from jaxsae.formats import hub
 from jaxsae.formats import weights as weights_format
 from jaxsae.formats.weights import PARAMS
 
@@ -100,8 +101,9 @@ class TorchSAE(torch.nn.Module):
 def load(
     path: str, device: str | torch.device = 'cpu', dtype: torch.dtype = torch.float32
 ) -> TorchSAE:
-  """The SAE exported to directory `path` (layout detected from its files)."""
-  w = weights_format.read(path)
+  """The SAE exported to directory `path` (layout detected from its files), or at a Hugging Face
+  Hub id `hf://ORG/NAME[/SUBFOLDER][@REVISION]` (fetched into the Hub cache)."""
+  w = weights_format.read(hub.resolve(path))
   params = [_tensor(w.params[n], dtype) for n in PARAMS]
   sae = TorchSAE(
       *params,

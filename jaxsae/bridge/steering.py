@@ -1,10 +1,9 @@
-"""Baseline vs steered report generation, grounded-output parsing, and alpha sweeps.
+"""Baseline vs steered report generation, and alpha sweeps.
 
 Generation is greedy, one study at a time (no padding, so positions are the prompt's own). A
 steered report differs from the baseline only by the hook on layer L (jaxsae.bridge.interventions);
-the baseline runs with no hook at all. MAIRA-2's grounded reports wrap phrases as
-`<obj>phrase<box><x55><y45><x70><y56></box></obj>`, 100 bins per axis, bin b -> (b + 0.5) / 100;
-`parse` turns a report into phrases with boxes and lists what is malformed.
+the baseline runs with no hook at all. Reports are parsed into phrases and boxes by
+jaxsae.bridge.maira2.grounding (MAIRA-2's grounded markup).
 """
 
 from __future__ import annotations
@@ -21,113 +20,10 @@ import torch
 
 from jaxsae.bridge import interventions as iv
 from jaxsae.bridge import manifest, prompt
+from jaxsae.bridge.maira2.grounding import Parsed, parse
 from jaxsae.config import ConfigError
 
-BINS = 100
 MODES = ('add', 'clamp')
-
-# --------------------------------------------------------------------------------------------------
-# Grounded output
-# --------------------------------------------------------------------------------------------------
-
-_TAG = re.compile(r'<obj>|</obj>|<box>|</box>|<([xy])(\d+)>')
-
-
-@dataclasses.dataclass
-class Phrase:
-  text: str
-  boxes: list[tuple[float, float, float, float]]  # (x_min, y_min, x_max, y_max) in [0, 1]
-
-
-@dataclasses.dataclass
-class Parsed:
-  phrases: list[Phrase]
-  problems: list[str]  # empty when the grounding markup is well-formed
-
-  @property
-  def plain(self) -> str:
-    """The report without markup (what a target phrase is searched in)."""
-    return ' '.join(p.text for p in self.phrases)
-
-  @property
-  def boxes(self) -> int:
-    return sum(len(p.boxes) for p in self.phrases)
-
-
-def bin_centre(b: int) -> float:
-  return (b + 0.5) / BINS
-
-
-def parse(text: str) -> Parsed:
-  """Phrases (text outside `<obj>` is a phrase without boxes) and boxes of a generated report."""
-  phrases, problems = [], []
-  state, words, boxes, coords = 'out', [], [], []
-
-  def flush_text(with_boxes):
-    phrase = ' '.join(''.join(words).split())
-    if phrase or with_boxes:
-      phrases.append(Phrase(phrase, list(with_boxes)))
-    words.clear()
-
-  at = 0
-  for m in _TAG.finditer(text):
-    if state != 'box':
-      words.append(text[at : m.start()])
-    elif text[at : m.start()].strip():
-      problems.append(f'text {text[at:m.start()].strip()!r} inside <box>')
-    at, tag = m.end(), m.group(0)
-    if tag == '<obj>':
-      if state != 'out':
-        problems.append('<obj> inside <obj>')
-      flush_text([])
-      state, boxes = 'obj', []
-    elif tag == '</obj>':
-      if state != 'obj':
-        problems.append('</obj> without <obj>' if state == 'out' else '</obj> inside <box>')
-      flush_text(boxes)
-      state, boxes = 'out', []
-    elif tag == '<box>':
-      if state != 'obj':
-        problems.append('<box> outside <obj>' if state == 'out' else '<box> inside <box>')
-      state, coords = 'box', []
-    elif tag == '</box>':
-      if state != 'box':
-        problems.append('</box> without <box>')
-      else:
-        box = _box(coords, problems)
-        if box is not None:
-          boxes.append(box)
-      state = 'obj'
-    elif state != 'box':
-      problems.append(f'coordinate {tag} outside <box>')
-    else:
-      coords.append((m.group(1), int(m.group(2))))
-  tail = text[at:]
-  if state != 'box':
-    words.append(tail)
-  elif tail.strip():
-    problems.append(f'text {tail.strip()!r} inside <box>')
-  if state != 'out':
-    problems.append(f'unclosed <{"box" if state == "box" else "obj"}> at the end')
-    flush_text(boxes)
-  else:
-    flush_text([])
-  return Parsed(phrases, problems)
-
-
-def _box(coords: list[tuple[str, int]], problems: list[str]):
-  axes = ''.join(a for a, _ in coords)
-  if axes != 'xyxy':
-    problems.append(f'a box needs <x><y><x><y>, got {"".join(f"<{a}{v}>" for a, v in coords)!r}')
-    return None
-  values = [v for _, v in coords]
-  if any(not 0 <= v < BINS for v in values):
-    problems.append(f'box bins {values} outside 0..{BINS - 1}')
-    return None
-  x0, y0, x1, y1 = values
-  if x0 > x1 or y0 > y1:
-    problems.append(f'box {values} has min > max')
-  return tuple(bin_centre(v) for v in values)
 
 
 def contains(text: str, target: str) -> bool:

@@ -4,8 +4,10 @@ torch, so each side reads and writes them without the other's framework.
   store    the activation store: append-only TensorStore zarr3 arrays, committed length last
   tokens   what each store row is: TOKEN_KINDS and the TOKEN_COLUMNS of its metadata
   split    which studies of a store are held out from training (by a hash of the study id)
-  weights  trained SAEs as safetensors, in dictionary_learning's and SAELens's layouts
+  weights  trained SAEs, in dictionary_learning's and SAELens's layouts
+  torch_pickle  torch.save's format (dictionary_learning's ae.pt), without torch or unsafe pickle
   names    study ids as safe, reversible file names
+  hub      SAE weights on the Hugging Face Hub (hf://ORG/NAME/SUBFOLDER) to a local folder
 """
 
-__all__ = ['names', 'split', 'store', 'tokens', 'weights']
+__all__ = ['hub', 'names', 'split', 'store', 'tokens', 'torch_pickle', 'weights']

@@ -1,4 +1,4 @@
-"""Trained SAEs on disk: dictionary_learning's and SAELens's safetensors layouts, read and written.
+"""Trained SAEs on disk: dictionary_learning's and SAELens's layouts, read and written.
 
 The JAX core (jaxsae.weights: export from a checkpoint, load into jaxsae.model) and the torch
 bridge (jaxsae.bridge.sae) both go through this module, so the two sides cannot drift apart on a
@@ -7,9 +7,15 @@ framework.
 
 Two layouts of one SAE, a directory each:
 
-  dictionary_learning  ae.safetensors: W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], k (int32,
-                       0-d), threshold (float32, 0-d; -1 = none learned yet), group_sizes (int64,
-                       [G]). config.json: {'trainer': {...}}, dictionary_learning's trainer config
+  dictionary_learning  ae.pt and ae.safetensors, one state dict twice: W_enc [d, F], b_enc [F],
+                       W_dec [F, d], b_dec [d], k (int32, 0-d), threshold (float32, 0-d; -1 = none
+                       learned yet), group_sizes (int64, [G]). ae.pt is torch.save's format, the one
+                       dictionary_learning's trainer writes and its load_dictionary (and SAEBench)
+                       read, as in the paper's released SAEs; jaxsae.formats.torch_pickle reads and
+                       writes it without torch and refuses any pickle that is not a dict of tensors.
+                       ae.safetensors, for the tools that read safetensors, holds no pickle at all:
+                       `read` prefers it, and reads ae.pt where it is alone (as in the released
+                       SAEs). config.json: {'trainer': {...}}, dictionary_learning's trainer config
                        (dict_class MatryoshkaBatchTopKSAE, layer, submodule_name = the hook, the
                        training hyperparameters; k and group_sizes there back up missing tensors).
   saelens              sae_weights.safetensors: the four parameters and threshold [F] (float32).
@@ -18,7 +24,7 @@ Two layouts of one SAE, a directory each:
 
 Both describe encode(x) = a * (a > threshold) with a = relu((x - b_dec) W_enc + b_enc), and
 decode(a) = a W_dec + b_dec, on raw activations (jaxsae.weights folds the training scale in). The
-layout is detected from which weights file a directory holds.
+layout is detected from which weights files a directory holds.
 
 A directory appears complete or not at all: its files are written into a temporary sibling folder
 that one rename puts in place (swapped atomically with a previous export there), so a kill, a full
@@ -48,11 +54,14 @@ import safetensors
 from safetensors.numpy import load_file, save_file
 
 from jaxsae.errors import ConfigError
+from jaxsae.formats import torch_pickle
 
 __all__ = [
     'LAYOUTS',
     'FILES',
+    'WEIGHT_FILES',
     'DL_WEIGHTS',
+    'DL_TORCH',
     'DL_CONFIG',
     'SL_WEIGHTS',
     'SL_CONFIG',
@@ -72,13 +81,16 @@ __all__ = [
 ]
 
 LAYOUTS = ('dictionary_learning', 'saelens')
-DL_WEIGHTS, DL_CONFIG = 'ae.safetensors', 'config.json'
+DL_WEIGHTS, DL_TORCH, DL_CONFIG = 'ae.safetensors', 'ae.pt', 'config.json'
 SL_WEIGHTS, SL_CONFIG = 'sae_weights.safetensors', 'cfg.json'
+# Per layout: the weights file `read` prefers, and the config file.
 FILES = {'dictionary_learning': (DL_WEIGHTS, DL_CONFIG), 'saelens': (SL_WEIGHTS, SL_CONFIG)}
+# Per layout: every file holding the weights, in the order `read` looks; `write` writes them all.
+WEIGHT_FILES = {'dictionary_learning': (DL_WEIGHTS, DL_TORCH), 'saelens': (SL_WEIGHTS,)}
 PARAMS = ('W_enc', 'b_enc', 'W_dec', 'b_dec')
 MANIFEST, MANIFEST_FORMAT = 'manifest.json', 'jaxsae-weights/1'
 # What a folder may hold for a new export to replace it: an export's files, of either layout.
-_EXPORT_FILES = frozenset({DL_WEIGHTS, DL_CONFIG, SL_WEIGHTS, SL_CONFIG, MANIFEST})
+_EXPORT_FILES = frozenset({DL_WEIGHTS, DL_TORCH, DL_CONFIG, SL_WEIGHTS, SL_CONFIG, MANIFEST})
 
 _EXPORT_HINT = (
     'Export them with `python -m jaxsae.export_weights --workdir=... --out=DIR '
@@ -138,22 +150,27 @@ def check_layout(layout: str) -> str:
 
 
 def detect(path: str) -> str:
-  """The layout of the SAE in directory `path`, from the weights file it holds."""
-  for layout, (weights_name, _) in FILES.items():
-    if os.path.exists(os.path.join(path, weights_name)):
-      return layout
+  """The layout of the SAE in directory `path`, from the weights files it holds."""
+  return _weights_file(path)[0]
+
+
+def _weights_file(path: str) -> tuple[str, str]:
+  """(layout, the weights file to read) of the SAE in directory `path`."""
+  for layout, names in WEIGHT_FILES.items():
+    for name in names:
+      if os.path.exists(os.path.join(path, name)):
+        return layout, os.path.join(path, name)
   raise ConfigError(
-      f'no SAE weights in {path!r}: expected {DL_WEIGHTS} (dictionary_learning) or '
-      f'{SL_WEIGHTS} (SAELens). {_EXPORT_HINT}'
+      f'no SAE weights in {path!r}: expected {DL_WEIGHTS} or {DL_TORCH} (dictionary_learning) '
+      f'or {SL_WEIGHTS} (SAELens). {_EXPORT_HINT}'
   )
 
 
 def read(path: str) -> SAEWeights:
   """The SAE in directory `path` (either layout), checked for shape consistency."""
   verify(path)  # before anything is parsed: a missing, truncated or changed file is named as such
-  layout = detect(path)
-  weights_name, config_name = FILES[layout]
-  weights_file = os.path.join(path, weights_name)
+  layout, weights_file = _weights_file(path)
+  config_name = FILES[layout][1]
   cfg = _read_config(os.path.join(path, config_name), weights_file)
   if layout == 'saelens' and cfg.get('architecture') != 'jumprelu':
     raise ConfigError(
@@ -280,11 +297,13 @@ def write(
                 'trained_steps': meta.step,
                 'activation_scale': meta.scale,
                 'layer': meta.layer,
+                'training': dict(meta.training),  # informational, as dictionary_learning's trainer
             },
         },
     }
   weights_name, config_name = FILES[layout]
-  return write_files(out, weights_name, tensors, config_name, cfg, manifest=True)
+  also = WEIGHT_FILES[layout][1:]
+  return write_files(out, weights_name, tensors, config_name, cfg, manifest=True, also=also)
 
 
 def write_files(
@@ -295,16 +314,19 @@ def write_files(
     cfg: Mapping[str, Any],
     *,
     manifest: bool = False,
+    also: Sequence[str] = (),
 ) -> str:
-  """Make directory `out` hold exactly these two files (and, with `manifest`, their manifest.json),
-  or leave it as it was: they are written into a temporary sibling folder that one rename puts at
-  `out`. A previous export there is replaced; a folder holding anything else is refused. Returns
-  the weights file's path."""
+  """Make directory `out` hold exactly these files (and, with `manifest`, their manifest.json), or
+  leave it as it was: they are written into a temporary sibling folder that one rename puts at
+  `out`. `also` names more files holding the same tensors; each weights file's format follows its
+  name (.pt: a torch checkpoint, else safetensors). A previous export there is replaced; a folder
+  holding anything else is refused. Returns the weights file's path."""
   target = os.path.realpath(out)
   existed = check_destination(out)
   arrays = {k: np.array(v, order='C') for k, v in tensors.items()}  # np.array keeps 0-d
   config_bytes = json.dumps(cfg, indent=2).encode()
-  needed = sum(a.nbytes for a in arrays.values()) + len(config_bytes) + 2**16
+  weights_names = (weights_name, *also)
+  needed = sum(a.nbytes for a in arrays.values()) * len(weights_names) + len(config_bytes) + 2**16
   parent, tmp = os.path.dirname(target), None
   try:
     os.makedirs(parent, exist_ok=True)
@@ -313,7 +335,7 @@ def write_files(
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), parent)
     tmp = _sibling(target, 'tmp')
     os.mkdir(tmp)  # the umask's mode, like any folder the user makes (mkdtemp would give 0700)
-    _write_folder(tmp, weights_name, arrays, config_name, config_bytes, manifest)
+    _write_folder(tmp, weights_names, arrays, config_name, config_bytes, manifest)
     _swap_in(tmp, target)
   except (OSError, safetensors.SafetensorError) as e:
     if tmp is not None:
@@ -385,23 +407,28 @@ def check_destination(out: str) -> bool:
 
 def _write_folder(
     folder: str,
-    weights_name: str,
+    weights_names: Sequence[str],
     arrays: Mapping[str, np.ndarray],
     config_name: str,
     config_bytes: bytes,
     manifest: bool,
 ) -> None:
   """The export's files, each flushed to disk before the folder is renamed into place."""
-  config_file, weights_file = os.path.join(folder, config_name), os.path.join(folder, weights_name)
+  config_file = os.path.join(folder, config_name)
   _write_bytes(config_file, config_bytes)
-  save_file(arrays, weights_file)
-  os.chmod(weights_file, stat.S_IMODE(os.stat(config_file).st_mode))  # safetensors makes it 0600
-  _fsync(weights_file)
+  for name in weights_names:
+    weights_file = os.path.join(folder, name)
+    if name.endswith('.pt'):
+      torch_pickle.save(weights_file, arrays)
+    else:
+      save_file(arrays, weights_file)
+    os.chmod(weights_file, stat.S_IMODE(os.stat(config_file).st_mode))  # safetensors makes 0600
+    _fsync(weights_file)
   if manifest:
-    files = {
-        name: {'bytes': os.path.getsize(f), 'sha256': _sha256(f)}
-        for name, f in ((config_name, config_file), (weights_name, weights_file))
-    }
+    files = {}
+    for name in (config_name, *weights_names):
+      file = os.path.join(folder, name)
+      files[name] = {'bytes': os.path.getsize(file), 'sha256': _sha256(file)}
     record = {'format': MANIFEST_FORMAT, 'jaxsae_version': _version(), 'files': files}
     _write_bytes(os.path.join(folder, MANIFEST), json.dumps(record, indent=2).encode())
   _fsync(folder)
@@ -577,6 +604,8 @@ _RAW_DTYPES = {
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  if path.endswith('.pt'):
+    return torch_pickle.load(path)  # its errors name the file and the fix
   try:
     try:
       return load_file(path)

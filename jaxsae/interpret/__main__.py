@@ -20,7 +20,9 @@ from jaxsae.interpret import llm, pipeline
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment file (get_config()).', lock_config=True
 )
-_WEIGHTS = flags.DEFINE_string('weights', None, 'Exported SAE (either safetensors layout).')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', None, 'Exported SAE folder (either layout) or hf://ORG/NAME[/SUBFOLDER][@REVISION].'
+)
 _OUT = flags.DEFINE_string('out', 'outputs/interpret', 'Output folder (resumed if it exists).')
 flags.mark_flags_as_required(['config', 'weights'])
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from jaxsae import config as config_lib
 from jaxsae import weights
-from jaxsae.formats import names, store
+from jaxsae.formats import hub, names, store
 from jaxsae.config import ConfigError
 from jaxsae.interpret import browser, examples, explain, llm, records, stats
 
@@ -80,6 +80,19 @@ def chat_model(c: ml_collections.ConfigDict) -> llm.ChatModel:
       timeout_s=l.timeout_s,
       max_retries=l.max_retries,
   )
+
+
+def _weights_label(weights: str) -> str:
+  """The weights as the summary names them: a Hub id as given, a folder by its absolute path."""
+  return weights if hub.is_hub(weights) else os.path.abspath(weights)
+
+
+def _weights_name(weights: str) -> str:
+  """The short name of the weights: their folder's (a Hub id's subfolder, or its repository)."""
+  if hub.is_hub(weights):
+    ref = hub.parse(weights)
+    return ref.subfolder.rpartition('/')[2] or ref.repo_id
+  return os.path.basename(os.path.abspath(weights))
 
 
 def _sae_params(weights_dir: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -235,7 +248,7 @@ def run(
   count = result.get('count')
   scores = [e['score']['balanced_accuracy'] for e in explained.values() if e.get('score')]
   summary = {
-      'weights': os.path.abspath(weights_dir),
+      'weights': _weights_label(weights_dir),
       'store': os.path.abspath(c.data.store_path),
       'features': F,
       **stats.held_out_dead(c, source, params),
@@ -258,7 +271,7 @@ def run(
       out,
       records.read_jsonl(features),
       explained,
-      title=f'SAE features: {os.path.basename(os.path.abspath(weights_dir))}',
+      title=f'SAE features: {_weights_name(weights_dir)}',
       meta={k: v for k, v in summary.items() if k not in ('failed', 'errors')},
   )
   summary['index'] = os.path.abspath(index)

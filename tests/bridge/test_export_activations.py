@@ -15,6 +15,7 @@ import transformers
 from helpers import REPO, kill_repeatedly, run_cli
 from jaxsae.formats import store
 from jaxsae.bridge import export, manifest, prompt, tiny_model
+from jaxsae.bridge.maira2 import processing
 from jaxsae.config import ConfigError
 
 sys.path.insert(0, os.path.join(REPO, 'tools'))
@@ -122,7 +123,7 @@ def test_paper_filter_and_prompt_only_mode(demo, tmp_path):
 
 def test_the_prompt_is_maira2s():
   """Word for word the example in Maira2Processor._construct_chat_messages_reporting."""
-  messages = prompt.reporting_messages(
+  messages = processing.reporting_messages(
       has_lateral=True,
       has_prior=True,
       indication='indication text from report goes here',
@@ -156,7 +157,7 @@ def test_the_prompt_is_maira2s():
           ],
       }
   ]
-  only = prompt.reporting_messages(False, False, None, '', None, None, assistant_text='Clear.')
+  only = processing.reporting_messages(False, False, None, '', None, None, assistant_text='Clear.')
   assert only[0]['content'][0]['text'] == 'Given the current frontal image only'
   assert only[0]['content'][-1]['text'].endswith('INDICATION: N/A TECHNIQUE: N/A COMPARISON: N/A')
   assert only[1] == {
@@ -165,59 +166,25 @@ def test_the_prompt_is_maira2s():
   }
 
 
-class _Maira2LikeProcessor(transformers.LlavaProcessor):
-  """Has MAIRA-2's reporting methods (so prepare() must call them), built the way MAIRA-2's are."""
-
-  calls = 0
-
-  def format_reporting_input(
-      self,
-      current_frontal,
-      current_lateral,
-      prior_frontal,
-      indication,
-      technique,
-      comparison,
-      prior_report,
-      get_grounding=False,
-      assistant_text=None,
-  ):
-    images = [
-        manifest.normalise(i)
-        for i in (current_frontal, current_lateral, prior_frontal)
-        if i is not None
-    ]
-    messages = prompt.reporting_messages(
-        current_lateral is not None,
-        prior_frontal is not None,
-        indication,
-        technique,
-        comparison,
-        prior_report,
-        assistant_text,
-    )
-    text = self.tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=assistant_text is None
-    )
-    return text, images
-
-  def format_and_preprocess_reporting_input(self, *args, **kwargs):
-    type(self).calls += 1
-    text, images = self.format_reporting_input(
-        *args, **{k: v for k, v in kwargs.items() if k != 'return_tensors'}
-    )
-    return self(text=text, images=images, return_tensors=kwargs.get('return_tensors'))
-
-
-def test_prepare_uses_the_processors_own_reporting_input(demo):
+def test_prepare_uses_the_processors_own_reporting_input(demo, monkeypatch):
+  """A MAIRA-2 processor renders the prompt itself (once per study) and the result is what the
+  stand-in's chat-template path produces from the same messages and images."""
   demo_dir, _ = demo
   plain = transformers.AutoProcessor.from_pretrained(str(demo_dir / 'model'))
-  maira = _Maira2LikeProcessor(
+  maira = processing.Maira2Processor(
       image_processor=plain.image_processor,
       tokenizer=plain.tokenizer,
       patch_size=14,
       vision_feature_select_strategy='default',
       num_additional_image_tokens=1,
+      chat_template=plain.tokenizer.chat_template,
+  )
+  calls = []
+  render = processing.Maira2Processor.format_reporting_input
+  monkeypatch.setattr(
+      processing.Maira2Processor,
+      'format_reporting_input',
+      lambda self, *a, **k: calls.append(1) or render(self, *a, **k),
   )
   for study in manifest.read(str(demo_dir / 'manifest.jsonl'), True)[:4]:
     a = prompt.prepare(plain, study, dict(study.images()), True, 4)
@@ -225,7 +192,7 @@ def test_prepare_uses_the_processors_own_reporting_input(demo):
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
     np.testing.assert_array_equal(a.inputs['pixel_values'], b.inputs['pixel_values'])
     np.testing.assert_array_equal(a.kinds, b.kinds)
-  assert _Maira2LikeProcessor.calls == 4
+  assert len(calls) == 4
 
 
 def _repeated_manifest(demo_dir, tmp_path, times):

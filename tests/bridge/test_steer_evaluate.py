@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from jaxsae.bridge.maira2 import grounding
 from helpers import (
     LAYER,
     build_tiny,
@@ -37,7 +38,7 @@ def tiny(tmp_path_factory):
 def test_parse_grounded_reports():
   from jaxsae.bridge import steering
 
-  p = steering.parse(
+  p = grounding.parse(
       '<obj>Small left pleural effusion<box><x55><y45><x70><y56></box></obj> '
       '<obj>Right basal atelectasis<box><x10><y60><x30><y80></box>'
       '<box><x0><y0><x99><y99></box></obj> <obj>No pneumothorax.</obj> Stable.'
@@ -62,7 +63,7 @@ def test_parse_grounded_reports():
       ('<box><x1><y2><x3><y4></box>', '<box> outside <obj>'),
       ('see <x4>', 'coordinate <x4> outside <box>'),
   ):
-    assert any(problem in q for q in steering.parse(bad).problems), bad
+    assert any(problem in q for q in grounding.parse(bad).problems), bad
   assert steering.distinct_ngrams('a b c a b c a b c') == pytest.approx(3 / 7)
 
 
@@ -329,7 +330,7 @@ def test_sweep_csv_counts_affirmed_and_negated_mentions(tmp_path):
   from jaxsae.bridge import steering
 
   def gen(text):
-    return steering.Generation(text, 5, True, steering.parse(text))
+    return steering.Generation(text, 5, True, grounding.parse(text))
 
   reports = [
       ('baseline', None, 'No pleural effusion.'),

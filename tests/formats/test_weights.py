@@ -23,6 +23,7 @@ from helpers import REPO, fill_disk, kill_repeatedly, run_cli, small_disk, tiny_
 from jaxsae import model, trainer, weights
 from jaxsae.data import synthetic
 from jaxsae.config import ConfigError
+from jaxsae.formats import torch_pickle
 from jaxsae.formats import weights as weights_format
 
 
@@ -73,6 +74,11 @@ def test_dictionary_learning_layout(trained, tmp_path):
       'threshold': (),
       'group_sizes': (5,),
   }
+  pt = torch_pickle.load(str(tmp_path / 'ae.pt'))  # the same state dict, for load_dictionary
+  assert sorted(pt) == sorted(t)
+  for name, value in t.items():
+    assert pt[name].dtype == value.dtype and pt[name].shape == value.shape, name
+    np.testing.assert_array_equal(pt[name], value, err_msg=name)
   cfg = json.load(open(tmp_path / 'config.json'))['trainer']
   assert cfg['dict_class'] == 'MatryoshkaBatchTopKSAE' and cfg['dict_size'] == F
   assert sum(cfg['group_sizes']) == F and cfg['k'] == 4 and cfg['steps'] == 20
@@ -129,7 +135,8 @@ def test_write_read_round_trip(tmp_path, layout, threshold):
   p = _random_params()
   path = weights_format.write(str(tmp_path), layout, p, threshold, META)
   assert path == os.path.join(str(tmp_path), weights_format.FILES[layout][0])
-  want = sorted([*weights_format.FILES[layout], weights_format.MANIFEST])
+  config_name = weights_format.FILES[layout][1]
+  want = sorted([*weights_format.WEIGHT_FILES[layout], config_name, weights_format.MANIFEST])
   assert sorted(os.listdir(tmp_path)) == want  # and no temporary folder beside it
   assert not [n for n in os.listdir(tmp_path.parent) if '.jaxsae-' in n]
   w = weights_format.read(str(tmp_path))
@@ -152,6 +159,39 @@ def test_write_read_round_trip(tmp_path, layout, threshold):
     assert w.cfg['trainer']['lr'] == 1e-3 and w.cfg['trainer']['norm_factor'] == 2.5
   else:
     assert w.cfg['metadata']['jaxsae']['activation_scale'] == 2.5
+
+
+def test_dictionary_learning_ae_pt_alone_reads_the_same(tmp_path):
+  """The released SAEs hold ae.pt and config.json only (no safetensors, no manifest): `read` takes
+  the state dict from ae.pt, the same as from ae.safetensors beside it."""
+  p = _random_params()
+  weights_format.write(str(tmp_path / 'both'), 'dictionary_learning', p, 0.25, META)
+  both = weights_format.read(str(tmp_path / 'both'))
+  m = json.load(open(tmp_path / 'both' / weights_format.MANIFEST))
+  assert sorted(m['files']) == sorted([*DL, weights_format.DL_TORCH])
+  alone = tmp_path / 'alone'
+  alone.mkdir()
+  for name in (weights_format.DL_TORCH, weights_format.DL_CONFIG):
+    shutil.copy(tmp_path / 'both' / name, alone / name)
+  assert weights_format.detect(str(alone)) == 'dictionary_learning'
+  w = weights_format.read(str(alone))
+  assert (w.k, w.group_sizes, w.layer, w.hook_name, float(w.threshold)) == (
+      3,
+      (8, 16),
+      1,
+      'h',
+      0.25,
+  )
+  for name, value in both.params.items():
+    assert w.params[name].dtype == np.float32
+    np.testing.assert_array_equal(w.params[name], value, err_msg=name)
+  data = (alone / weights_format.DL_TORCH).read_bytes()
+  (alone / weights_format.DL_TORCH).write_bytes(data[: len(data) // 2])
+  with pytest.raises(ConfigError, match=r'ae.pt cannot be read as a torch checkpoint.*truncated'):
+    weights_format.read(str(alone))
+  os.remove(alone / weights_format.DL_TORCH)
+  with pytest.raises(ConfigError, match=r'no SAE weights .*ae.safetensors or ae.pt'):
+    weights_format.read(str(alone))
 
 
 def test_read_keeps_a_per_latent_threshold(tmp_path):
@@ -280,7 +320,7 @@ def test_export_files_get_the_umask_mode(tmp_path):
   modes = {
       n: stat.S_IMODE(os.stat(tmp_path / 'sae' / n).st_mode) for n in os.listdir(tmp_path / 'sae')
   }
-  assert modes == dict.fromkeys([*DL, weights_format.MANIFEST], 0o644)
+  assert modes == dict.fromkeys([*DL, weights_format.DL_TORCH, weights_format.MANIFEST], 0o644)
   assert stat.S_IMODE(os.stat(tmp_path / 'sae').st_mode) == 0o755
 
 
@@ -304,7 +344,8 @@ def test_manifest_catches_truncated_altered_and_missing_files(tmp_path):
   out = tmp_path / 'sae'
   _export(out)
   m = json.load(open(out / weights_format.MANIFEST))
-  assert m['format'] == weights_format.MANIFEST_FORMAT and sorted(m['files']) == sorted(DL)
+  assert m['format'] == weights_format.MANIFEST_FORMAT
+  assert sorted(m['files']) == sorted([*DL, weights_format.DL_TORCH])
   ae = out / weights_format.DL_WEIGHTS
   data = ae.read_bytes()
   assert m['files'][weights_format.DL_WEIGHTS]['bytes'] == len(data)
@@ -321,6 +362,12 @@ def test_manifest_catches_truncated_altered_and_missing_files(tmp_path):
       load(str(out))
   ae.write_bytes(data)
   assert weights_format.read(str(out)).F == 24
+  pt = out / weights_format.DL_TORCH  # checked too, though `read` takes ae.safetensors
+  pt_data = pt.read_bytes()
+  pt.write_bytes(pt_data[:-1] + bytes([pt_data[-1] ^ 1]))
+  with pytest.raises(ConfigError, match=r'ae.pt does not match .*: sha256 expected'):
+    weights_format.read(str(out))
+  pt.write_bytes(pt_data)
   os.remove(out / weights_format.DL_CONFIG)
   with pytest.raises(ConfigError, match=r'config.json is missing, though .*manifest.json lists'):
     weights_format.read(str(out))
@@ -393,15 +440,28 @@ def test_an_export_moved_aside_by_a_killed_swap_is_put_back(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(
     'limit',
-    ['bytes', 'bytes_mid_write', 'inodes_at_config', 'inodes_at_weights', 'inodes_at_manifest'],
+    [
+        'bytes',
+        'bytes_mid_write',
+        'inodes_at_config',
+        'inodes_at_weights',
+        'inodes_at_torch',
+        'inodes_at_manifest',
+    ],
 )
 def test_a_full_disk_keeps_the_previous_export(tmp_path, monkeypatch, limit, faults):
   """ENOSPC at every point of an export over an older one, on a real 1 MiB folder (a tmpfs; bytes
   or inodes run out) where the machine allows mounting, else simulated: a one-line error naming
   the folder and the full disk, and the old export intact."""
   faults.inject('disk full during export_weights', 1)
-  params = _random_params(d=64, F=1024)  # 512 KiB: one export fits in 1 MiB, not two
-  inodes = {'inodes_at_config': 6, 'inodes_at_weights': 7, 'inodes_at_manifest': 8}.get(limit)
+  params = _random_params(d=64, F=512)  # 2 x 256 KiB (ae.safetensors, ae.pt): fits once in 1 MiB
+  # The root, the old export (folder, config, 2 weights files, manifest), then the new one's.
+  inodes = {
+      'inodes_at_config': 7,
+      'inodes_at_weights': 8,
+      'inodes_at_torch': 9,
+      'inodes_at_manifest': 10,
+  }.get(limit)
   with small_disk(tmp_path / 'disk', '1M', inodes) as mounted:
     out = tmp_path / 'disk' / 'sae'
     _export(out, 0.5, params=params if inodes is None else None)
