@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from helpers import REPO, build_tiny_maira2
 from jaxsae.bridge import export, loading, manifest, prompt, steering
 from jaxsae.bridge import interventions as iv
-from jaxsae.bridge.maira2 import checkpoint, grounding, modeling, processing
+from jaxsae.bridge.maira2 import checkpoint, grounding, modeling, processing, smoke
 from jaxsae.config import ConfigError
 from jaxsae.formats import store
 
@@ -316,3 +316,23 @@ def test_loading_never_holds_a_second_copy_of_the_weights(tmp_path_factory, dtyp
   size, grew = map(int, run.stdout.split()[-2:])
   assert size > 150e6 if dtype == 'float32' else size > 75e6
   assert grew < 1.4 * size, f'host memory grew {grew / 1e6:.0f} MB for a {size / 1e6:.0f} MB model'
+
+
+def test_image_features_are_the_backbones_layernormed_last_stage_without_cls(tiny):
+  """MAIRA-2 reads the Dinov2 backbone's feature_maps (hidden states with its LayerNorm), not
+  plain LLaVA's hidden_states; CLS is dropped ("default" strategy)."""
+  _, model, processor, _ = tiny
+  pixels = processor.image_processor(
+      [processing.normalise_image(smoke.synthetic_radiograph(600, 520))], return_tensors='pt'
+  )['pixel_values']
+  assert tuple(pixels.shape[-2:]) == (518, 518)
+  inner = model.model
+  with torch.inference_mode():
+    got = inner.get_image_features(pixels).pooler_output[0]
+    hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+    want = inner.multi_modal_projector(inner.vision_tower.layernorm(hidden)[:, 1:])[0]
+    plain = inner.multi_modal_projector(hidden[:, 1:])[0]
+  assert got.shape == (PER_IMAGE, model.config.text_config.hidden_size)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The LayerNorm matters: without it the features differ by a large share of their size.
+  assert float((got - plain).abs().max()) > 0.1 * float(got.abs().max())

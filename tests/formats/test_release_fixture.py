@@ -112,3 +112,19 @@ def test_our_ae_pt_loads_with_load_dictionary(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "loads with dictionary_learning's load_dictionary and matches" in r.stdout
     assert 'MatryoshkaBatchTopKSAE: k=4 group_sizes=[8, 8, 16, 32]' in r.stdout
+
+
+@pytest.mark.torch
+def test_the_bridge_encodes_the_reference_sae_as_the_reference():
+  import torch  # pylint: disable=import-outside-toplevel (torch tests only)
+  from jaxsae.bridge import sae as sae_lib  # pylint: disable=import-outside-toplevel
+
+  sae = sae_lib.load(FIXTURE)
+  e = np.load(os.path.join(FIXTURE, 'expected.npz'))
+  x = torch.from_numpy(e['x'])
+  with torch.no_grad():
+    codes, out = sae.encode(x).numpy(), sae(x).numpy()
+  assert (sae.k, sae.group_sizes, sae.layer) == (4, (8, 8, 16, 32), 15)
+  np.testing.assert_array_equal(codes > 0, e['encode'] > 0)
+  np.testing.assert_allclose(codes, e['encode'], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out, e['forward'], rtol=1e-6, atol=1e-6 * np.abs(e['forward']).max())

@@ -217,3 +217,21 @@ def test_unfold_undoes_fold():
     assert t == pytest.approx(theta)
     for name in p:
       np.testing.assert_allclose(back[name], p[name], rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_reference_librarys_own_release_starts_a_run(tmp_path):
+  """dictionary_learning's ae.pt + config.json (tests/fixtures/dictionary_learning_release,
+  written by the reference library) initialises training: step 1 holds its parameters, unfolded."""
+  fixture = os.path.join(
+      os.path.dirname(os.path.dirname(__file__)), 'fixtures', 'dictionary_learning_release'
+  )
+  c = _config(**{'train.init_from': fixture, 'sae.group_sizes': (8, 8, 16, 32)})
+  trainer.train_and_evaluate(c, str(tmp_path / 'run'))
+  state, meta, _ = _step1(tmp_path / 'run')
+  w = weights_format.read(fixture)
+  want, want_threshold = weights.unfold_scale(w.params, float(w.threshold), meta['scale'])
+  for name, value in want.items():
+    np.testing.assert_allclose(state['params'][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  assert float(state['threshold']) == pytest.approx(want_threshold, rel=1e-6)
+  assert meta['init_from']['layout'] == 'dictionary_learning'

@@ -11,7 +11,7 @@ against the real thing's form; only the widths and depths are small):
 - weights: sharded safetensors with model.safetensors.index.json, under the released key names
   (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`,
   `multi_modal_projector.layers.{0,2,4,6}.*`), which loading must rename;
-- tokenizer: Llama-style (byte-fallback BPE over "▁"-joined words, `<s>` prepended, ids 0-2 for
+- tokenizer: Llama-style (byte-fallback BPE over "▁"-prefixed words, `<s>` prepended, ids 0-2 for
   `<unk>`, `<s>`, `</s>`), 32000 base ids, then MAIRA-2's added tokens `<obj>` 32000, `</obj>`
   32001, `<x0>`..`<x99>`, `<y0>`..`<y99>`, `<box>` 32202, `</box>` 32203, `<image>` 32204;
 - preprocessor_config.json (BitImageProcessor: shortest edge 518, centre crop 518, mean/std
@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 import transformers
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from jaxsae.bridge.maira2 import modeling
 
@@ -61,7 +61,10 @@ def make_tokenizer(texts: Iterable[str]) -> transformers.PreTrainedTokenizerFast
 
   def fresh(model):
     tok = Tokenizer(model)
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend('▁'), normalizers.Replace(' ', '▁')])
+    # Words are pieces starting with '▁' (SentencePiece's convention): merges never cross a space.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement='▁', prepend_scheme='first', split=True
+    )
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace('▁', ' '),
