@@ -1,8 +1,8 @@
 """SAE weights on the Hugging Face Hub: `hf://ORG/NAME[/SUBFOLDER...][@REVISION]` to a local folder.
 
-Released SAEs (the paper's are `microsoft/maira-2-sae`, one subfolder per expansion factor) are
-model repositories holding what `jaxsae.formats.weights` reads; every command that takes a weights
-folder also takes such an id. It is fetched with `huggingface_hub.snapshot_download` into the
+Released SAEs (the paper's are `microsoft/maira-2-sae`, expansion factors 2, 4 and 8) are model
+repositories holding, in a subfolder or at the top, what `jaxsae.formats.weights` reads; every
+command that takes a weights folder also takes such an id. It is fetched with `huggingface_hub.snapshot_download` into the
 normal Hugging Face cache, only the files directly in the subfolder (a dictionary_learning run
 folder may hold gigabytes of intermediate checkpoints below it), at the pinned revision when one
 is given. The cache folder and offline mode are read from the environment at each call
