@@ -26,7 +26,8 @@ def get_config(expansion_factor: str = '4'):
       '795a2b1cd4a310624b4e3d14b5a23e41fd273deb'  # the snapshot this port was read against
   )
   c.model.layer = 15
-  c.model.hook_name = 'model.language_model.layers.15'  # jaxsae's port (the release: language_model.model.layers.15)
+  # jaxsae's port; under the release's remote code: 'language_model.model.layers.15'
+  c.model.hook_name = 'model.language_model.layers.15'
   c.model.dtype = 'bfloat16'  # ~14 GB on one GPU (the Hub weights are float32, ~27 GB)
   c.model.device = 'cuda'  # loaded straight onto the GPU; override with --config.model.device=cpu
   return c

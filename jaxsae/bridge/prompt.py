@@ -3,9 +3,10 @@
 A MAIRA-2 processor (jaxsae's port or the release's remote code) renders the prompt with its own
 `format_reporting_input`; for any other LLaVA-style processor (the offline stand-in) the same chat
 messages (jaxsae.bridge.maira2.processing.reporting_messages) go through its chat template. Either
-way the images are normalised once and the processor runs once. Token kinds come from the rendered text: the study's own section texts are
-`prompt`, the assistant's findings `report`, image placeholders `image` and everything else —
-instructions, section labels, chat roles, "N/A" for a missing section — `boilerplate`.
+way the images are normalised once and the processor runs once. Token kinds come from the rendered
+text: the study's own section texts are `prompt`, the assistant's findings `report`, image
+placeholders `image` and everything else — instructions, section labels, chat roles, "N/A" for a
+missing section — `boilerplate`.
 """
 
 from __future__ import annotations

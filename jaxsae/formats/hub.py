@@ -2,10 +2,10 @@
 
 Released SAEs (the paper's are `microsoft/maira-2-sae`, expansion factors 2, 4 and 8) are model
 repositories holding, in a subfolder or at the top, what `jaxsae.formats.weights` reads; every
-command that takes a weights folder also takes such an id. It is fetched with `huggingface_hub.snapshot_download` into the
-normal Hugging Face cache, only the files directly in the subfolder (a dictionary_learning run
-folder may hold gigabytes of intermediate checkpoints below it), at the pinned revision when one
-is given. The cache folder and offline mode are read from the environment at each call
+command that takes a weights folder also takes such an id. It is fetched with
+`huggingface_hub.snapshot_download` into the normal Hugging Face cache, only the files directly in
+the subfolder (a dictionary_learning run folder may hold gigabytes of intermediate checkpoints
+below it), at the pinned revision when one is given. The cache folder and offline mode are read from the environment at each call
 (HF_HUB_CACHE, HF_HOME; HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), not when huggingface_hub was first
 imported: offline, a cached snapshot resolves and a missing one is a ConfigError saying how to
 fetch it. Every failure (a gated, private or absent repo, a missing revision or subfolder, no

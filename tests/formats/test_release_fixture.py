@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, write_sae
 from jaxsae import weights
 from jaxsae.formats import weights as weights_format
 
@@ -71,29 +71,19 @@ def test_our_ae_pt_loads_with_load_dictionary(tmp_path):
   """An export by jaxsae.formats.weights.write, loaded by the real
   dictionary_learning.utils.load_dictionary (torch.load of ae.pt, weights_only), encodes and
   reconstructs as jaxsae does; so does the release fixture, as a check of the check."""
-  rng = np.random.default_rng(0)
-  d, sizes, k = 16, (8, 8, 16, 32), 4
-  F = sum(sizes)
-  W_dec = rng.standard_normal((F, d))
-  params = {
-      'W_enc': rng.standard_normal((d, F)) / 2,
-      'b_enc': rng.standard_normal(F) / 4,
-      'W_dec': W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True),
-      'b_dec': rng.standard_normal(d),
-  }
-  meta = weights_format.Metadata(
-      k=k,
-      group_sizes=sizes,
-      step=100,
-      scale=1.0,
+  out = tmp_path / 'sae'
+  params = write_sae(
+      out,
+      group_sizes=(8, 8, 16, 32),
+      k=4,
+      threshold=5.0,
       layer=15,
       model_name='microsoft/maira-2',
       hook_name='language_model.model.layers.15',
   )
-  out = tmp_path / 'sae'
-  weights_format.write(str(out), 'dictionary_learning', params, 5.0, meta)
+  rng = np.random.default_rng(1)
   sae, _ = weights.load(str(out))
-  x = (rng.standard_normal((64, d)) * 2 + params['b_dec']).astype(np.float32)
+  x = (rng.standard_normal((64, 16)) * 2 + params['b_dec']).astype(np.float32)
   codes = np.asarray(sae.encode(x))
   assert 0 < np.count_nonzero(codes) < codes.size // 4  # the threshold drops most codes
   inputs = tmp_path / 'inputs.npz'
