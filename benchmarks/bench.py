@@ -1,7 +1,7 @@
 """Training-step throughput of jaxsae vs the one-matmul floor and the peer libraries, in one run.
 
     python benchmarks/bench.py [--d 1024 --F 8192 --k 32 --batch 2048]
-        [--kernels dense,xla,cpu,pallas]
+        [--kernels dense,xla,cpu,pallas] [--dtypes float32,bfloat16]
         [--paper [--paper-batch 4096]] [--peers-python .venv-peers/bin/python | --no-peers]
         [--no-reuse-host-memory]
 
@@ -42,18 +42,18 @@ REPO = os.path.dirname(HERE)
 
 
 def bench_jaxsae(
-    d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto'
+    d: int, F: int, k: int, B: int, steps: int, kernel: str = 'auto', dtype: str = 'float32'
 ) -> dict[str, float]:
   c = config_lib.default_config()
   c.sae.d, c.sae.dict_size, c.sae.k, c.sae.group_fractions = d, F, k, GROUPS
-  c.sae.kernel = kernel
+  c.sae.kernel, c.sae.dtype = kernel, dtype
   c.data.batch_size, c.optim.warmup_steps, c.train.steps = B, 10, 10_000
   config_lib.validate(c)
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
   sc = train_step.StepConfig.from_config(c)
   key_p, key_x = jax.random.split(jax.random.PRNGKey(0))
   state = train_step.init_state(model.init_params(key_p, d, F), optimizer)
-  x = jax.random.normal(key_x, (B, d)) + 0.5
+  x = (jax.random.normal(key_x, (B, d)) + 0.5).astype(dtype)  # a bfloat16 store's batches
   step = jax.jit(
       lambda s, x: train_step.train_step(s, x, sc=sc, optimizer=optimizer, schedule=schedule),
       donate_argnums=0,
@@ -69,8 +69,12 @@ def bench_jaxsae(
 
   step_s = timed(run, x, steps=steps, warmup=2)
   sparse_fraction = float(sum(holder['sparse'][2:])) / steps
-  W = jax.random.normal(key_p, (d, F)) / d**0.5
-  matmul = jax.jit(lambda a, b: a @ b).lower(x, W).compile()
+  W = (jax.random.normal(key_p, (d, F)) / d**0.5).astype(dtype)
+  matmul = (
+      jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+      .lower(x, W)
+      .compile()
+  )
   matmul_s = timed(matmul, x, W, steps=steps)
   return {
       'step_s': step_s,
@@ -161,12 +165,12 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
   """One table: the floor, each requested jaxsae kernel, and (if their venv exists) the peers."""
   print(
       f'\njax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; '
-      f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, float32',
+      f'd={d} F={F} k={k} B={B}, groups {len(GROUPS)}, {args.dtypes}',
       flush=True,
   )
   on_gpu = jax.default_backend() in kernels.GPU_BACKENDS
   rows, ours, results = [], None, []
-  for kernel in args.kernels.split(','):
+  for kernel, dtype in [(k_, t) for t in args.dtypes.split(',') for k_ in args.kernels.split(',')]:
     if kernel == 'pallas' and not on_gpu and not args.interpret_pallas:
       print(
           '(kernel=pallas skipped: no GPU, and interpreted it is very slow at these sizes; '
@@ -176,10 +180,14 @@ def bench_block(d: int, F: int, k: int, B: int, args) -> None:
     if kernel == 'cpu' and jax.default_backend() != 'cpu':
       print('(kernel=cpu skipped: it runs on the CPU backend only)')
       continue
-    res = bench_jaxsae(d, F, k, B, args.steps, kernel)
+    res = bench_jaxsae(d, F, k, B, args.steps, kernel, dtype)
     results.append(res)
     ours = ours or res
-    rows.append((f'jaxsae step, kernel={kernel}', res['step_s'], res['step_bytes']))
+    if dtype != 'float32' and not any(r.get('dtype') == dtype for r in results[:-1]):
+      rows.append((f'one matmul, {dtype} operands', res['matmul_s'], res['matmul_bytes']))
+    res['dtype'] = dtype
+    tag = '' if dtype == 'float32' else f', {dtype}'
+    rows.append((f'jaxsae step, kernel={kernel}{tag}', res['step_s'], res['step_bytes']))
     if res['resolved'] != 'dense':
       print(
           f'(kernel={kernel} ran {res["resolved"]!r} and took the sparse path on '
@@ -239,6 +247,12 @@ def main() -> None:
       default='dense,xla,cpu,pallas',
       help="jaxsae kernels to time ('sae.kernel': auto, dense, xla, pallas, cpu; pallas "
       'is skipped without a GPU unless --interpret-pallas, cpu off the CPU backend)',
+  )
+  p.add_argument(
+      '--dtypes',
+      default='float32',
+      help="sae.dtype values to time, e.g. 'float32,bfloat16' (the encoder matmul's operands; "
+      "'x floor' stays relative to the first dtype's matmul)",
   )
   p.add_argument(
       '--interpret-pallas',

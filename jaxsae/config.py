@@ -129,6 +129,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.model = 1
+  # ZeRO: Adam's state and update split over the data axis too (reduce-scatter the gradients,
+  # update 1/D, all-gather the parameters) instead of repeated on every data shard. 'auto': on
+  # GPUs and TPUs; off on CPU devices, where it measured slower (README, Sharding).
+  c.mesh.shard_optimizer = 'auto'  # 'auto' | 'on' | 'off'
 
   # The model the activations come from (export_activations; provenance in exported weights).
   c.model = ml_collections.ConfigDict()
@@ -216,6 +220,33 @@ def group_weights(c: ml_collections.ConfigDict) -> tuple[float, ...]:
   if c.sae.group_weights is None:
     return tuple([1.0 / G] * G)
   return tuple(float(w) for w in c.sae.group_weights)
+
+
+def mesh_shape(c: ml_collections.ConfigDict, num_devices: int | None = None) -> tuple[int, int]:
+  """(data, model) axis sizes; mesh.data=-1 takes the devices left (all of JAX's by default)."""
+  if c.mesh.data != -1:
+    return int(c.mesh.data), int(c.mesh.model)
+  if num_devices is None:
+    import jax  # pylint: disable=import-outside-toplevel (config stays importable without it)
+
+    num_devices = jax.device_count()
+  return num_devices // c.mesh.model, int(c.mesh.model)
+
+
+def shard_optimizer(
+    c: ml_collections.ConfigDict, num_devices: int | None = None, platform: str | None = None
+) -> bool:
+  """Whether the optimizer state is split over `data`: asked for (or 'auto' off the CPU), and a
+  data axis exists."""
+  if mesh_shape(c, num_devices)[0] == 1 or c.mesh.shard_optimizer == 'off':
+    return False
+  if c.mesh.shard_optimizer == 'on':
+    return True
+  if platform is None:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    platform = jax.default_backend()
+  return platform != 'cpu'
 
 
 def learning_rate(c: ml_collections.ConfigDict) -> float:
@@ -403,6 +434,7 @@ RULES: dict[str, Rule] = {
     'distributed.cpu_collectives': _choice('gloo', 'mpi', 'megascale'),
     'mesh.data': _int(1, choices=(-1,), means='-1: all remaining devices'),
     'mesh.model': _POSITIVE,
+    'mesh.shard_optimizer': _choice('auto', 'on', 'off'),
     'model.name': _NONEMPTY,
     'model.layer': _COUNT,
     'model.hook_name': _TEXT,
@@ -632,6 +664,12 @@ def _check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
     )
   if F % c.mesh.model:
     raise ConfigError(f'dictionary size F={F} is not divisible by mesh.model={c.mesh.model}.')
+  if shard_optimizer(c, num_devices) and F % (data_axis * c.mesh.model):
+    raise ConfigError(
+        f'mesh.shard_optimizer splits the dictionary (F={F}) over all {num_devices} devices of '
+        f'the {data_axis}x{c.mesh.model} mesh: F must be divisible by {num_devices}. Pick such '
+        'an F, or set --config.mesh.shard_optimizer=off.'
+    )
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

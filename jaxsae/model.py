@@ -28,14 +28,23 @@ COUNTER_CAP = 2**30  # tokens-since-fired saturate here instead of overflowing i
 # --------------------------------------------------------------------------------------------------
 
 
-def pre_activations(params: Params, x: jax.Array) -> jax.Array:
+def encoder_matmul(x: jax.Array, W_enc: jax.Array, dtype: str | None = None) -> jax.Array:
+  """x @ W_enc, float32 out. With `dtype` (mixed precision: 'bfloat16') both operands are cast to
+  it and the products accumulate in float32; the float32 master weights stay as they are."""
+  if dtype is None or (dtype == 'float32' and x.dtype == jnp.float32):
+    return x @ W_enc
+  return jnp.matmul(x.astype(dtype), W_enc.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def pre_activations(params: Params, x: jax.Array, dtype: str | None = None) -> jax.Array:
   """relu((x - b_dec) @ W_enc + b_enc), written so b_dec's gradient is a vector-matrix product.
 
   (x - b_dec) @ W_enc = x @ W_enc - b_dec @ W_enc: same value, but autodiff no longer builds the
-  B x d gradient of (x - b_dec) through a second B x F x d matmul.
+  B x d gradient of (x - b_dec) through a second B x F x d matmul. `dtype`: the matmul's
+  (`encoder_matmul`).
   """
   W_enc = params['W_enc']
-  return jax.nn.relu(x @ W_enc - params['b_dec'] @ W_enc + params['b_enc'])
+  return jax.nn.relu(encoder_matmul(x, W_enc, dtype) - params['b_dec'] @ W_enc + params['b_enc'])
 
 
 def pre_activations_pullback(
@@ -171,6 +180,9 @@ class LossHyper:
   top_k_aux: int
   dead_tokens_threshold: int
   candidates_per_row: int
+  # Mixed precision: the encoder matmul's operand dtype ('bfloat16'); parameters, Adam's state,
+  # losses and gradients stay float32 (`sae.dtype`).
+  compute_dtype: str = dataclasses.field(default='float32', kw_only=True)
 
 
 def count_silence(tokens_since_fired: jax.Array, fired: jax.Array, tokens: int) -> jax.Array:
@@ -186,7 +198,8 @@ def loss_fn(
   Also returns the tokens-since-fired counters updated with this batch: like the reference, the
   dead set that AuxK sees already counts this batch.
   """
-  pre = pre_activations(params, x)
+  pre = pre_activations(params, x, sc.compute_dtype)
+  x = x.astype(jnp.float32)
   acts = batch_topk(pre, sc.k, sc.candidates_per_row)
   x_hats = prefix_reconstructions(params, acts, sc.group_sizes)
   sq_err = jnp.mean(jnp.sum((x[None] - x_hats) ** 2, axis=-1), axis=-1)  # [G]

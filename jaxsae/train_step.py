@@ -32,6 +32,10 @@ class StepConfig(kernels.StepConfig):
   def from_config(cls, c: ml_collections.ConfigDict) -> 'StepConfig':
     return cls(
         kernel=kernels.resolve(c.sae.kernel, c.mesh.model),
+        mesh_data=config_lib.mesh_shape(c)[0],
+        mesh_model=c.mesh.model,
+        shard_optimizer=config_lib.shard_optimizer(c),
+        compute_dtype=c.sae.dtype,
         k=c.sae.k,
         group_sizes=config_lib.group_sizes(c),
         group_weights=config_lib.group_weights(c),
@@ -107,7 +111,7 @@ def train_step(
     schedule: optax.Schedule,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Loss, gradients and the optimizer update for one batch; returns the new state and metrics."""
-  backend = kernels.get(sc.kernel)
+  backend = kernels.for_step(sc)
   params, step = state['params'], state['step']
   loss, stats, tokens_since_fired, grads = backend.loss_and_grads(
       params, x, state['tokens_since_fired'], sc
@@ -141,7 +145,8 @@ def train_step(
       ),
   }
 
-  var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=-1))
+  x32 = x.astype(jnp.float32)  # fused into the reduction: no float32 copy of a bfloat16 batch
+  var = jnp.mean(jnp.sum((x32 - x32.mean(0)) ** 2, axis=-1))
   metrics = {
       'loss': loss,
       'l2_loss': stats.l2_loss,

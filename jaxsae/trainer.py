@@ -110,7 +110,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   sc = train_step.StepConfig.from_config(c)
   init_key = jax.random.PRNGKey(c.seed)
   abstract_state = train_step.abstract_state(c)
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  state_shardings = sharding.state_shardings(mesh, abstract_state, sc.shard_optimizer)
 
   # ------------------------------------------------------------------------------------------------
   # Restore the newest checkpoint, or initialise: from train.init_from, else randomly with b_dec the
@@ -156,7 +156,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       @functools.partial(jax.jit, out_shardings=state_shardings)
       def init(first_batch):
         params = model.init_params(init_key, d, F)
-        params['b_dec'] = model.geometric_median(first_batch)
+        params['b_dec'] = model.geometric_median(first_batch.astype(jnp.float32))
         return train_step.init_state(params, optimizer)
 
       state = init(data.to_device(source.batch(0), batch_sharding) / scale)

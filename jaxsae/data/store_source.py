@@ -47,17 +47,22 @@ class _TrainingRows:
 
 
 class _ReadRows:
-  """Training row ids of a global batch -> this process's slice of the rows, float32
-  [B_local, d]."""
+  """Training row ids of a global batch -> this process's slice of the rows, [B_local, d] in
+  `dtype` (None: the store's own)."""
 
   def __init__(
-      self, store: store_lib.ActivationStore, lo: int, hi: int, rows: _TrainingRows | None
+      self,
+      store: store_lib.ActivationStore,
+      lo: int,
+      hi: int,
+      rows: _TrainingRows | None,
+      dtype=np.float32,
   ):
-    self.store, self.lo, self.hi, self.rows = store, lo, hi, rows
+    self.store, self.lo, self.hi, self.rows, self.dtype = store, lo, hi, rows, dtype
 
   def __call__(self, ids: np.ndarray) -> np.ndarray:
     ids = ids[self.lo : self.hi]
-    return self.store.read(ids if self.rows is None else self.rows(ids))
+    return self.store.read(ids if self.rows is None else self.rows(ids), self.dtype)
 
 
 class StoreSource:
@@ -74,6 +79,7 @@ class StoreSource:
       worker_processes: int = 0,
       shard: grain.sharding.ShardOptions | None = None,
       held_out_fraction: float = 0.0,
+      native_dtype: bool = False,
   ):
     shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if batch_size % shard.shard_count:
@@ -108,7 +114,7 @@ class StoreSource:
         .shuffle(seed=seed)
         .batch(batch_size, drop_remainder=True)
         .repeat()  # epoch e is batched from shuffle epoch e: a new permutation each
-        .map(_ReadRows(store, lo, lo + self.batch_size, rows))
+        .map(_ReadRows(store, lo, lo + self.batch_size, rows, None if native_dtype else np.float32))
     )
 
   @classmethod
@@ -136,6 +142,8 @@ class StoreSource:
         c.data.prefetch,
         c.data.worker_processes,
         held_out_fraction=c.data.held_out_fraction,
+        # A bfloat16 step reads a bfloat16 store as it is: no float32 copy of the batch.
+        native_dtype=c.sae.dtype == 'bfloat16',
     )
 
   def batch(self, index: int) -> np.ndarray:

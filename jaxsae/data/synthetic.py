@@ -115,10 +115,21 @@ class SyntheticSource:
     par_mag = jnp.where(
         on & (par >= 0), 1.0 + 0.5 * jnp.abs(jax.random.normal(k_pmag, (B, m))), 0.0
     )
-    x = jnp.einsum('bm,bmd->bd', mag, self.features[idx]) + jnp.einsum(
-        'bm,bmd->bd', par_mag, self.features[jnp.maximum(par, 0)]
-    )
-    return x + self.noise_std * jax.random.normal(k_noise, x.shape)
+    par = jnp.maximum(par, 0)
+
+    # Slot by slot: one [B, d] gather at a time, never the [B, m, d] rows at once.
+    def add_slot(j, x):
+      x = x + mag[:, j, None] * self.features[idx[:, j]]
+      return x + par_mag[:, j, None] * self.features[par[:, j]]
+
+    x = jax.lax.fori_loop(0, m, add_slot, jnp.zeros((B, self.d), jnp.float32))
+    x = x + self.noise_std * jax.random.normal(k_noise, x.shape)
+    # Under a training mesh (`jax.set_mesh`), each device generates its own rows of the batch
+    # (the values do not depend on the layout) instead of one device making them all.
+    mesh = jax.sharding.get_abstract_mesh()
+    if jax.process_count() == 1 and not mesh.empty and 'data' in mesh.axis_names:
+      x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec('data', None))
+    return x
 
 
 def recovery(

@@ -494,9 +494,10 @@ class ActivationStore:
     out[order] = self._fetch(name, indices[order])
     return out
 
-  def read(self, indices: np.ndarray) -> np.ndarray:
-    """Rows `indices` (any order, repeats allowed) as float32 [len(indices), d], one read."""
-    return self._gather('activations', indices, np.float32)
+  def read(self, indices: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows `indices` (any order, repeats allowed) as [len(indices), d] `dtype` (float32; None:
+    the store's own, e.g. bfloat16 for a bfloat16 step without a float32 copy), one read."""
+    return self._gather('activations', indices, DTYPES[self.dtype] if dtype is None else dtype)
 
   def read_range(self, start: int, stop: int) -> np.ndarray:
     return np.asarray(self._fetch('activations', slice(start, stop)), np.float32)

@@ -8,15 +8,15 @@ gradients of W_dec, W_enc, b_enc and b_dec over those entries: O(B*k*d) work aft
 
 The backends (`resolve` gives the name that runs):
   dense       autodiff of the reference loss, `model.loss_fn` (dictionary_learning's maths). Every
-              other backend is tested against it. Also the step on meshes of several devices
-              (sharded by `jaxsae.sharding`).
+              other backend is tested against it. On a mesh XLA partitions it (`jaxsae.sharding`).
   xla         gathers and scatter-adds in plain XLA over compacted entries, on any platform.
   pallas_gpu  fused Pallas kernels (Triton), no scatters; interpreted, slowly, off a GPU.
   pallas_tpu  the same for a TPU (Mosaic: row gathers as DMAs); tested in interpret mode only.
   cpu         native C++ kernels through XLA's FFI: selection, loss, gradients, AuxK and the
               optimizer update (`cpu_build` compiles them on first use).
 The sparse three share `sparse.loss_and_grads` (candidates, the exactness proof, the dense
-fallback); the shared types and helpers are in `common`. Which backend is fastest where, and by
+fallback); the shared types and helpers are in `common`. On a mesh of several devices every sparse
+backend runs per shard inside `jax.shard_map` (`sharded`; `for_step` chooses). Which backend is fastest where, and by
 how much, is measured in README's Performance section: 'auto' follows it.
 
 Imports run one way: `common` <- the backend modules <- this package; backends never import
@@ -118,6 +118,26 @@ def get(name: str) -> Backend:
   )
 
 
+def for_step(sc: StepConfig) -> Backend:
+  """The backend a compiled step runs: `get(sc.kernel)`, or on a mesh of several devices its
+  per-shard form (`kernels.sharded`), which the step must trace under that mesh (`jax.set_mesh`)."""
+  if sc.kernel == 'dense' or sc.mesh_data * sc.mesh_model == 1:
+    return get(sc.kernel)
+  from jaxsae.kernels import sharded  # pylint: disable=import-outside-toplevel
+
+  if not sharded.supports(sc.kernel, sc.mesh_model):
+    raise ValueError(
+        f"kernel {sc.kernel!r} needs all of a token's latents on one device: mesh.model must be "
+        f"1 (it is {sc.mesh_model}); use sae.kernel='xla' or 'auto'."
+    )
+  return Backend(
+      sc.kernel,
+      sharded.loss_and_grads,
+      lambda params, grads: sharded.project_and_norm(params, grads, sc),
+      sharded.update,
+  )
+
+
 def _pallas_triton_available() -> bool:
   """JAX marks Pallas's Triton lowering deprecated; 'auto' must not break once it is gone."""
   try:
@@ -130,46 +150,32 @@ def resolve(
     kernel: str,
     mesh_model_axis: int = 1,
     backend: str | None = None,
-    num_devices: int | None = None,
 ) -> str:
   """The backend a step runs for `sae.kernel`: 'dense', 'xla', 'pallas_gpu', 'pallas_tpu' or 'cpu'.
 
-  'auto' is the fastest measured path (README's Performance section): 'pallas_gpu' on a single
-  GPU, 'cpu' (the native kernels; 'xla' if they cannot be built here) on a single CPU device,
-  'dense' everywhere else — neither a pallas_call nor a native custom call is partitioned over a
-  device mesh (XLA would replicate it), and the compaction of the 'xla' path is a global prefix
-  sum over the batch. The sparse paths need each token's latents on one device, so latent
-  sharding forces 'dense'. 'pallas' is the Mosaic kernels ('pallas_tpu') on a TPU, so far tested
-  only in interpret mode, which is why 'auto' does not pick them there, and the Triton ones
-  ('pallas_gpu') elsewhere: off a GPU they run interpreted (exact, very slow: for tests); both
-  say so in the log. An explicit 'cpu' off the CPU backend is an error; on several CPU devices it
-  is 'dense', with a warning.
+  'auto' is the fastest measured path (README's Performance section): on the CPU backend 'cpu'
+  (the native kernels, per shard on a mesh; 'xla' if they cannot be built here); on GPUs
+  'pallas_gpu' (per shard on a mesh whose `model` axis is 1; with latents split, 'dense', which
+  measured faster than 'xla' on a GPU); 'dense' on TPUs, where the Mosaic kernels are so far
+  tested only in interpret mode. 'pallas' is the Mosaic kernels ('pallas_tpu') on a TPU and the
+  Triton ones ('pallas_gpu') elsewhere: off a GPU they run interpreted (exact, very slow: for
+  tests); both say so in the log. The Pallas kernels need each token's latents on one device: with
+  mesh.model > 1 an explicit 'pallas' is an error (`for_step`). An explicit 'cpu' off the CPU
+  backend is an error.
   """
   backend = backend or jax.default_backend()
-  if mesh_model_axis > 1:
-    return 'dense'
   if kernel == 'auto':
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    if num_devices == 1 and backend == 'cpu':
+    if backend == 'cpu':
       from jaxsae.kernels import cpu_build  # pylint: disable=import-outside-toplevel (compiles)
 
       return 'cpu' if cpu_build.available() else 'xla'
-    fast = backend in GPU_BACKENDS and num_devices == 1 and _pallas_triton_available()
+    fast = backend in GPU_BACKENDS and mesh_model_axis == 1 and _pallas_triton_available()
     return 'pallas_gpu' if fast else 'dense'
-  if kernel == 'cpu':
-    if backend != 'cpu':
-      raise ValueError(
-          f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
-          "use 'auto', 'pallas' or 'xla'."
-      )
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    if num_devices > 1:
-      logging.warning(
-          "sae.kernel='cpu' runs on one device; with %d devices the step is the "
-          "sharded 'dense' one.",
-          num_devices,
-      )
-      return 'dense'
+  if kernel == 'cpu' and backend != 'cpu':
+    raise ValueError(
+        f"sae.kernel='cpu' runs on the CPU backend only (this is {backend!r}); "
+        "use 'auto', 'pallas' or 'xla'."
+    )
   if kernel == 'pallas':
     if backend == 'tpu':
       logging.warning(

@@ -36,6 +36,11 @@ class StepConfig(model.LossHyper):
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip: float = 1.0
+  # The device mesh the step runs on (data x model); several devices run the sparse backends per
+  # shard (`kernels.sharded`). shard_optimizer: Adam's state and update split over `data` too.
+  mesh_data: int = 1
+  mesh_model: int = 1
+  shard_optimizer: bool = False
 
 
 class L2Result(NamedTuple):

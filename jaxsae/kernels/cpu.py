@@ -145,9 +145,13 @@ def l2_grads_kernel(
   """Prefix reconstructions of `target` [B, d] from the entries (x_hat_g sums v * W_dec[f] over
   entries with latent < group_ends[g]), their squared errors, and the gradients of
   L = -sum_g coef_g / 2 * sum_b ||target_b - x_hat_g||^2 with respect to W_dec and, through the
-  values v = xc[b] . W_enc[:, f] + b_enc[f], to W_enc and b_enc (R_g = sum_{i>=g} coef_i err_i)."""
+  values v = xc[b] . W_enc[:, f] + b_enc[f], to W_enc and b_enc (R_g = sum_{i>=g} coef_i err_i).
+
+  `target` may also be [G, B, d], one per prefix: on a shard of the latents, x minus the other
+  shards' decodes of each prefix (`decode_groups`, summed over the shards). Equal group ends (a
+  group this shard holds none of) are allowed."""
   _register()
-  (B, d), G, F = target.shape, len(group_ends), int(group_ends[-1])
+  (B, d), G, F = target.shape[-2:], len(group_ends), int(group_ends[-1])
   f32 = jnp.float32
   return L2Grads(
       *jax.ffi.ffi_call(
@@ -173,15 +177,28 @@ def l2_grads_kernel(
   )
 
 
+def decode_groups(W_dec: jax.Array, e: Entries, group_ends: Sequence[int]) -> jax.Array:
+  """[G, B, d]: each token's decode v * W_dec[f] summed per Matryoshka group (no bias). On a shard
+  of the latents, the shard's part of every prefix reconstruction."""
+  _register()
+  B, d = e.row_ptr.shape[0] - 1, W_dec.shape[1]
+  return jax.ffi.ffi_call(
+      'jaxsae_decode_groups', jax.ShapeDtypeStruct((len(group_ends), B, d), jnp.float32)
+  )(W_dec, e.row_ptr, e.lat, e.val, group_ends=np.asarray(group_ends, np.int64))
+
+
 # --------------------------------------------------------------------------------------------------
 # The training step's pieces
 # --------------------------------------------------------------------------------------------------
 
 
-def encoder_parts(params: model.Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """z = x @ W_enc and c = b_enc - b_dec @ W_enc: pre_activations = relu(z + c)."""
+def encoder_parts(
+    params: model.Params, x: jax.Array, dtype: str | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """z = x @ W_enc (in `dtype`, float32 out) and c = b_enc - b_dec @ W_enc: pre_activations =
+  relu(z + c)."""
   W_enc = params['W_enc']
-  return x @ W_enc, params['b_enc'] - params['b_dec'] @ W_enc
+  return model.encoder_matmul(x, W_enc, dtype), params['b_enc'] - params['b_dec'] @ W_enc
 
 
 def l2_and_grads(
@@ -250,7 +267,8 @@ def loss_and_grads(
   (ties beyond the capacity, which only degenerate batches have, are dropped and counted
   instead, see `select`)."""
   B, F = x.shape[0], params['W_dec'].shape[0]
-  z, c = encoder_parts(params, x)
+  z, c = encoder_parts(params, x, sc.compute_dtype)
+  x = x.astype(jnp.float32)
   sel = select(z, c, B * sc.k, capacity(B, sc.k))
   e = sel.entries
   r = l2_and_grads(params, x, e, sc.group_sizes, sc.group_weights)
@@ -317,6 +335,22 @@ def update(
   weight matrices; the same state layout as optax's, so checkpoints move between backends.
   Nothing changes unless `finite` (a flag to the kernels, not a cond)."""
   del optimizer  # its maths, natively
+  return leafwise_update(params, opt_state, grads, grad_norm, finite, sc, schedule)
+
+
+def leafwise_update(
+    params: model.Params,
+    opt_state: optax.OptState,
+    grads: model.Params,
+    grad_norm: jax.Array,
+    finite: jax.Array,
+    sc: common.StepConfig,
+    schedule: optax.Schedule,
+    native: bool = True,
+) -> tuple[model.Params, optax.OptState]:
+  """`update`, leaf by leaf with the global `grad_norm` given: so it also runs on each device's
+  slice of the parameters (a sharded optimizer, inside `jax.shard_map`). `native=False` does the
+  weight matrices in jnp too (`adam_reference`, then unit decoder rows): for other platforms."""
   clip_state, adam, sched = opt_state_parts(opt_state)
   count = jnp.where(adam.count < jnp.iinfo(jnp.int32).max, adam.count + 1, adam.count)
   hyper = AdamHyper(
@@ -331,9 +365,17 @@ def update(
   )
   new_params, mu, nu = {}, {}, {}
   for name in ('W_enc', 'W_dec'):
-    new_params[name], mu[name], nu[name] = adam_update(
-        params[name], grads[name], adam.mu[name], adam.nu[name], hyper, unit_rows=name == 'W_dec'
-    )
+    if native:
+      new_params[name], mu[name], nu[name] = adam_update(
+          params[name], grads[name], adam.mu[name], adam.nu[name], hyper, unit_rows=name == 'W_dec'
+      )
+    else:
+      new_params[name], mu[name], nu[name] = adam_reference(
+          params[name], grads[name], adam.mu[name], adam.nu[name], hyper
+      )
+      if name == 'W_dec':
+        rows = model.unit_norm_rows(new_params[name])
+        new_params[name] = jnp.where(finite, rows, params[name])
   for name in ('b_enc', 'b_dec'):
     new_params[name], mu[name], nu[name] = adam_reference(
         params[name], grads[name], adam.mu[name], adam.nu[name], hyper

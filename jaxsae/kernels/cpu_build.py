@@ -35,6 +35,7 @@ _TARGETS = {
     'jaxsae_select': 'JaxsaeSelect',
     'jaxsae_aux_select': 'JaxsaeAuxSelect',
     'jaxsae_l2_grads': 'JaxsaeL2Grads',
+    'jaxsae_decode_groups': 'JaxsaeDecodeGroups',
     'jaxsae_project_rows': 'JaxsaeProjectRows',
     'jaxsae_adam': 'JaxsaeAdam',
 }

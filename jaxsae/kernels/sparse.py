@@ -69,7 +69,8 @@ def loss_and_grads(
   """
   B, F = x.shape[0], params['W_dec'].shape[0]
   kc = min(F, sc.candidates_per_row * sc.k)
-  pre = model.pre_activations(params, x)
+  pre = model.pre_activations(params, x, sc.compute_dtype)
+  x = x.astype(jnp.float32)
   vals, idx, tau, proven = selection.candidates_and_threshold(pre, sc.k, kc)
   sel = (vals >= tau) & (vals > 0)
   room = capacity(B, sc.k, kc)

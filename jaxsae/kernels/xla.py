@@ -10,7 +10,7 @@ chunks so the gathered rows stay in cache and no [B*k, d] buffer is ever materia
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,11 @@ def l2_and_grads(
     group_weights: Sequence[float],
     chunk: int = 256,
     capacity: int | None = None,
+    *,
+    batch: int | None = None,
+    latent_offset: jax.Array | int = 0,
+    sum_model: Callable[[jax.Array], jax.Array] | None = None,
+    b_dec_encoder_path: bool = True,
 ) -> L2Result:
   """Matryoshka reconstruction loss and its exact gradients from sparse codes.
 
@@ -41,6 +46,12 @@ def l2_and_grads(
   Pass 1 scatter-adds v * W_dec[f] into per-(group, token) decodes; the prefix errors and their
   upstream gradients R_g = sum_{i>=g} dl2/dx_hat_i follow densely on [G, B, d]; pass 2 gathers
   W_dec[f] and R at each entry and scatter-adds the W_dec and W_enc gradients.
+
+  On one shard of a (data, model) mesh (`kernels.sharded`): `batch` is the whole mesh's token
+  count (the loss is a mean over it, so the result is this shard's share of a sum), the latents
+  are ids - `latent_offset` of the whole dictionary (their groups follow), and `sum_model` totals
+  the per-group decodes, and W_enc's share of b_dec's gradient, over the latent shards; without
+  `b_dec_encoder_path` b_dec's gradient is its decodes' share only (the caller adds the rest).
   """
   B, d = x.shape
   F = params['W_dec'].shape[0]
@@ -50,7 +61,7 @@ def l2_and_grads(
   capacity = common.cdiv(capacity, chunk) * chunk
   W_dec, b_dec = params['W_dec'], params['b_dec']
   tok, lat, val = sparse.compact(vals, idx, capacity)
-  group = common.group_of(lat, common.group_ends(group_sizes))
+  group = common.group_of(lat + latent_offset, common.group_ends(group_sizes))
   slot = group * B + tok  # row of the [G*B, d] decodes
   blocks = tuple(a.reshape(capacity // chunk, chunk) for a in (slot, lat, val))
 
@@ -60,13 +71,18 @@ def l2_and_grads(
 
   parts, _ = jax.lax.scan(decode_chunk, jnp.zeros((G * B, d), x.dtype), blocks)
   parts = parts.reshape(G, B, d)
+  if sum_model is not None:
+    parts = sum_model(parts)
+  else:
+    sum_model = lambda a: a  # noqa: E731
+  norm = B if batch is None else batch
   # Unrolled over the few groups: a cumsum over a length-G axis is a slow reduce-window on CPU.
   errs, err = [], x - b_dec
   for g in range(G):
     err = err - parts[g]  # x - x_hat_g
     errs.append(err)
-  sq_err = jnp.stack([jnp.sum(e**2) for e in errs]) / B
-  coef = common.l2_coefficients(group_weights, B)
+  sq_err = jnp.stack([jnp.sum(e**2) for e in errs]) / norm
+  coef = common.l2_coefficients(group_weights, norm)
   upstream, acc = [], jnp.zeros_like(x)
   for g in reversed(range(G)):
     acc = acc + coef[g] * errs[g]
@@ -93,7 +109,11 @@ def l2_and_grads(
       'W_enc': dW_encT.T,
       'b_enc': db_enc,
       'W_dec': dW_dec,
-      'b_dec': common.b_dec_grad(params['W_enc'], db_enc, jnp.sum(upstream[-1], axis=0)),
+      'b_dec': (
+          jnp.sum(upstream[-1], axis=0) - sum_model(params['W_enc'] @ db_enc)
+          if b_dec_encoder_path
+          else jnp.sum(upstream[-1], axis=0)
+      ),
   }
   return L2Result(
       jnp.mean(sq_err * jnp.asarray(group_weights, x.dtype)), sq_err, x - errs[-1], grads

@@ -113,26 +113,46 @@ def test_ties_at_the_threshold_stay_exact(tie_rows, ties, sparse_ok):
 
 def test_resolve():
   assert kernels.resolve('dense') == 'dense' and kernels.resolve('xla') == 'xla'
-  # 'auto' is the measured fastest path (README's Performance section): Pallas on one GPU, the
-  # native kernels on one CPU device ('xla' where they cannot be built).
+  # 'auto' is the measured fastest path (README's Performance and Sharding sections): Pallas on
+  # GPUs (per shard when latents are not split), the native kernels on CPU devices, one or many
+  # ('xla' where they cannot be built).
   native = 'cpu' if cpu_build.available() else 'xla'
-  assert kernels.resolve('auto', backend='cpu', num_devices=1) == native
-  assert kernels.resolve('auto', backend='cpu', num_devices=8) == 'dense'
-  assert kernels.resolve('auto', backend='gpu', num_devices=1) == 'pallas_gpu'
-  assert kernels.resolve('auto', backend='gpu', num_devices=8) == 'dense'
-  assert kernels.resolve('auto', backend='tpu', num_devices=1) == 'dense'
+  assert kernels.resolve('auto', backend='cpu') == native
+  assert kernels.resolve('auto', backend='cpu', mesh_model_axis=4) == native
+  assert kernels.resolve('auto', backend='gpu') == 'pallas_gpu'
   assert kernels.resolve('auto', backend='gpu', mesh_model_axis=2) == 'dense'
-  assert kernels.resolve('xla', mesh_model_axis=2) == 'dense'
-  assert kernels.resolve('pallas', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('auto', backend='tpu') == 'dense'
+  assert kernels.resolve('xla', mesh_model_axis=2) == 'xla'
   # 'pallas' names two kernel families: the resolved name says which runs.
   assert kernels.resolve('pallas', backend='gpu') == 'pallas_gpu'
   assert kernels.resolve('pallas', backend='cpu') == 'pallas_gpu'  # interpreted, with a warning
   assert kernels.resolve('pallas', backend='tpu') == 'pallas_tpu'  # Mosaic, with a warning
-  assert kernels.resolve('cpu', backend='cpu', num_devices=1) == 'cpu'
-  assert kernels.resolve('cpu', backend='cpu', num_devices=8) == 'dense'  # with a warning
-  assert kernels.resolve('cpu', mesh_model_axis=2) == 'dense'
+  assert kernels.resolve('cpu', backend='cpu') == 'cpu'
+  assert kernels.resolve('cpu', backend='cpu', mesh_model_axis=2) == 'cpu'
   with pytest.raises(ValueError, match='CPU backend only'):
     kernels.resolve('cpu', backend='gpu')
+
+
+def test_pallas_on_a_latent_split_mesh_is_refused_with_the_fix():
+  sc = kernels.StepConfig(
+      k=4,
+      group_sizes=(8, 8),
+      group_weights=(0.5, 0.5),
+      auxk_alpha=0.0,
+      top_k_aux=4,
+      dead_tokens_threshold=10,
+      candidates_per_row=4,
+      threshold_beta=0.9,
+      threshold_start_step=0,
+      skip_nonfinite=False,
+      kernel='pallas_gpu',
+      mesh_data=1,
+      mesh_model=2,
+  )
+  with pytest.raises(ValueError, match="mesh.model must be 1.*sae.kernel='xla'"):
+    kernels.for_step(sc)
+  assert kernels.for_step(dataclasses.replace(sc, mesh_model=1)).name == 'pallas_gpu'
+  assert kernels.for_step(dataclasses.replace(sc, mesh_data=2, mesh_model=1)).name == 'pallas_gpu'
 
 
 def test_every_config_kernel_resolves_to_a_backend():
@@ -142,7 +162,7 @@ def test_every_config_kernel_resolves_to_a_backend():
     for backend in ('cpu', 'gpu', 'tpu'):
       if kernel == 'cpu' and backend != 'cpu':
         continue
-      assert kernels.resolve(kernel, backend=backend, num_devices=1) in kernels.BACKENDS
+      assert kernels.resolve(kernel, backend=backend) in kernels.BACKENDS
 
 
 def test_unknown_backend_is_rejected():

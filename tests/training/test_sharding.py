@@ -1,5 +1,6 @@
-"""Training on 8 simulated devices, on any (data x model) mesh, matches one device; checkpoints
-move between meshes. Each run is its own process, so the rest of the suite keeps one device."""
+"""Training on 8 simulated devices, on any (data x model) mesh, matches one device (the default
+kernel: the native kernels per shard); checkpoints move between meshes, kernels and optimizer
+layouts. Each run is its own process, so the rest of the suite keeps one device."""
 
 import json
 import os
@@ -71,12 +72,17 @@ def test_mesh_matches_one_device(single, tmp_path, data, model):
 
 
 @pytest.mark.slow
-def test_checkpoint_moves_between_meshes(single, tmp_path):
-  train(tmp_path / 'a', devices=8, data=2, model=4)
-  for name, devices, data, model in (('to8x1', 8, 8, 1), ('to1', 1, -1, 1)):
+def test_checkpoint_moves_between_meshes_kernels_and_optimizer_layouts(single, tmp_path):
+  """Saved by the native kernels per shard on 2x4 with the optimizer sharded over data; resumed
+  by the 'xla' kernel per shard on 8x1 with a replicated optimizer, and on one device."""
+  train(tmp_path / 'a', devices=8, data=2, model=4, **{'mesh.shard_optimizer': 'on'})
+  for name, devices, data, model, extra in (
+      ('to8x1', 8, 8, 1, {'sae.kernel': 'xla', 'mesh.shard_optimizer': 'off'}),
+      ('to1', 1, -1, 1, {}),
+  ):
     shutil.copytree(tmp_path / 'a' / 'checkpoints', tmp_path / name / 'checkpoints')
     shutil.rmtree(tmp_path / name / 'checkpoints' / '24')  # as if the 2x4 run died after step 12
-    train(tmp_path / name, devices=devices, data=data, model=model)  # resumes at 12, ends at 24
+    train(tmp_path / name, devices=devices, data=data, model=model, **extra)  # 12 -> 24
     logged = [json.loads(l)['step'] for l in open(tmp_path / name / 'metrics.jsonl')]
     assert logged == [20, 24], logged  # really resumed: nothing logged before step 12
     ref, _ = params(single)

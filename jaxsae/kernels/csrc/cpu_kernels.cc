@@ -16,6 +16,8 @@
 //                      and each entry's gradient dv = <R_group(f), W_dec[f]>; latent pass (the
 //                      entries counting-sorted by latent): dW_dec[f] = sum v R_g[b],
 //                      dW_enc[:, f] = sum dv xc[b] (written in the [d, F] layout), db_enc[f].
+//                      The target may be per prefix, [G, B, d] (on a shard of the latents).
+//   jaxsae_decode_groups  each token's decode split by group, [G, B, d] (a latent shard's part).
 //
 // Every reduction runs in a fixed order (per token or per latent, by one thread), so results do
 // not depend on thread timing: training resumes bit-identically. jaxsae/kernels/cpu_build.py
@@ -118,9 +120,11 @@ ffi::Error CheckEnds(ffi::Span<const int64_t> ends, int64_t F) {
   if (ends.size() == 0 || ends.back() != F)
     return ffi::Error::InvalidArgument("group_ends must be non-empty and end at F=" +
                                        std::to_string(F));
+  // Equal ends (empty groups) occur on a shard of the latents that a group does not reach.
+  if (ends[0] < 0) return ffi::Error::InvalidArgument("group_ends must be >= 0");
   for (size_t i = 1; i < ends.size(); ++i)
-    if (ends[i] <= ends[i - 1])
-      return ffi::Error::InvalidArgument("group_ends must strictly increase");
+    if (ends[i] < ends[i - 1])
+      return ffi::Error::InvalidArgument("group_ends must not decrease");
   return ffi::Error::Success();
 }
 
@@ -686,8 +690,11 @@ struct SparseCodes {
 // [G, B, d] scratch the latent pass reads back) and dv[e] for each of its entries. A token's W_dec
 // rows are read twice (decode, then dv): the second time from L2. Its R rows are built in an L1
 // buffer and streamed out.
-void TokenPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* T, const float* co,
-               float* res, float* sqp, float* R, float* dvp) {
+//
+// With per_prefix the target is [G, B, d], one per prefix (on a shard of the latents: x minus the
+// other shards' decodes of the groups <= g), and err_g = target_g - sum of this call's groups <= g.
+void TokenPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* T, bool per_prefix,
+               const float* co, float* res, float* sqp, float* R, float* dvp) {
   const int64_t B = s.B, d = s.d;
   const int G = s.G;
   const int64_t* en = s.ends;
@@ -697,7 +704,7 @@ void TokenPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* T, cons
   const float* W = s.W;
   ParallelFor(pool, B, 8, [&](int64_t t0, int64_t t1) {
     const size_t gd = static_cast<size_t>(G) * d;
-    std::vector<float> parts(gd), errs(gd), up(gd);
+    std::vector<float> parts(gd), errs(gd), up(gd), acc(per_prefix ? d : 0);
     for (int64_t b = t0; b < t1; ++b) {
       std::fill(parts.begin(), parts.end(), 0.f);
       for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
@@ -708,14 +715,29 @@ void TokenPass(ffi::ThreadPool& pool, const SparseCodes& s, const float* T, cons
         Axpy(vp[e], W + static_cast<int64_t>(lp[e]) * d,
              parts.data() + GroupOf(lp[e], en, G) * d, d);
       }
-      const float* tb = T + b * d;
-      for (int g = 0; g < G; ++g) {   // err_g = target - sum of the groups <= g
-        const float* prev = g ? errs.data() + (g - 1) * d : tb;
-        float* eg = errs.data() + g * d;
-        const float* pg = parts.data() + g * d;
+      if (per_prefix) {   // err_g = target_g - sum of the groups <= g
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int g = 0; g < G; ++g) {
+          const float* tg = T + (g * B + b) * d;
+          float* eg = errs.data() + g * d;
+          const float* pg = parts.data() + g * d;
 #pragma omp simd
-        for (int64_t i = 0; i < d; ++i) eg[i] = prev[i] - pg[i];
-        sqp[b * G + g] = Dot(eg, eg, d);
+          for (int64_t i = 0; i < d; ++i) {
+            acc[i] += pg[i];
+            eg[i] = tg[i] - acc[i];
+          }
+          sqp[b * G + g] = Dot(eg, eg, d);
+        }
+      } else {
+        const float* tb = T + b * d;
+        for (int g = 0; g < G; ++g) {   // err_g = target - sum of the groups <= g
+          const float* prev = g ? errs.data() + (g - 1) * d : tb;
+          float* eg = errs.data() + g * d;
+          const float* pg = parts.data() + g * d;
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) eg[i] = prev[i] - pg[i];
+          sqp[b * G + g] = Dot(eg, eg, d);
+        }
       }
       StoreRow(res + b * d, errs.data() + (G - 1) * d, d);
       for (int g = G - 1; g >= 0; --g) {   // R_g = coef_g err_g + R_{g+1}
@@ -810,10 +832,16 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, F32Array target, F32Array xc, F32Ar
                        Out<F32Array> resid, Out<F32Array> sq, Out<F32Array> up0,
                        Out<F32Array> dw_dec, Out<F32Array> dw_enc, Out<F32Array> db_enc,
                        ffi::Span<const int64_t> ends) {
-  if (target.dimensions().size() != 2) return ffi::Error::InvalidArgument("target must be [B, d]");
-  const int64_t B = target.dimensions()[0], d = target.dimensions()[1];
+  const auto dims = target.dimensions();
+  const bool per_prefix = dims.size() == 3;
+  if (dims.size() != 2 && !per_prefix)
+    return ffi::Error::InvalidArgument("target must be [B, d] or [G, B, d]");
+  const int64_t B = dims[dims.size() - 2], d = dims[dims.size() - 1];
   const int64_t F = w_dec.dimensions()[0];
   const int G = static_cast<int>(ends.size());
+  if (per_prefix && dims[0] != G)
+    return ffi::Error::InvalidArgument("a per-prefix target must be [G, B, d] with G=" +
+                                       std::to_string(G));
   const int64_t cap = lat.element_count();
   if (auto err = CheckEnds(ends, F); err.failure()) return err;
   if (w_dec.dimensions()[1] != d || xc.element_count() != static_cast<size_t>(B * d))
@@ -837,7 +865,7 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, F32Array target, F32Array xc, F32Ar
   int32_t* order = lease->As<int32_t>(r_bytes + 2 * n_bytes);
   int32_t* start = lease->As<int32_t>(r_bytes + 3 * n_bytes);
 
-  TokenPass(pool, codes, target.typed_data(), coef.typed_data(), resid->typed_data(),
+  TokenPass(pool, codes, target.typed_data(), per_prefix, coef.typed_data(), resid->typed_data(),
             sq->typed_data(), R, dvp);
 
   // b_dec's share through the decodes: sum over tokens of R_0 (fixed order: deterministic).
@@ -847,6 +875,40 @@ ffi::Error L2GradsImpl(ffi::ThreadPool pool, F32Array target, F32Array xc, F32Ar
 
   LatentPass(pool, codes, xc.typed_data(), R, dvp, tok, order, start, dw_dec->typed_data(),
              dw_enc->typed_data(), db_enc->typed_data());
+  return ffi::Error::Success();
+}
+
+// Each token's decode split by Matryoshka group: parts[g, b] = sum of v * W_dec[f] over token b's
+// entries in group g. On a shard of the latents these partial decodes are what crosses devices
+// (summed over the shards) before the loss and gradients (L2Grads with per-prefix targets).
+ffi::Error DecodeGroupsImpl(ffi::ThreadPool pool, F32Array w_dec, S32Array row_ptr, S32Array lat,
+                            F32Array val, Out<F32Array> parts, ffi::Span<const int64_t> ends) {
+  const int64_t F = w_dec.dimensions()[0], d = w_dec.dimensions()[1];
+  const int64_t B = row_ptr.element_count() - 1;
+  const int G = static_cast<int>(ends.size());
+  if (auto err = CheckEnds(ends, F); err.failure()) return err;
+  if (parts->element_count() != static_cast<size_t>(G * B * d))
+    return ffi::Error::InvalidArgument("parts must be [G, B, d]");
+  const int32_t* rp = row_ptr.typed_data();
+  const int32_t* lp = lat.typed_data();
+  if (auto err = CheckEntries(rp, lp, B, F, lat.element_count()); err.failure()) return err;
+  const float* vp = val.typed_data();
+  const float* W = w_dec.typed_data();
+  float* P = parts->typed_data();
+  const int64_t* en = ends.begin();
+  ParallelFor(pool, B, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t b = t0; b < t1; ++b) {
+      for (int g = 0; g < G; ++g) std::fill(P + (g * B + b) * d, P + (g * B + b + 1) * d, 0.f);
+      for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
+        if (e + 1 < rp[b + 1]) {
+          const float* w1 = W + static_cast<int64_t>(lp[e + 1]) * d;
+          for (int64_t q = 0; q < d; q += 16) __builtin_prefetch(w1 + q);
+        }
+        Axpy(vp[e], W + static_cast<int64_t>(lp[e]) * d, P + (GroupOf(lp[e], en, G) * B + b) * d,
+             d);
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -999,7 +1061,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeAuxSelect, AuxSelectImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeL2Grads, L2GradsImpl,
                               BindOnPool()
-                                  .Arg<F32Array>()   // target [B, d]
+                                  .Arg<F32Array>()   // target [B, d] or [G, B, d]
                                   .Arg<F32Array>()   // xc = x - b_dec [B, d]
                                   .Arg<F32Array>()   // W_dec [F, d]
                                   .Arg<S32Array>()   // row_ptr [B + 1]
@@ -1012,6 +1074,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeL2Grads, L2GradsImpl,
                                   .Ret<F32Array>()   // dW_dec [F, d]
                                   .Ret<F32Array>()   // dW_enc [d, F]
                                   .Ret<F32Array>()   // db_enc [F]
+                                  .Attr<ffi::Span<const int64_t>>("group_ends"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeDecodeGroups, DecodeGroupsImpl,
+                              BindOnPool()
+                                  .Arg<F32Array>()   // W_dec [F, d]
+                                  .Arg<S32Array>()   // row_ptr [B + 1]
+                                  .Arg<S32Array>()   // lat [cap]
+                                  .Arg<F32Array>()   // val [cap]
+                                  .Ret<F32Array>()   // parts [G, B, d]
                                   .Attr<ffi::Span<const int64_t>>("group_ends"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeProjectRows, ProjectRowsImpl,
