@@ -134,21 +134,7 @@ def test_resolve():
 
 
 def test_pallas_on_a_latent_split_mesh_is_refused_with_the_fix():
-  sc = kernels.StepConfig(
-      k=4,
-      group_sizes=(8, 8),
-      group_weights=(0.5, 0.5),
-      auxk_alpha=0.0,
-      top_k_aux=4,
-      dead_tokens_threshold=10,
-      candidates_per_row=4,
-      threshold_beta=0.9,
-      threshold_start_step=0,
-      skip_nonfinite=False,
-      kernel='pallas_gpu',
-      mesh_data=1,
-      mesh_model=2,
-  )
+  sc = step_config((8, 8), (0.5, 0.5), kernel='pallas_gpu', mesh_data=1, mesh_model=2)
   with pytest.raises(ValueError, match="mesh.model must be 1.*sae.kernel='xla'"):
     kernels.for_step(sc)
   assert kernels.for_step(dataclasses.replace(sc, mesh_model=1)).name == 'pallas_gpu'

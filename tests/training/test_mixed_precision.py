@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import step_config, tiny_config, write_store
+from helpers import PLANTED, step_config, tiny_config, write_store
 from jaxsae import data, kernels, model, trainer
 
 GROUPS = (8, 8, 16, 32)
@@ -73,17 +73,9 @@ def test_a_bfloat16_store_reaches_the_step_as_bfloat16(tmp_path):
 def test_bfloat16_training_tracks_float32(tmp_path):
   """300 steps on the planted-feature experiment: losses within 2%, MMCS within 0.01."""
   base = {
-      'sae.d': 32,
-      'sae.expansion_factor': 2,
-      'sae.k': 3,
-      'data.synthetic.n_features': 32,
-      'data.synthetic.mean_active': 3.0,
-      'data.synthetic.n_parents': 0,
-      'data.synthetic.zipf_exponent': 0.0,
-      'data.batch_size': 256,
+      **PLANTED,
       'train.steps': 300,
       'optim.decay_start': 250,
-      'optim.lr': 1e-2,
       'train.checkpoint_every': 300,
       'train.log_every': 50,
   }

@@ -59,7 +59,8 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('data, model', [(8, 1), (1, 8), (2, 4), (4, 2)])
+# Every backend on 8x1, 2x4 and 1x8 at the step level: tests/kernels/test_sharded.py.
+@pytest.mark.parametrize('data, model', [(8, 1), (2, 4)])
 def test_mesh_matches_one_device(single, tmp_path, data, model):
   train(tmp_path, devices=8, data=data, model=model)
   ref, ref_state = params(single)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import cli_args, run_cli, tiny_config
+from helpers import PLANTED, cli_args, run_cli, tiny_config
 from jaxsae import data, trainer, weights
 from jaxsae.config import ConfigError
 
@@ -53,17 +53,9 @@ def test_recovers_planted_features():
   """An easy planted dictionary is found: most true features have a decoder row at cos > 0.9."""
   c = tiny_config(
       **{
-          'sae.d': 32,
-          'sae.expansion_factor': 2,
-          'sae.k': 3,
-          'data.synthetic.n_features': 32,
-          'data.synthetic.mean_active': 3.0,
-          'data.synthetic.n_parents': 0,
-          'data.synthetic.zipf_exponent': 0.0,
-          'data.batch_size': 256,
+          **PLANTED,
           'train.steps': 600,
           'optim.decay_start': 500,
-          'optim.lr': 1e-2,
           'train.checkpoint_every': 600,
           'train.log_every': 100,
       }
