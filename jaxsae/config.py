@@ -115,6 +115,14 @@ def default_config() -> ml_collections.ConfigDict:
   # layout) or hf://ORG/NAME[/SUBFOLDER][@REVISION] (the paper's: hf://microsoft/maira-2-sae/...).
   # Its d, F, group sizes and k must be the config's. Used only while the workdir has no checkpoint.
   c.train.init_from = ''
+  # Weights & Biases logging (jaxsae/wandb_log.py), beside metrics.jsonl and TensorBoard: on when a
+  # project is named. Needs pip install 'jaxsae[wandb]'. mode '' follows WANDB_MODE, else online;
+  # 'offline' writes WORKDIR/wandb/ for a later `wandb sync`. name '': the workdir's name.
+  c.train.wandb = ml_collections.ConfigDict()
+  c.train.wandb.project = ''  # '': no W&B logging
+  c.train.wandb.entity = ''  # '': the logged-in user's default entity
+  c.train.wandb.name = ''
+  c.train.wandb.mode = ''  # '' | 'online' | 'offline' | 'disabled'
 
   # Several processes (hosts) training one SAE: jax.distributed.initialize before anything else.
   # With enabled and no coordinator_address, JAX detects the cluster (SLURM, MPI, TPU pods).
@@ -424,6 +432,20 @@ RULES: dict[str, Rule] = {
         pattern=hub.SPEC_PATTERN,
         pattern_means="'' (random init), an SAE weights folder, or hf://ORG/NAME[/SUBFOLDER][@REV]",
     ),
+    'train.wandb.project': Rule(
+        'str',
+        pattern=r'[^/\\#?%:]{0,128}',
+        pattern_means="'' (no W&B logging) or a W&B project name (<= 128 chars, no / \\ # ? % :)",
+    ),
+    'train.wandb.entity': Rule(
+        'str', pattern=r'[\w.-]*', pattern_means="'' (your default) or a W&B user or team name"
+    ),
+    'train.wandb.name': _TEXT,
+    'train.wandb.mode': Rule(
+        'choice',
+        choices=('', 'online', 'offline', 'disabled'),
+        means="'': WANDB_MODE if set, else 'online'",
+    ),
     'distributed.enabled': _BOOL,
     'distributed.coordinator_address': Rule(
         'str', pattern=r'|[^\s:]+:\d+', pattern_means="host:port, or '' (JAX finds the cluster)"
@@ -639,6 +661,16 @@ def _check_export(c: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_wandb(c: ml_collections.ConfigDict) -> None:
+  """W&B logging needs its package: say so before any work, not when the first metric is due."""
+  if c.train.wandb.project and importlib.util.find_spec('wandb') is None:
+    raise ConfigError(
+        f'train.wandb.project={c.train.wandb.project!r} asks for Weights & Biases logging, but '
+        "the wandb package is not installed: pip install 'jaxsae[wandb]' (tools/install.sh "
+        "does), or set --config.train.wandb.project=''."
+    )
+
+
 def _check_interpret(c: ml_collections.ConfigDict) -> None:
   i = c.interpret
   if i.explain and i.n_top + i.n_quantile == 0:
@@ -677,7 +709,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   Every key's type and range first (RULES), then the relations between keys; the mesh's only
   when the number of devices is known."""
   _check_keys(c)
-  for check in (_check_sae, _check_optim, _check_data, _check_distributed, _check_export):
+  for check in (
+      _check_sae,
+      _check_optim,
+      _check_data,
+      _check_distributed,
+      _check_export,
+      _check_wandb,
+  ):
     check(c)
   _check_interpret(c)
   if num_devices is not None:

@@ -33,6 +33,7 @@ from jaxsae import metrics as metrics_lib
 from jaxsae import model
 from jaxsae import sharding
 from jaxsae import train_step
+from jaxsae import wandb_log
 from jaxsae import weights as weights_lib
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
       if distributed.is_primary()
       else metrics_lib.NullWriter()
   )
+  wandb_run = wandb_log.open_run(c, workdir, distributed.is_primary())  # train.wandb.project
   prefix_names = train_step.fvu_prefix_names(sc.group_sizes)
   progress = _progress(c, start)
 
@@ -238,6 +240,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         scalars['tokens_per_s'] = (done - last_step) * c.data.batch_size / (now - last_time)
         scalars['nonfinite_batches'] = check_finite(state)
         writer.write(done, scalars)
+        wandb_run.write(done, scalars)
         progress.set_postfix(
             loss=f'{scalars["loss"]:.4g}', l0=f'{scalars["l0"]:.1f}', fvu=f'{m["fvu"][-1]:.3g}'
         )
@@ -275,6 +278,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     )
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump({k: v for k, v in summary.items() if k != 'feature_density'}, f, indent=2)
+    wandb_run.finish(summary, summary['plot'])
   summary.pop('feature_density')
   return summary
 

@@ -14,6 +14,7 @@ W_enc + b_enc), so the exported SAE works on raw activations, as the peers' load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from jaxsae import model
 from jaxsae import train_step
 from jaxsae.config import ConfigError
 from jaxsae.formats import hub
+from jaxsae.formats import model_card
 from jaxsae.formats import weights as weights_format
 from jaxsae.formats.weights import DL_CONFIG, DL_WEIGHTS, SL_CONFIG, SL_WEIGHTS
 
@@ -42,6 +44,7 @@ __all__ = [
     'unfold_scale',
     'load_checkpoint',
     'export',
+    'publish',
     'load',
     'convert',
     'read_for_init',
@@ -103,6 +106,142 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
   s, state, meta, c = load_checkpoint(workdir, step)
   params, threshold = fold_scale(state['params'], float(state['threshold']), meta['scale'])
   return weights_format.write(out, fmt, params, threshold, _metadata(c, s, meta['scale']))
+
+
+def publish(
+    workdir: str,
+    out: str,
+    fmt: str,
+    target: str,
+    step: int | None = None,
+    *,
+    evaluation: str | None = None,
+    license: str | None = None,  # pylint: disable=redefined-builtin (the Hub's field name)
+    private: bool = False,
+    dry_run: bool = False,
+) -> model_card.Plan:
+  """`export` with a model card (README.md, in the manifest), then the folder uploaded to the Hub
+  repository and folder `target` (ORG/NAME[/SUBFOLDER]), created if absent; a dry run stops before
+  anything is sent. The id, the licence, the evaluation file, the destination and (unless a dry
+  run) a Hub token are checked before the checkpoint is read. The token is huggingface_hub's own
+  (HF_TOKEN, or `hf auth login`'s), handed to it and never shown."""
+  ref = model_card.parse_target(target)
+  license = model_card.check_license(license)
+  weights_format.check_layout(fmt)
+  e = model_card.read_evaluation(evaluation) if evaluation else None
+  weights_format.check_destination(out)
+  token = _hub_token(ref, required=not dry_run)
+  s, state, meta, c = load_checkpoint(workdir, step)
+  params, threshold = fold_scale(state['params'], float(state['threshold']), meta['scale'])
+  metadata = _metadata(c, s, meta['scale'])
+  if e is not None:
+    model_card.check_evaluation(e, evaluation, metadata.group_sizes)
+  summary, summary_path = model_card.read_summary(workdir)
+  flags = {'workdir': workdir, 'out': out, 'format': fmt, 'step': s, 'push_to_hub': target}
+  flags.update(evaluation=evaluation, license=license, private=private)
+  card = model_card.Card(
+      target=ref,
+      layout=fmt,
+      d=int(params['W_enc'].shape[0]),
+      F=int(params['W_enc'].shape[1]),
+      k=metadata.k,
+      group_sizes=metadata.group_sizes,
+      threshold=threshold,
+      scale=float(meta['scale']),
+      step=s,
+      batch_size=int(c.data.batch_size),
+      model_name=metadata.model_name,
+      layer=metadata.layer,
+      hook_name=metadata.hook_name,
+      data=_data_description(c),
+      training=metadata.training,
+      config=c.to_dict(),
+      command=model_card.command_line('jaxsae.export_weights', flags),
+      license=license,
+      summary=summary,
+      summary_path=summary_path,
+      evaluation=e,
+      evaluation_path=evaluation,
+  )
+  text = model_card.render(card).encode()
+  weights_format.write(out, fmt, params, threshold, metadata, extra={model_card.CARD: text})
+  files = tuple((n, os.path.getsize(os.path.join(out, n))) for n in sorted(os.listdir(out)))
+  plan = model_card.Plan(ref, out, files, private, dry_run, token is not None)
+  if dry_run:
+    return plan
+  return dataclasses.replace(plan, commit_url=_upload(ref, out, private, token, s))
+
+
+def _data_description(c: ml_collections.ConfigDict) -> str:
+  if c.data.source == 'store':
+    return f'activation store {c.data.store_path}'
+  return 'synthetic activations (planted features, experiments/synthetic.py)'
+
+
+def _hub_token(ref: hub.HubRef, required: bool) -> str | None:
+  """huggingface_hub's token (HF_TOKEN, else the saved login), or a ConfigError when a push needs
+  one and there is none, or the Hub is switched off (offline mode)."""
+  import huggingface_hub  # pylint: disable=import-outside-toplevel (only when publishing)
+
+  if required and huggingface_hub.is_offline_mode():
+    raise ConfigError(
+        f'cannot push to {ref.repo_id}: offline mode is on (HF_HUB_OFFLINE). Unset it, or write '
+        'the folder without sending it with --dry_run.'
+    )
+  token = huggingface_hub.get_token()
+  if token is None and required:
+    raise ConfigError(
+        f'no Hugging Face token to push to {ref.repo_id} with: log in with `hf auth login`, or '
+        'set HF_TOKEN to a token with write access to it (huggingface.co/settings/tokens). '
+        'Nothing was written or sent; --dry_run writes the folder without a token.'
+    )
+  return token
+
+
+def _upload(ref: hub.HubRef, folder: str, private: bool, token: str, step: int) -> str | None:
+  """Create the repository if absent and upload `folder` into its folder in one commit, deleting
+  the export files a previous push left there (the other layout's weights would be read first);
+  the commit's URL. Hub failures are ConfigErrors saying what to do; the export stays on disk."""
+  import huggingface_hub  # pylint: disable=import-outside-toplevel (only when publishing)
+  from huggingface_hub import errors as hf_errors  # pylint: disable=import-outside-toplevel
+
+  import httpx  # pylint: disable=import-outside-toplevel (huggingface_hub's HTTP client)
+
+  stale = {n for names in weights_format.WEIGHT_FILES.values() for n in names}
+  stale |= {config for _, config in weights_format.FILES.values()}
+  stale = sorted(stale | {weights_format.MANIFEST, model_card.CARD})
+  again = f'The export is at {folder}; run the command again to retry the push.'
+  api = huggingface_hub.HfApi(token=token)
+  try:
+    api.create_repo(ref.repo_id, repo_type='model', private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=ref.repo_id,
+        folder_path=folder,
+        path_in_repo=ref.subfolder or None,
+        repo_type='model',
+        commit_message=f'jaxsae: SAE export of step {step}'
+        + (f' into {ref.subfolder}' if ref.subfolder else ''),
+        delete_patterns=stale,
+    )
+  except hf_errors.HfHubHTTPError as e:
+    status = getattr(getattr(e, 'response', None), 'status_code', None)
+    why = (
+        'the token is not allowed to write there (a read-only token, or a repository or '
+        'organisation this account cannot write to); use a token with write access'
+        if status in (401, 403)
+        else f'the Hub refused it: {_first_line(e)}'
+    )
+    raise ConfigError(f'cannot push to {ref.repo_id}: {why}. {again}') from None
+  except (hf_errors.OfflineModeIsEnabled, httpx.TransportError, OSError) as e:  # no network
+    raise ConfigError(
+        f'cannot push to {ref.repo_id}: the Hub cannot be reached ({_first_line(e)}). {again}'
+    ) from None
+  return getattr(info, 'commit_url', None)
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 def _metadata(c: ml_collections.ConfigDict, step: int, scale: float) -> weights_format.Metadata:

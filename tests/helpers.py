@@ -399,3 +399,37 @@ def write_sae(out, layout='dictionary_learning', d=16, group_sizes=(4, 4, 8, 16,
       weights_format.Metadata(k=k, group_sizes=tuple(group_sizes), **fields),
   )
   return p
+
+
+def card_parts(text):
+  """A model card's (YAML front matter as a dict, body); the card must open with a `---` block."""
+  import re
+  import yaml
+
+  match = re.fullmatch(r'---\n(.*?)\n---\n(.*)', text, re.DOTALL)
+  assert match, text[:200]
+  return yaml.safe_load(match[1]), match[2]
+
+
+def card_row(body, label):
+  """The value cell of the model card's table row starting with `label`."""
+  import re
+
+  found = re.findall(rf'^\| {re.escape(label)} \| (.*) \|$', body, re.MULTILINE)
+  assert len(found) == 1, (label, found)
+  return found[0]
+
+
+# An easy planted dictionary (no hierarchy, flat frequencies) that a short run recovers: the
+# overrides tests/training/test_training.py and test_mixed_precision.py train with.
+PLANTED = {
+    'sae.d': 32,
+    'sae.expansion_factor': 2,
+    'sae.k': 3,
+    'data.synthetic.n_features': 32,
+    'data.synthetic.mean_active': 3.0,
+    'data.synthetic.n_parents': 0,
+    'data.synthetic.zipf_exponent': 0.0,
+    'data.batch_size': 256,
+    'optim.lr': 1e-2,
+}

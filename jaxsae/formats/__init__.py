@@ -8,6 +8,7 @@ torch, so each side reads and writes them without the other's framework.
   torch_pickle  torch.save's format (dictionary_learning's ae.pt), without torch or unsafe pickle
   names    study ids as safe, reversible file names
   hub      SAE weights on the Hugging Face Hub (hf://ORG/NAME/SUBFOLDER) to a local folder
+  model_card  a published SAE's README.md: Hub metadata and its measured figures
 """
 
-__all__ = ['hub', 'names', 'split', 'store', 'tokens', 'torch_pickle', 'weights']
+__all__ = ['hub', 'model_card', 'names', 'split', 'store', 'tokens', 'torch_pickle', 'weights']

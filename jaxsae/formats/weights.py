@@ -245,10 +245,16 @@ def check_shapes(
 
 
 def write(
-    out: str, layout: str, params: Mapping[str, np.ndarray], threshold: float, meta: Metadata
+    out: str,
+    layout: str,
+    params: Mapping[str, np.ndarray],
+    threshold: float,
+    meta: Metadata,
+    extra: Mapping[str, bytes] | None = None,
 ) -> str:
   """Write an SAE acting on raw activations to directory `out` in `layout`; returns the weights
-  file's path. `threshold` < 0 means none learned yet (SAELens gets 0: every positive code)."""
+  file's path. `threshold` < 0 means none learned yet (SAELens gets 0: every positive code).
+  `extra`: more files by name (a model card), written and listed in the manifest with the rest."""
   check_layout(layout)
   p = {n: np.asarray(params[n], np.float32) for n in PARAMS}
   sizes = [int(s) for s in meta.group_sizes]
@@ -303,7 +309,9 @@ def write(
     }
   weights_name, config_name = FILES[layout]
   also = WEIGHT_FILES[layout][1:]
-  return write_files(out, weights_name, tensors, config_name, cfg, manifest=True, also=also)
+  return write_files(
+      out, weights_name, tensors, config_name, cfg, manifest=True, also=also, extra=extra
+  )
 
 
 def write_files(
@@ -315,18 +323,23 @@ def write_files(
     *,
     manifest: bool = False,
     also: Sequence[str] = (),
+    extra: Mapping[str, bytes] | None = None,
 ) -> str:
   """Make directory `out` hold exactly these files (and, with `manifest`, their manifest.json), or
   leave it as it was: they are written into a temporary sibling folder that one rename puts at
   `out`. `also` names more files holding the same tensors; each weights file's format follows its
-  name (.pt: a torch checkpoint, else safetensors). A previous export there is replaced; a folder
-  holding anything else is refused. Returns the weights file's path."""
+  name (.pt: a torch checkpoint, else safetensors). `extra` maps more file names to their bytes
+  (listed in the manifest, so a later export may replace them). A previous export there is
+  replaced; a folder holding anything else is refused. Returns the weights file's path."""
   target = os.path.realpath(out)
   existed = check_destination(out)
+  extra = dict(extra or {})
+  _check_extra(extra, (weights_name, *also, config_name))
   arrays = {k: np.array(v, order='C') for k, v in tensors.items()}  # np.array keeps 0-d
   config_bytes = json.dumps(cfg, indent=2).encode()
   weights_names = (weights_name, *also)
   needed = sum(a.nbytes for a in arrays.values()) * len(weights_names) + len(config_bytes) + 2**16
+  needed += sum(len(b) for b in extra.values())
   parent, tmp = os.path.dirname(target), None
   try:
     os.makedirs(parent, exist_ok=True)
@@ -335,7 +348,7 @@ def write_files(
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), parent)
     tmp = _sibling(target, 'tmp')
     os.mkdir(tmp)  # the umask's mode, like any folder the user makes (mkdtemp would give 0700)
-    _write_folder(tmp, weights_names, arrays, config_name, config_bytes, manifest)
+    _write_folder(tmp, weights_names, arrays, config_name, config_bytes, manifest, extra)
     _swap_in(tmp, target)
   except (OSError, safetensors.SafetensorError) as e:
     if tmp is not None:
@@ -357,7 +370,7 @@ def verify(path: str) -> dict | None:
   redo = (
       f'Re-export it with `python -m jaxsae.export_weights --workdir=<training dir> --out={path}`.'
   )
-  m = _read_json(manifest_file, redo)
+  m = read_json(manifest_file, redo)
   files = m.get('files')
   if m.get('format') != MANIFEST_FORMAT or not isinstance(files, dict):
     raise ConfigError(
@@ -395,7 +408,7 @@ def check_destination(out: str) -> bool:
         'folder, or move it away.'
     )
   entries = os.listdir(target)
-  other = sorted(set(entries) - _EXPORT_FILES)
+  other = sorted(set(entries) - _EXPORT_FILES - _manifest_names(target))
   if other:
     shown = ', '.join(other[:5]) + (f' and {len(other) - 5} more' if len(other) > 5 else '')
     raise ConfigError(
@@ -405,6 +418,33 @@ def check_destination(out: str) -> bool:
   return bool(entries)
 
 
+def _manifest_names(folder: str) -> set[str]:
+  """The plain file names an export's manifest lists (its extra files too); none if unreadable."""
+  try:
+    with open(os.path.join(folder, MANIFEST), 'rb') as f:
+      files = json.loads(f.read()).get('files')
+  except (OSError, ValueError, AttributeError):
+    return set()
+  if not isinstance(files, dict):
+    return set()
+  return {
+      n
+      for n in files
+      if isinstance(n, str) and n == os.path.basename(n) and n not in ('.', '..', '')
+  }
+
+
+def _check_extra(extra: Mapping[str, bytes], taken: Sequence[str]) -> None:
+  """Extra files must be plain names of bytes, none clashing with the export's own files."""
+  for name, data in extra.items():
+    if name != os.path.basename(name) or name in ('', '.', '..') or name.startswith('.'):
+      raise ValueError(f'extra export file {name!r} is not a plain file name')
+    if name in (*taken, MANIFEST):
+      raise ValueError(f"extra export file {name!r} would replace one of the export's own files")
+    if not isinstance(data, bytes):
+      raise TypeError(f'extra export file {name!r}: expected bytes, got {type(data).__name__}')
+
+
 def _write_folder(
     folder: str,
     weights_names: Sequence[str],
@@ -412,10 +452,14 @@ def _write_folder(
     config_name: str,
     config_bytes: bytes,
     manifest: bool,
+    extra: Mapping[str, bytes] | None = None,
 ) -> None:
   """The export's files, each flushed to disk before the folder is renamed into place."""
   config_file = os.path.join(folder, config_name)
   _write_bytes(config_file, config_bytes)
+  extra = dict(extra or {})
+  for name, data in extra.items():
+    _write_bytes(os.path.join(folder, name), data)
   for name in weights_names:
     weights_file = os.path.join(folder, name)
     if name.endswith('.pt'):
@@ -426,7 +470,7 @@ def _write_folder(
     _fsync(weights_file)
   if manifest:
     files = {}
-    for name in (config_name, *weights_names):
+    for name in (config_name, *weights_names, *extra):
       file = os.path.join(folder, name)
       files[name] = {'bytes': os.path.getsize(file), 'sha256': _sha256(file)}
     record = {'format': MANIFEST_FORMAT, 'jaxsae_version': _version(), 'files': files}
@@ -575,10 +619,10 @@ def _read_config(path: str, weights_file: str) -> dict:
         f'{path} is missing: the weights in {weights_file} come with their config '
         f'file. Copy it beside them, or re-export. {_EXPORT_HINT}'
     )
-  return _read_json(path, f'Re-export the weights. {_EXPORT_HINT}')
+  return read_json(path, f'Re-export the weights. {_EXPORT_HINT}')
 
 
-def _read_json(path: str, fix: str) -> dict:
+def read_json(path: str, fix: str) -> dict:
   """A JSON object from `path`, or a ConfigError naming the file and `fix`."""
   try:
     with open(path, 'rb') as f:
