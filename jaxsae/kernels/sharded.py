@@ -46,6 +46,7 @@ from jaxsae.kernels import common
 
 DATA, MODEL = 'data', 'model'
 AXES = (DATA, MODEL)
+_F_AXIS = {'W_enc': 1, 'b_enc': 0, 'W_dec': 0}  # each split parameter's F axis (b_dec has none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,8 @@ class Grid:
     reduce-scatter along F into the sharded optimizer's layout (`sharding.OPTIMIZER_RULES`)."""
     if not self.shard_optimizer:
       return {n: self.sum_data(g) for n, g in grads.items()}
-    axis = {'W_enc': 1, 'b_enc': 0, 'W_dec': 0}
     out = {'b_dec': self.sum_data(grads['b_dec'])}
-    for name, dim in axis.items():
+    for name, dim in _F_AXIS.items():
       out[name] = jax.lax.psum_scatter(grads[name], DATA, scatter_dimension=dim, tiled=True)
     return out
 
@@ -104,9 +104,8 @@ class Grid:
     """The inverse of the sharded optimizer's split: parameters replicated over `data` again."""
     if not self.shard_optimizer:
       return params
-    axis = {'W_enc': 1, 'b_enc': 0, 'W_dec': 0}
     return {
-        n: jax.lax.all_gather(p, DATA, axis=axis[n], tiled=True) if n in axis else p
+        n: jax.lax.all_gather(p, DATA, axis=_F_AXIS[n], tiled=True) if n in _F_AXIS else p
         for n, p in params.items()
     }
 

@@ -71,10 +71,8 @@ def l2_and_grads(
 
   parts, _ = jax.lax.scan(decode_chunk, jnp.zeros((G * B, d), x.dtype), blocks)
   parts = parts.reshape(G, B, d)
-  if sum_model is not None:
-    parts = sum_model(parts)
-  else:
-    sum_model = lambda a: a  # noqa: E731
+  sum_model = sum_model or (lambda a: a)
+  parts = sum_model(parts)
   norm = B if batch is None else batch
   # Unrolled over the few groups: a cumsum over a length-G axis is a slow reduce-window on CPU.
   errs, err = [], x - b_dec

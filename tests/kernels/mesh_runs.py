@@ -12,7 +12,6 @@ itself keeps one device.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -61,7 +60,7 @@ def run(kernel: str, data: int, model_: int, shard_optimizer: bool) -> dict:
   )
   mesh = sharding.make_mesh(c, jax.devices()[: data * model_])
   optimizer, schedule = train_step.make_optimizer(c), train_step.lr_schedule(c)
-  sc = dataclasses.replace(train_step.StepConfig.from_config(c), mesh_data=data)
+  sc = train_step.StepConfig.from_config(c)  # mesh.data is explicit: no device count read
   shardings = sharding.state_shardings(mesh, train_step.abstract_state(c), sc.shard_optimizer)
   state = jax.device_put(
       train_step.init_state(model.init_params(jax.random.PRNGKey(0), D, F), optimizer), shardings
