@@ -12,9 +12,14 @@ and the export's cost on the model's forward pass.
    it) in rows/s, as a multiple of what the training step consumes at d=1024, F=8192, k=32,
    B=2048 (the step timed here by benchmarks/bench.py's bench_jaxsae), and the step's time when the
    loader feeds it vs a batch already in memory.
-3. The export's forward pass with and without the hook and the store writes (a random LLaVA of
-   width --export-hidden on the demo studies; all token kinds kept, so the most rows are written).
-Needs about 2 x rows x d x 4 bytes of free disk in --dir, which is deleted afterwards.
+3. The export: its forward pass with and without the hook and the store writes (a random LLaVA
+   of width --export-hidden on the demo studies; all token kinds kept, so the most rows are
+   written), then benchmarks/bench_export.py on --export-studies realistic studies (2500 x 3000
+   JPEGs, a tiny MAIRA-2): studies/s and input wait of the pipelined export with 0, 1, 2
+   preparation workers and with 1 vs 2 exporting processes, and what that predicts for a GPU.
+   `--export-only` runs this section alone; `--skip-export` leaves it out.
+Needs about 2 x rows x d x 4 bytes of free disk in --dir, which is deleted afterwards (the export
+benchmark's generated studies are kept, for reuse, in its own --dir: bench_export.py --help).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import importlib.util
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -280,7 +287,9 @@ def main() -> None:
   p.add_argument('--dir', default=None)
   p.add_argument('--export-hidden', type=int, default=512)
   p.add_argument('--export-layers', type=int, default=8)
+  p.add_argument('--export-studies', type=int, default=24)
   p.add_argument('--skip-export', action='store_true')
+  p.add_argument('--export-only', action='store_true', help='only section 3, the export')
   args = p.parse_args()
   root = args.dir or tempfile.mkdtemp(prefix='jaxsae_bench_io_')
   os.makedirs(root, exist_ok=True)
@@ -291,6 +300,14 @@ def main() -> None:
 
 
 def run(args, root: str) -> None:
+  if not args.export_only:
+    run_io(args, root)
+  if args.export_only or not args.skip_export:
+    run_export(args, root)
+
+
+def run_io(args, root: str) -> None:
+  """Sections 1 and 2: the store vs raw disk, the loader vs the training step."""
   from bench import bench_jaxsae  # pylint: disable=import-outside-toplevel
 
   rows, d, B = args.rows, args.d, args.batch
@@ -340,16 +357,22 @@ def run(args, root: str) -> None:
       f'({100 * (fed / mem - 1):+.1f}%)'
   )
 
-  if not args.skip_export:
-    ex = bench_export(root, args.export_hidden, args.export_layers, studies=32, batch=4, repeats=5)
-    base = ex['plain']
-    print(
-        f'\nexport, random LLaVA width {args.export_hidden}, {args.export_layers} layers, '
-        f'hook at layer {args.export_layers // 2}, 4 studies '
-        f'({ex["tokens_per_batch"]:.0f} tokens) per batch, every token kept:'
-    )
-    for name in ('plain', 'hook + write', 'hook + write, stop at L'):
-      print(f'  {name:28s} {ex[name] * 1e3:8.1f} ms/batch  {100 * (ex[name] / base - 1):+6.1f}%')
+
+def run_export(args, root: str) -> None:
+  """Section 3: the hook's and the store writes' cost, then the pipelined export end to end."""
+  ex = bench_export(root, args.export_hidden, args.export_layers, studies=32, batch=4, repeats=5)
+  base = ex['plain']
+  print(
+      f'\nexport, random LLaVA width {args.export_hidden}, {args.export_layers} layers, '
+      f'hook at layer {args.export_layers // 2}, 4 studies '
+      f'({ex["tokens_per_batch"]:.0f} tokens) per batch, every token kept:'
+  )
+  for name in ('plain', 'hook + write', 'hook + write, stop at L'):
+    print(f'  {name:28s} {ex[name] * 1e3:8.1f} ms/batch  {100 * (ex[name] / base - 1):+6.1f}%')
+  print(f'\nthe pipelined export on {args.export_studies} realistic studies (bench_export.py):')
+  # Its own process: this one has started JAX's threads, and the export forks worker processes.
+  script = os.path.join(REPO, 'benchmarks', 'bench_export.py')
+  subprocess.run([sys.executable, script, '--studies', str(args.export_studies)], check=True)
 
 
 if __name__ == '__main__':

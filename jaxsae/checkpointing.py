@@ -297,6 +297,31 @@ def data_identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
     return {'source': 'synthetic', 'seed': settings['seed'], 'synthetic': settings}
   path = c.data.store_path
   commit = _store_json(path, store_lib.COMMIT)  # opened and checked already by the source
+  if not store_lib.is_parts(commit):
+    return {'source': 'store', **_store_identity(path, commit)}
+  # Written by several processes: each part grows on its own; the whole is identified by its root
+  # record and its parts' identities.
+  count = int(commit['processes'])
+  found = []
+  for i in range(count):
+    part = store_lib.part_path(path, i, count)
+    meta = store_lib.read_commit(store_lib.kvstore(part), part) if store_lib.exists(part) else None
+    found.append(_store_identity(part, meta) if meta and int(meta['rows']) else None)
+  header = {k: commit.get(k) for k in ('format', 'processes', 'shares', 'd', 'dtype', 'info')}
+  return {
+      'source': 'store',
+      'path': path,
+      'resolved': path if '://' in path else os.path.realpath(path),
+      'rows': sum(p['rows'] for p in found if p),
+      'studies': sum(p['studies'] for p in found if p),
+      'commits': sum(p['commits'] for p in found if p),
+      'fingerprint': _digest(header),
+      'parts': found,
+  }
+
+
+def _store_identity(path: str, commit: dict) -> dict[str, Any]:
+  """One store's (or one part's) identity: its header, first and last commits and rows."""
   commits = int(commit['commits'])
   rows = int(commit['rows'])
   # A store only grows by appending commits: its header, first commit and first rows identify it
@@ -306,7 +331,6 @@ def data_identity(c: ml_collections.ConfigDict) -> dict[str, Any]:
   header['first_commit'] = _commit_digest(path, 0)
   header['first_rows'] = _rows_digest(path, 0, min(rows, _ROWS))
   return {
-      'source': 'store',
       'path': path,
       'resolved': path if '://' in path else os.path.realpath(path),
       'rows': rows,
@@ -328,6 +352,28 @@ def _data_change(saved: dict, now: dict) -> tuple[str, str]:
     if diff:
       return 'other', ', '.join(f'data.synthetic.{k} was {was[k]!r}, now {is_[k]!r}' for k in diff)
     return 'same', ''
+  if saved['fingerprint'] != now['fingerprint']:
+    return 'other', 'another store (its settings or first studies differ)'
+  if 'parts' not in now:
+    return _store_change(saved, now)
+  changes = []
+  for i, (was, is_) in enumerate(zip(saved.get('parts') or [], now['parts'])):
+    if was is None:  # a part with no rows then: anything it holds now was appended
+      changes.append(('grew' if is_ else 'same', ''))
+    elif is_ is None:
+      changes.append(('other', f'part {i} held {was["rows"]} rows and now holds none'))
+    else:
+      kind, why = _store_change(was, is_)
+      changes.append((kind, f'part {i}: {why}' if why else ''))
+  for kind in ('other', 'grew'):
+    hit = [why for k, why in changes if k == kind]
+    if hit:
+      return kind, '; '.join(w for w in hit if w)
+  return 'same', ''
+
+
+def _store_change(saved: dict, now: dict) -> tuple[str, str]:
+  """_data_change for one store (or one part) of the same fingerprint."""
   if saved['fingerprint'] != now['fingerprint']:
     return 'other', 'another store (its settings or first studies differ)'
   if now['commits'] < saved['commits'] or now['rows'] < saved['rows']:

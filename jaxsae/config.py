@@ -166,6 +166,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.skip_bad = False  # skip unreadable studies (listed in the store's report)
   c.export.stop_at_layer = True  # skip the layers after model.layer (not needed)
   c.export.max_studies = ml_collections.FieldReference(None, field_type=int)
+  # The pipeline: worker processes read, decode and normalise studies ahead of the forward pass;
+  # `bucket_window` studies at a time are sorted by token length into batches (less padding).
+  c.export.workers = 2  # 0: prepare each study in the main process, one after another
+  c.export.bucket_window = 16  # 1: batches in manifest order; the first window waits whole
+  # Tokens whose norm exceeds this multiple of the running median norm are not written
+  # (Llama-family massive activations); None keeps every token.
+  c.export.max_norm_multiple = ml_collections.FieldReference(None, field_type=float)
+  # Several processes (one per GPU or host) export disjoint shares of the manifest into one store.
+  c.export.processes = 1
+  c.export.process_index = -1  # -1: from $RANK or $SLURM_PROCID (0 when processes=1)
 
   # Interpretation (python -m jaxsae.interpret): streaming feature statistics, explanations,
   # detection scores, the HTML browser.
@@ -473,6 +483,11 @@ RULES: dict[str, Rule] = {
     'export.skip_bad': _BOOL,
     'export.stop_at_layer': _BOOL,
     'export.max_studies': _int(1, optional=True, means='None: every study'),
+    'export.workers': _int(0),
+    'export.bucket_window': _int(1),
+    'export.max_norm_multiple': _float(1, lo_open=True, optional=True, means='None: keep all'),
+    'export.processes': _int(1),
+    'export.process_index': _int(0, choices=(-1,), means='-1: from $RANK or $SLURM_PROCID'),
     **{
         f'interpret.{key}': _POSITIVE
         for key in (
@@ -658,6 +673,11 @@ def _check_export(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         'export.rows_per_shard must be a positive multiple of export.rows_per_chunk; '
         f'got {e.rows_per_shard} and {e.rows_per_chunk}.'
+    )
+  if e.process_index >= e.processes:
+    raise ConfigError(
+        f'export.process_index={e.process_index} must be below export.processes={e.processes} '
+        '(processes are numbered 0 .. processes-1).'
     )
 
 

@@ -2,7 +2,9 @@
 
 Runs the model named in the config over the manifest's studies and writes the residual stream of
 decoder layer `model.layer` to the activation store at `data.store_path`. Rerunning the same
-command after a crash continues after the last committed study.
+command after a crash continues after the last committed study. Several processes (one per GPU):
+start each with --config.export.processes=N --config.export.process_index=I (or $RANK set); each
+exports its share of the manifest into its own part of the one store.
 """
 
 import logging
@@ -34,15 +36,34 @@ def main(argv):
 
   c = _CONFIG.value
   meta = export.export(c, skip_bad=_SKIP_BAD.value)
+  run = meta['run']
+  index, count = run['process']
+  where = c.data.store_path + (f' (part {index} of {count}: {run["path"]})' if count > 1 else '')
   print(
-      f'activation store {c.data.store_path}: {meta["rows"]} rows x d={meta["d"]} '
+      f'activation store {where}: {meta["rows"]} rows x d={meta["d"]} '
       f'({meta["dtype"]}) from {meta["studies"] - meta["skipped"]} studies; token kinds '
       f'{meta["kind_counts"]}; activation scale {meta["scale"]} (E||x||^2 = d after dividing)'
   )
+  print(
+      f'this run: {run["studies"]} studies in {run["seconds"]:.1f} s '
+      f'({run["studies_per_s"]:.2f} studies/s); the forward pass waited for input '
+      f'{run["input_wait_share"]:.0%} of the time ({c.export.workers} workers)'
+  )
+  if c.export.max_norm_multiple is not None:
+    median = (meta.get('export_state') or {}).get('norm_filter', {}).get('median')
+    print(
+        f'outlier tokens left out (norm > {c.export.max_norm_multiple:g} x the running median '
+        f'norm, now {median if median is None else f"{median:.4g}"}): '
+        f'{meta.get("dropped_counts")}'
+    )
   if meta['skipped']:
     print(
-        f'{meta["skipped"]} studies skipped, listed in '
-        f'{store.url(c.data.store_path)}{store.REPORT}'
+        f'{meta["skipped"]} studies skipped, listed in ' f'{store.url(run["path"])}{store.REPORT}'
+    )
+  if count > 1:
+    print(
+        f'the {count} processes write one store: training and interpretation read '
+        f'{c.data.store_path} whole once every process has finished'
     )
 
 

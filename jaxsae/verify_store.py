@@ -38,6 +38,7 @@ class Report:
   with_checksums: int = 0  # exported studies that recorded the crc32 of their rows
   verified: int = 0  # ... whose rows and tokens were re-read and matched it
   problems: list[str] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)  # not damage: an unfinished part
   bad: dict[str, None] = dataclasses.field(default_factory=dict)  # damaged study ids, in order
 
   @property
@@ -220,6 +221,8 @@ def verify(path: str, quick: bool = False) -> Report:
   meta = store.check_path(path)  # a store without store.json is described and refused here
   if meta is None:
     raise ConfigError(f'{path!r} is not an activation store: it is empty.')
+  if store.is_parts(meta):
+    return _verify_parts(path, meta, quick)
   report = Report(path, int(meta['rows']), int(meta['studies']), int(meta['commits']))
   if not report.commits:  # claimed by an export that has not committed yet: nothing to check
     return report
@@ -236,6 +239,43 @@ def verify(path: str, quick: bool = False) -> Report:
     _compare(report, studies, crcs)
   else:
     report.with_checksums = sum(1 for r in studies.records if r.get('checksums'))
+  return report
+
+
+def _verify_parts(path: str, root: dict, quick: bool) -> Report:
+  """A store written by several processes: each part checked as a store, the findings summed and
+  each problem prefixed with its part."""
+  report = Report(path)
+  count = int(root['processes'])
+  for i in range(count):
+    part = store.part_path(path, i, count)
+    lo, hi = root['shares'][i]
+    if not store.exists(part) or store.check_path(part) is None:
+      report.notes.append(
+          f'part {i} ({store.where(path, store.part_key(i, count))}, manifest rows {lo}-{hi - 1}) '
+          'has no committed study: its process has not run or was stopped before its first commit '
+          '(rerun it with the same config to continue)'
+      )
+      continue
+    r = verify(part, quick)
+    report.rows, report.studies, report.commits = (
+        report.rows + r.rows,
+        report.studies + r.studies,
+        report.commits + r.commits,
+    )
+    for name, n in r.shards.items():
+      report.shards[name] = report.shards.get(name, 0) + n
+    for name, on in r.chunk_checksums.items():
+      report.chunk_checksums[name] = report.chunk_checksums.get(name, True) and on
+    report.with_checksums += r.with_checksums
+    report.verified += r.verified
+    report.problems += [f'part {i}: {p}' for p in r.problems]
+    report.bad.update(r.bad)
+    if r.studies < hi - lo:
+      report.notes.append(
+          f'part {i} has {r.studies} of its {hi - lo} studies (manifest rows {lo}-{hi - 1}): its '
+          'export has not finished (rerun it with the same config to continue)'
+      )
   return report
 
 
@@ -292,6 +332,8 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   for p in report.problems:
     print(f'problem: {p}')
+  for n in report.notes:
+    print(f'incomplete: {n}')
   print('\n'.join(summary(report, _QUICK.value)))
   sys.exit(0 if report.ok else 1)
 

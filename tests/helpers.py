@@ -433,3 +433,83 @@ PLANTED = {
     'data.batch_size': 256,
     'optim.lr': 1e-2,
 }
+
+
+def demo_config(demo_dir, store_path, **overrides):
+  """experiments/demo.py's config on the demo studies in `demo_dir` (tests/bridge's `demo`
+  fixture), exporting to `store_path`; overrides as {'export.batch_size': 2, ...}."""
+  sys.path.insert(0, REPO)
+  from experiments import demo as demo_experiment  # pylint: disable=import-outside-toplevel
+
+  c = demo_experiment.get_config()
+  c.model.name = str(demo_dir / 'model')
+  c.export.manifest = str(demo_dir / 'manifest.jsonl')
+  c.data.store_path = str(store_path)
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def repeated_manifest(demo_dir, tmp_path, times):
+  """The demo studies `times` over, under new ids: enough work to be killed in the middle of."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from jaxsae.bridge import manifest  # pylint: disable=import-outside-toplevel
+
+  lines = [json.loads(l) for l in open(demo_dir / 'manifest.jsonl')]
+  path = tmp_path / 'many.jsonl'
+  with open(path, 'w') as f:
+    for r in range(times):
+      for line in lines:
+        line = {
+            k: (str(demo_dir / v) if k in manifest.IMAGE_FIELDS and v else v)
+            for k, v in line.items()
+        }
+        f.write(json.dumps({**line, 'study_id': f'{line["study_id"]}-{r}'}) + '\n')
+  return path, [f'{l["study_id"]}-{r}' for r in range(times) for l in lines]
+
+
+def write_parted_store(path, sizes_per_part, d=16, seed=0, info=None):
+  """A store written as by len(sizes_per_part) export processes: part i holds one study per entry
+  of sizes_per_part[i] (random rows, study ids s0, s1, ... in manifest order); returns the rows in
+  the store's order."""
+  import numpy as np
+  from jaxsae.formats import parts, store
+  from jaxsae.formats.tokens import TOKEN_COLUMNS
+
+  count, info = len(sizes_per_part), info or {'test': True}
+  studies = sum(len(s) for s in sizes_per_part)
+  parts.claim(str(path), count, studies, d, 'float32', info, 8, 64)
+  rng, out, first = np.random.default_rng(seed), [], 0
+  for i, sizes in enumerate(sizes_per_part):
+    assert parts.shares(studies, count)[i][0] == first, 'sizes must follow the shares'
+    w = store.StoreWriter(store.part_path(str(path), i, count), d, 'float32', info, 8, 64)
+    for n in sizes:
+      x = (rng.standard_normal((n, d)) * 3 + 1).astype(np.float32)
+      t = np.zeros((n, len(TOKEN_COLUMNS)), np.int32)
+      t[:, 0], t[:, 1] = first, np.arange(n)
+      w.append(x, t, [{'study_id': f's{first}', 'manifest_index': first, 'row_start': 0,
+                       'rows': n}])  # fmt: skip
+      out.append(x)
+      first += 1
+    w.close()
+  return np.concatenate(out)
+
+
+def processes_naming(text):
+  """The live processes whose command line contains `text` (killed commands' leftovers)."""
+  out = []
+  for pid in os.listdir('/proc'):
+    if pid.isdigit():
+      try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+          cmd = f.read().decode(errors='replace')
+      except OSError:
+        continue
+      if text in cmd:
+        out.append(int(pid))
+  return out

@@ -41,8 +41,12 @@ class BadStudyError(ConfigError):
       fix: str = EXPORT_FIX,
   ):
     self.study, self.field, self.file, self.problem = study, field, file, problem
+    self.where, self.fix = where, fix
     what = f"field '{field}'" + (f', file {file!r}' if file else '')
     super().__init__(f'study {study!r} ({where}): {what}: {problem}. {fix}')
+
+  def __reduce__(self):  # crosses from an export worker process to the main one intact
+    return type(self), (self.study, self.field, self.file, self.problem, self.where, self.fix)
 
   def record(self) -> dict:
     return {'field': self.field, 'file': self.file, 'error': self.problem}

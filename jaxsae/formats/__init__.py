@@ -2,6 +2,7 @@
 torch, so each side reads and writes them without the other's framework.
 
   store    the activation store: append-only TensorStore zarr3 arrays, committed length last
+  parts    one store written by several export processes: their shares and the root record
   tokens   what each store row is: TOKEN_KINDS and the TOKEN_COLUMNS of its metadata
   split    which studies of a store are held out from training (by a hash of the study id)
   weights  trained SAEs, in dictionary_learning's and SAELens's layouts
@@ -11,4 +12,14 @@ torch, so each side reads and writes them without the other's framework.
   model_card  a published SAE's README.md: Hub metadata and its measured figures
 """
 
-__all__ = ['hub', 'model_card', 'names', 'split', 'store', 'tokens', 'torch_pickle', 'weights']
+__all__ = [
+    'hub',
+    'model_card',
+    'names',
+    'parts',
+    'split',
+    'store',
+    'tokens',
+    'torch_pickle',
+    'weights',
+]

@@ -12,6 +12,12 @@ memory://; passed to TensorStore unchanged):
   skipped_studies.json    the report of skipped studies
   store.json              the commit record: committed rows and studies, statistics
 
+A store written by several processes at once (`export.processes` = N) is a root whose store.json
+says so (format PARTS_FORMAT: the number of parts, each one's share of the manifest) and N parts
+under parts/III-of-NNN/, each a store as above written by one process; readers see the parts one
+after another as one store (`PartedStore`; jaxsae.formats.parts says how the processes share the
+manifest and claim the root).
+
 A new store is made only where nothing is (a new path or an empty directory), and store.json is
 written first, so a path without it is never taken for a store to overwrite. Readers see only the
 rows below store.json's count, and a writer appends rows and study records before it rewrites
@@ -30,6 +36,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import json
+import logging
 import math
 import os
 import zlib
@@ -44,6 +51,7 @@ from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
 
 __all__ = [
     'FORMAT',
+    'PARTS_FORMAT',
     'COMMIT',
     'REPORT',
     'DTYPES',
@@ -65,18 +73,24 @@ __all__ = [
     'describe_studies',
     'how_to_rebuild',
     'ActivationStore',
+    'PartedStore',
+    'part_key',
+    'part_path',
     'open_store',
     'StoreWriter',
 ]
 
 FORMAT = 'jaxsae-activations/1'
+PARTS_FORMAT = 'jaxsae-activations-parts/1'  # the root of a store written by several processes
 COMMIT = 'store.json'
 REPORT = 'skipped_studies.json'
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 ARRAYS = ('activations', 'tokens')
 _LEFTOVER = COMMIT + '.__lock'  # TensorStore's temporary file of a store.json write that was killed
 _REQUIRED = ('format', 'rows', 'd', 'dtype', 'studies', 'commits', 'mean_sq_norm', 'scale', 'info')
+_PARTS_REQUIRED = ('format', 'processes', 'shares', 'd', 'dtype', 'info')
 
+log = logging.getLogger(__name__)
 # One context for every open: shared caches, memory:// stores that outlive a single open, and many
 # reads in flight (a shuffled batch reads thousands of scattered chunks; disks reward queue depth).
 _CONTEXT = ts.Context({'file_io_concurrency': {'limit': 64}})
@@ -165,15 +179,32 @@ def read_commit(kv: ts.KvStore, path: str) -> dict | None:
     raise ConfigError(
         f'{where(path, COMMIT)} is not valid JSON ({e}; {len(r.value)} bytes): {damaged}'
     ) from e
-  missing = [k for k in _REQUIRED if k not in meta] if isinstance(meta, dict) else list(_REQUIRED)
+  parts = isinstance(meta, dict) and meta.get('format') == PARTS_FORMAT
+  required = _PARTS_REQUIRED if parts else _REQUIRED
+  missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
   if missing:
     raise ConfigError(f'{where(path, COMMIT)} lacks {", ".join(missing)}: {damaged}')
-  if meta['format'] != FORMAT:
+  if meta['format'] not in (FORMAT, PARTS_FORMAT):
     raise ConfigError(
         f'{where(path, COMMIT)} has format {meta["format"]!r}; this version of '
-        f'jaxsae reads {FORMAT!r}. Re-export the activations.'
+        f'jaxsae reads {FORMAT!r} and {PARTS_FORMAT!r}. Re-export the activations.'
     )
   return meta
+
+
+def is_parts(meta: dict | None) -> bool:
+  """Whether a commit record is the root of a store written by several processes."""
+  return meta is not None and meta.get('format') == PARTS_FORMAT
+
+
+def parts_refused(path: str, meta: dict, what: str) -> ConfigError:
+  """The error for using a several-process store's root as one process's store."""
+  n = meta['processes']
+  return ConfigError(
+      f'the activation store at {path!r} was written by {n} processes (one part each, under '
+      f'{where(path, "parts/")}); {what}. Export into it with --config.export.processes={n} and '
+      f'--config.export.process_index=I for I in 0..{n - 1}, or into a new data.store_path.'
+  )
 
 
 def read_records(kv: ts.KvStore, path: str, commits: int) -> list[dict]:
@@ -246,7 +277,7 @@ def check_path(path: str) -> dict | None:
   if not there:
     return None
   shown = ', '.join(there[:6]) + (f' and {len(there) - 6} more' if len(there) > 6 else '')
-  if {'activations/', 'tokens/', 'studies/'} & set(there):
+  if {'activations/', 'tokens/', 'studies/', 'parts/'} & set(there):
     raise ConfigError(
         f'data.store_path={path!r} looks like an activation store whose commit record '
         f'({COMMIT}) is missing: it holds {shown} but no {COMMIT}. It was not touched: without '
@@ -366,8 +397,11 @@ class ActivationStore:
   they belong to and what to do (never zeros or garbage). `fill_missing` reads chunks that were
   never written as zeros instead: only for stores grown without writing (tests, benchmarks)."""
 
-  def __init__(self, path: str, fill_missing: bool = False):
+  def __init__(self, path: str, fill_missing: bool = False, meta: dict | None = None):
     self.path, self.fill_missing = path, fill_missing
+    if meta is not None:  # the commit a reader has already read (a part of a several-process store)
+      self._set(meta)
+      return
     if not exists(path):
       raise ConfigError(
           f'activation store not found: data.store_path={path!r} does not exist. Write it first '
@@ -381,6 +415,10 @@ class ActivationStore:
           'store (check data.store_path), or its commit record was lost (`python -m '
           f'jaxsae.verify_store {path}` tells), or an older export was killed before its first '
           'commit: rerun `python -m jaxsae.export_activations` into a new path to write it.'
+      )
+    if is_parts(meta):
+      raise ConfigError(
+          f'{path!r} is a store written by several processes: open it with store.open_store.'
       )
     self._set(meta)
 
@@ -518,7 +556,192 @@ class ActivationStore:
     return list(self._records)
 
 
-def open_store(path: str, fill_missing: bool = False) -> ActivationStore:
+# --------------------------------------------------------------------------------------------------
+# Stores written by several processes (jaxsae.formats.parts writes them)
+# --------------------------------------------------------------------------------------------------
+
+
+def part_key(index: int, count: int) -> str:
+  return f'parts/{index:03d}-of-{count:03d}'
+
+
+def part_path(path: str, index: int, count: int) -> str:
+  """Where part `index` of `count` lives: a local directory or a URL below the root's."""
+  key = part_key(index, count)
+  return url(path) + key if '://' in path else os.path.join(path, key)
+
+
+class PartedStore:
+  """The committed rows of every part, one part after another, read like an ActivationStore
+  (`rows`, `d`, `dtype`, `scale`, `meta`, `read`, `read_range`, `tokens`, `tokens_at`, `studies`,
+  and grain's random access). A part whose process has not committed yet holds no rows: the store
+  is read with what is committed, and says which parts are incomplete in `incomplete()`."""
+
+  def __init__(
+      self,
+      path: str,
+      root: dict,
+      fill_missing: bool = False,
+      part_metas: Sequence[dict | None] | None = None,
+  ):
+    self.path, self.root, self.fill_missing = path, root, fill_missing
+    count = int(root['processes'])
+    self.part_paths = [part_path(path, i, count) for i in range(count)]
+    if part_metas is None:
+      part_metas = [read_commit(kvstore(p), p) if exists(p) else None for p in self.part_paths]
+    self.part_metas = list(part_metas)
+    for p, m in zip(self.part_paths, self.part_metas):
+      if m is not None and (m.get('format') != FORMAT or m['d'] != root['d']):
+        raise ConfigError(
+            f'{where(p, COMMIT)} is not a part of the store at {path!r} '
+            f'(format {m.get("format")!r}, d={m.get("d")}; the root says d={root["d"]}). '
+            + how_to_rebuild(path)
+        )
+    rows = [int(m['rows']) if m else 0 for m in self.part_metas]
+    self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    self.parts = [
+        ActivationStore(p, fill_missing, meta=m) if m and int(m['rows']) else None
+        for p, m in zip(self.part_paths, self.part_metas)
+    ]
+    self.meta = self._combined()
+    self.rows, self.d, self.dtype = int(self.meta['rows']), int(root['d']), str(root['dtype'])
+    if self.rows == 0:
+      raise ConfigError(
+          f'the activation store at {path!r} (written by {count} processes) has no committed '
+          f'row yet: {self.meta["studies"]} studies processed. Its exports are still running or '
+          'were stopped before their first commit: rerun each with the same config to continue.'
+      )
+    self.mean_sq_norm, self.scale = float(self.meta['mean_sq_norm']), float(self.meta['scale'])
+    self._records: list[dict] | None = None
+    missing = self.incomplete()
+    if missing:
+      log.warning('the activation store at %s is incomplete: %s', path, '; '.join(missing))
+
+  def _combined(self) -> dict:
+    """One commit record for the whole store: sums, and the scale of all committed rows."""
+    metas = [m for m in self.part_metas if m]
+    total = lambda key: sum(int(m.get(key, 0)) for m in metas)  # noqa: E731
+    counts = lambda key: {  # noqa: E731
+        k: sum(int((m.get(key) or {}).get(k, 0)) for m in metas) for k in TOKEN_KINDS
+    }
+    rows, sum_sq = total('rows'), sum(float(m['sum_sq_norm']) for m in metas)
+    mean_sq = sum_sq / rows if rows else None
+    return {
+        'format': PARTS_FORMAT,
+        'rows': rows,
+        'd': self.root['d'],
+        'dtype': self.root['dtype'],
+        'studies': total('studies'),
+        'commits': total('commits'),
+        'skipped': total('skipped'),
+        'sum_sq_norm': sum_sq,
+        'mean_sq_norm': mean_sq,
+        'scale': None if mean_sq is None else float(np.sqrt(mean_sq / self.root['d'])),
+        'kind_counts': counts('kind_counts'),
+        'dropped_counts': counts('dropped_counts'),
+        'info': self.root['info'],
+        'processes': self.root['processes'],
+        'parts': [
+            {
+                'path': part_key(i, len(self.part_paths)),
+                'share': list(self.root['shares'][i]),
+                'studies': int(m['studies']) if m else 0,
+                'rows': int(m['rows']) if m else 0,
+            }
+            for i, m in enumerate(self.part_metas)
+        ],
+    }
+
+  def incomplete(self) -> list[str]:
+    """The parts that have not processed their whole share, in words."""
+    out = []
+    for p in self.meta['parts']:
+      lo, hi = p['share']
+      if p['studies'] < hi - lo:
+        out.append(
+            f'{p["path"]} has {p["studies"]} of its {hi - lo} studies (manifest rows {lo}-{hi - 1})'
+        )
+    return out
+
+  def __getstate__(self):  # worker processes reopen the same committed rows
+    return {
+        'path': self.path,
+        'root': self.root,
+        'fill_missing': self.fill_missing,
+        'part_metas': self.part_metas,
+    }
+
+  def __setstate__(self, state):
+    self.__init__(state['path'], state['root'], state['fill_missing'], state['part_metas'])
+
+  def __len__(self) -> int:
+    return self.rows
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.read(np.array([index]))[0]
+
+  def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
+    return list(self.read(np.asarray(indices)))
+
+  def _gather(self, method: str, indices: np.ndarray, width: int, out_dtype, **kw) -> np.ndarray:
+    """Rows `indices` (any order) through each part's own `method`, back in the asked order."""
+    indices = np.asarray(indices, np.int64)
+    if indices.size and (indices.min() < 0 or indices.max() >= self.rows):
+      raise IndexError(f'row index out of range [0, {self.rows}) in {self.path}')
+    which = np.searchsorted(self.offsets, indices, side='right') - 1
+    out = np.empty((len(indices), width), out_dtype)
+    for i in np.unique(which):
+      at = np.nonzero(which == i)[0]
+      out[at] = getattr(self.parts[i], method)(indices[at] - self.offsets[i], **kw)
+    return out
+
+  def _span(self, method: str, start: int, stop: int | None) -> np.ndarray:
+    stop = self.rows if stop is None else min(stop, self.rows)
+    blocks = []
+    for i, part in enumerate(self.parts):
+      lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+      if part is not None and lo < hi:
+        blocks.append(getattr(part, method)(int(lo - self.offsets[i]), int(hi - self.offsets[i])))
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0))
+
+  def read(self, indices: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Rows `indices` as [len(indices), d] `dtype` (None: the store's own), like
+    ActivationStore.read."""
+    kind = DTYPES[self.dtype] if dtype is None else dtype
+    return self._gather('read', indices, self.d, kind, dtype=dtype)
+
+  def read_range(self, start: int, stop: int) -> np.ndarray:
+    return self._span('read_range', start, stop).reshape(-1, self.d)
+
+  def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    return self._span('tokens', start, stop).reshape(-1, len(TOKEN_COLUMNS))
+
+  def tokens_at(self, indices: np.ndarray) -> np.ndarray:
+    return self._gather('tokens_at', indices, len(TOKEN_COLUMNS), np.int32)
+
+  def studies(self) -> list[dict]:
+    """Every processed study of every part, in manifest order, row ranges in this store's rows."""
+    if self._records is None:
+      out = []
+      for i, (p, m) in enumerate(zip(self.part_paths, self.part_metas)):
+        if not m or not int(m['commits']):
+          continue
+        for r in read_records(kvstore(p), p, int(m['commits'])):
+          r = dict(r)
+          if not r.get('skipped'):
+            r['row_start'] = int(r['row_start']) + int(self.offsets[i])
+          out.append(r)
+      self._records = out
+    return list(self._records)
+
+
+def open_store(path: str, fill_missing: bool = False) -> ActivationStore | PartedStore:
+  """The committed rows of the store at `path`, written by one process or several (then a
+  `PartedStore`, read the same way)."""
+  if exists(path):
+    meta = read_commit(kvstore(path), path)
+    if is_parts(meta):
+      return PartedStore(path, meta, fill_missing)
   return ActivationStore(path, fill_missing)
 
 
@@ -554,6 +777,8 @@ class StoreWriter:
     if meta is None:  # a new store: its commit record claims the path before anything else
       meta = self._first_commit(rows_per_chunk, rows_per_shard)
       self._kv.write(COMMIT, json.dumps(meta, indent=1)).result()
+    elif is_parts(meta):
+      raise parts_refused(path, meta, 'one process cannot append to it')
     else:
       self._check_resumable(meta)
     self.rows_per_shard = int(meta.get('rows_per_shard', rows_per_shard))
@@ -567,6 +792,8 @@ class StoreWriter:
         s for s in read_records(self._kv, path, int(meta['commits'])) if s.get('skipped')
     ]
     self._rows, self._toks, self._records = [], [], []
+    self._dropped = np.zeros(len(TOKEN_KINDS), np.int64)
+    self._state = meta.get('export_state')
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='store-writer')
     self._pending: concurrent.futures.Future | None = None
 
@@ -583,6 +810,8 @@ class StoreWriter:
         'mean_sq_norm': None,
         'scale': None,
         'kind_counts': {k: 0 for k in TOKEN_KINDS},
+        'dropped_counts': {k: 0 for k in TOKEN_KINDS},
+        'export_state': None,
         'last_study_id': None,
         'token_columns': list(TOKEN_COLUMNS),
         'kinds': list(TOKEN_KINDS),
@@ -637,9 +866,23 @@ class StoreWriter:
   def last_study_id(self) -> str | None:
     return self._records[-1]['study_id'] if self._records else self.meta['last_study_id']
 
-  def append(self, rows: np.ndarray, tokens: np.ndarray, records: list[dict]) -> None:
+  @property
+  def export_state(self) -> Any:
+    """What the exporter asked to keep with the last appended studies (committed with them)."""
+    return self._state
+
+  def append(
+      self,
+      rows: np.ndarray,
+      tokens: np.ndarray,
+      records: list[dict],
+      dropped: np.ndarray | None = None,
+      state: Any = None,
+  ) -> None:
     """Add the rows of whole studies (`records`, in manifest order, row ranges relative to this
-    call's rows; skipped studies carry `skipped` and no rows). Commits when enough rows wait."""
+    call's rows; skipped studies carry `skipped` and no rows). Commits when enough rows wait.
+    `dropped`: tokens per kind these studies left out (outliers); `state`: JSON the exporter needs
+    to continue exactly after these studies (committed with them)."""
     if rows.shape[1:] != (self.d,) or len(rows) != len(tokens):
       raise ValueError(
           f'rows {rows.shape} / tokens {tokens.shape} do not fit a [n, {self.d}] store'
@@ -652,6 +895,10 @@ class StoreWriter:
       self._records.append(r)
     self._rows.append(np.asarray(rows).astype(DTYPES[self.dtype]))
     self._toks.append(np.asarray(tokens, np.int32))
+    if dropped is not None:
+      self._dropped += np.asarray(dropped, np.int64)
+    if state is not None:
+      self._state = state
     if sum(len(r) for r in self._rows) >= self.rows_per_shard:
       self.flush()
 
@@ -675,6 +922,12 @@ class StoreWriter:
       m['scale'] = math.sqrt(m['mean_sq_norm'] / self.d)  # E||x/scale||^2 = d
     counts = np.bincount(toks[:, TOKEN_COLUMNS.index('kind')], minlength=len(TOKEN_KINDS))
     m['kind_counts'] = {k: int(m['kind_counts'][k]) + int(n) for k, n in zip(TOKEN_KINDS, counts)}
+    was = m.get('dropped_counts') or {}
+    m['dropped_counts'] = {
+        k: int(was.get(k, 0)) + int(n) for k, n in zip(TOKEN_KINDS, self._dropped)
+    }
+    m['export_state'] = self._state
+    self._dropped = np.zeros(len(TOKEN_KINDS), np.int64)
     m['last_study_id'] = records[-1]['study_id']
     self._skipped += [r for r in records if r.get('skipped')]
     m['skipped'] = len(self._skipped)

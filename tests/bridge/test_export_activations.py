@@ -6,49 +6,29 @@ import os
 import random
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from helpers import REPO, kill_repeatedly, run_cli
+from helpers import (
+    REPO,
+    demo_config as config,
+    kill_repeatedly,
+    processes_naming,
+    repeated_manifest,
+    run_cli,
+)
 from jaxsae.formats import store
-from jaxsae.bridge import export, manifest, prompt, tiny_model
+from jaxsae.bridge import export, manifest, prompt
 from jaxsae.bridge.maira2 import processing
 from jaxsae.config import ConfigError
-
-sys.path.insert(0, os.path.join(REPO, 'tools'))
-sys.path.insert(0, REPO)
-import make_demo_data  # pylint: disable=wrong-import-position
-from experiments import demo as demo_experiment  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.torch
 
 IMAGE, PROMPT, BOILERPLATE, REPORT = range(4)
-
-
-@pytest.fixture(scope='session')
-def demo(tmp_path_factory):
-  """16 demo studies and the tiny model, written once per test session."""
-  out = tmp_path_factory.mktemp('demo')
-  rows = make_demo_data.make_studies(str(out), 16)
-  tiny_model.build(str(out / 'model'), tiny_model.words(make_demo_data.vocabulary_texts(rows)))
-  return out, rows
-
-
-def config(demo_dir, store_path, **overrides):
-  c = demo_experiment.get_config()
-  c.model.name = str(demo_dir / 'model')
-  c.export.manifest = str(demo_dir / 'manifest.jsonl')
-  c.data.store_path = str(store_path)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def test_rows_are_the_layer_output_and_tokens_are_labelled(demo, tmp_path):
@@ -195,25 +175,10 @@ def test_prepare_uses_the_processors_own_reporting_input(demo, monkeypatch):
   assert len(calls) == 4
 
 
-def _repeated_manifest(demo_dir, tmp_path, times):
-  """The demo studies `times` over, under new ids: enough work to be killed in the middle of."""
-  lines = [json.loads(l) for l in open(demo_dir / 'manifest.jsonl')]
-  path = tmp_path / 'many.jsonl'
-  with open(path, 'w') as f:
-    for r in range(times):
-      for line in lines:
-        line = {
-            k: (str(demo_dir / v) if k in manifest.IMAGE_FIELDS and v else v)
-            for k, v in line.items()
-        }
-        f.write(json.dumps({**line, 'study_id': f'{line["study_id"]}-{r}'}) + '\n')
-  return path, [f'{l["study_id"]}-{r}' for r in range(times) for l in lines]
-
-
 @pytest.mark.slow
 def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path, faults):
   demo_dir, _ = demo
-  path, ids = _repeated_manifest(demo_dir, tmp_path, 20)  # 320 studies, a few seconds of work
+  path, ids = repeated_manifest(demo_dir, tmp_path, 20)  # 320 studies, a few seconds of work
   small = {
       'export.manifest': str(path),
       'export.rows_per_shard': 64,
@@ -254,6 +219,8 @@ def test_kill_minus_9_and_resume_has_no_duplicates_and_no_gaps(demo, tmp_path, f
   np.testing.assert_array_equal(a.tokens(), b.tokens())  # same tokens, same order: no dup, no gap
   np.testing.assert_allclose(a.read_range(0, a.rows), b.read_range(0, b.rows), rtol=1e-6, atol=1e-7)
   assert b.mean_sq_norm == pytest.approx(a.mean_sq_norm, rel=1e-6)
+  time.sleep(1)  # the killed exports' preparing workers exited with them
+  assert not processes_naming(str(killed))
 
 
 def _bad_manifest(demo_dir, tmp_path):

@@ -17,6 +17,7 @@ from helpers import (
     kill_repeatedly,
     run_cli,
     tiny_config,
+    write_parted_store,
     write_store,
 )
 from jaxsae.data import store_source
@@ -180,3 +181,37 @@ print("ok")
 """
   r = run_cli([sys.executable, '-c', code])
   assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
+
+
+def test_a_store_of_parts_trains_as_the_same_rows_in_one_store(tmp_path):
+  """Training reads a store written by two processes as it reads one store of the same rows: the
+  same batches, held-out split and scale, so the same trained SAE."""
+  x = write_parted_store(tmp_path / 'parts', [[200] * 5, [150] * 5])
+  one = store.StoreWriter(str(tmp_path / 'one'), 16, 'float32', {'test': True}, 8, 64)
+  two = store.open_store(str(tmp_path / 'parts'))
+  for r in two.studies():
+    n, i = r['rows'], r['manifest_index']
+    one.append(x[r['row_start'] : r['row_start'] + n], two.tokens(r['row_start'], r['row_start'] + n),
+               [{'study_id': r['study_id'], 'manifest_index': i, 'row_start': 0, 'rows': n}])  # fmt: skip
+  one.close()
+  runs = {}
+  for name in ('one', 'parts'):
+    c = tiny_config(
+        **{
+            'data.source': 'store',
+            'data.store_path': str(tmp_path / name),
+            'data.held_out_fraction': 0.2,
+            'train.steps': 10,
+            'optim.decay_start': 8,
+        }
+    )
+    summary = trainer.train_and_evaluate(c, str(tmp_path / f'run_{name}'))
+    runs[name] = (summary, weights.load_checkpoint(str(tmp_path / f'run_{name}'))[1])
+  (s1, a), (s2, b) = runs['one'], runs['parts']
+  held = lambda s: s['eval_on'].split(': ', 1)[1]  # noqa: E731  (after the store's path)
+  assert held(s1) == held(s2) and s1['eval_tokens'] == s2['eval_tokens']
+  assert s2['eval_fvu'] == pytest.approx(s1['eval_fvu'], rel=1e-4)
+  for name in a['params']:
+    np.testing.assert_allclose(
+        np.asarray(a['params'][name]), np.asarray(b['params'][name]), rtol=1e-4, atol=1e-5
+    )

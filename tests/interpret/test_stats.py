@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, tiny_config
-from jaxsae.formats import store
+from jaxsae.formats import parts, store
 from jaxsae.config import ConfigError
 from jaxsae.interpret import stats
 
@@ -121,6 +121,26 @@ def test_statistics_equal_brute_force_and_full_tokens_are_redone(tmp_path):
   # fixture has both dead features and features firing on more tokens than the reservoir holds.
   counts = r.get('count')
   assert (counts == 0).any() and (counts > c.interpret.reservoir).any()
+
+
+def test_a_store_written_by_two_processes_gives_the_brute_force_statistics(tmp_path):
+  """The same studies as two export processes write them (jaxsae.formats.parts): read as one."""
+  one = make_store(tmp_path / 'one', [30, 1, 57, 44, 9])
+  parts.claim(str(tmp_path / 'two'), 2, 5, D, 'float32', {'test': True}, 8, 64)
+  for i, (lo, hi) in enumerate(parts.shares(5, 2)):
+    w = store.StoreWriter(store.part_path(str(tmp_path / 'two'), i, 2), D, 'float32',
+                          {'test': True}, 8, 64)  # fmt: skip
+    for r in one.studies()[lo:hi]:
+      a, n = r['row_start'], r['rows']
+      w.append(one.read_range(a, a + n), one.tokens(a, a + n), [{**r, 'row_start': 0}])
+    w.close()
+  two = store.open_store(str(tmp_path / 'two'))
+  assert isinstance(two, store.PartedStore) and two.rows == one.rows
+  p = sae_params()
+  r = stats.compute(config(), two, p, str(tmp_path / 'ckpt'), progress=False)
+  check_against_brute_force(r, two, p, r.sizes)
+  np.testing.assert_array_equal(r.get('count'), stats.compute(
+      config(), one, p, str(tmp_path / 'ckpt_one'), progress=False).get('count'))  # fmt: skip
 
 
 @pytest.mark.slow

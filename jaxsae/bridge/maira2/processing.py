@@ -45,12 +45,16 @@ def section(text: str | None) -> str:
 
 
 def normalise_image(image: Image.Image) -> Image.Image:
-  """Greyscale with intensities stretched to [0, 255] (a constant image stays black)."""
-  x = np.asarray(image.convert('L'), np.float64)
-  x -= x.min()
-  if x.max() > 0:
-    x *= 255 / x.max()
-  return Image.fromarray(x.astype(np.uint8)).convert('L')
+  """Greyscale with intensities stretched to [0, 255] (a constant image stays black).
+
+  Computed as a 256-entry lookup table on the 8-bit pixels (the same values as stretching every
+  pixel in float64, at a fraction of the cost on a 2.5k x 3k radiograph)."""
+  grey = image if image.mode == 'L' else image.convert('L')
+  lo, hi = grey.getextrema()
+  levels = np.arange(256, dtype=np.float64) - lo
+  if hi > lo:
+    levels *= 255 / (hi - lo)
+  return grey.point(np.clip(levels, 0, 255).astype(np.uint8).tolist())
 
 
 def _text(t: str) -> dict[str, Any]:
