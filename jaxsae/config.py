@@ -177,6 +177,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.export.processes = 1
   c.export.process_index = -1  # -1: from $RANK or $SLURM_PROCID (0 when processes=1)
 
+  # Clinical findings (jaxsae/findings): the 14 CheXpert observations per study, aligned with the
+  # features by `interpret` and scored in steered reports by `steer`.
+  c.findings = ml_collections.ConfigDict()
+  c.findings.enabled = True  # alignment statistics in `interpret`
+  c.findings.labels_file = ''  # CheXpert-format CSV; '': label the manifest's findings text
+  c.findings.id_column = 'study_id'
+  c.findings.id_prefix = ''  # put before the file's ids to match the manifest's (MIMIC: 's')
+  c.findings.uncertain = 'exclude'  # an uncertain label in AUROC/probes: exclude|positive|negative
+  c.findings.coverage_auroc = 0.9  # a finding is covered when a feature reaches this AUROC
+  c.findings.probe_k = (1, 2, 5, 10, 20)  # sparse probes: top-k features by mean difference
+  c.findings.probe_studies = 20000  # studies whose per-study feature maxima are kept for probes
+  c.findings.probe_held_out = 0.2  # of those, held out (by study id hash) for probe accuracy
+  c.findings.top_features = 20  # features listed per finding
+  c.findings.min_positives = 5  # fewer positive studies: no AUROC or probe for that finding
+
   # Interpretation (python -m jaxsae.interpret): streaming feature statistics, explanations,
   # detection scores, the HTML browser.
   c.interpret = ml_collections.ConfigDict()
@@ -505,6 +520,17 @@ RULES: dict[str, Rule] = {
     },
     'interpret.row_capacity': _int(1, choices=(0,), means='0: 4 * sae.k'),
     'interpret.max_features': _int(1, optional=True, means='None: every feature'),
+    'findings.enabled': _BOOL,
+    'findings.labels_file': _TEXT,
+    'findings.id_column': _NONEMPTY,
+    'findings.id_prefix': _TEXT,
+    'findings.uncertain': _choice('exclude', 'positive', 'negative'),
+    'findings.coverage_auroc': _float(0.5, 1),
+    'findings.probe_k': Rule('ints', lo=1),
+    'findings.probe_studies': _int(10),
+    'findings.probe_held_out': _float(0, 1, lo_open=True, hi_open=True),
+    'findings.top_features': _int(1),
+    'findings.min_positives': _int(1),
     'interpret.explain': _BOOL,
     'interpret.llm.backend': _choice('openai', 'local'),
     'interpret.llm.base_url': Rule(

@@ -1,11 +1,16 @@
 """python -m jaxsae.steer --config=experiments/X.py --weights=DIR --feature=F --alpha=A
        [--study=ID] [--mode=add|clamp] [--where=all|prompt|generated|image] [--relative]
+       [--target=FINDING]
 
 Greedy baseline and steered reports for the same study, side by side, grounded phrases and boxes
-parsed. Several alphas (--alpha=0,2,4,8) make a sweep over --num_studies studies (or --study=A,B):
-OUT/steer_sweep.csv (one report per row, with its affirmed and negated mentions of --target:
-"no pleural effusion" negates, see steering.mentions) and OUT/steer_sweep.png (share of reports
-affirming --target, and share well-formed, per alpha, baseline dashed).
+parsed. Several alphas (--alpha=0,2,4,8) make a sweep over --num_studies studies (or --study=A,B),
+scored clinically: every baseline and steered report is labelled with the 14 CheXpert findings by
+the same rule labeller (jaxsae.findings.labeller), and per alpha the sweep reports how often the
+--target finding (e.g. 'pleural effusion', any case) flips absent -> positive and positive ->
+negated, which other findings change (off-target), and whether reports stay well-formed.
+Uncertain ("possible effusion") counts as not positive. Outputs: OUT/steer_sweep.csv (one report
+per row, its labels as columns), OUT/steer_sweep.json (figures per alpha and each study's baseline
+and steered labels) and OUT/steer_sweep.png.
 """
 
 import json
@@ -19,6 +24,7 @@ from ml_collections import config_flags
 from jaxsae import cli
 from jaxsae.bridge.maira2 import grounding
 from jaxsae.config import ConfigError
+from jaxsae.findings import labels
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment file (get_config()).', lock_config=True
@@ -50,7 +56,12 @@ _STUDY = flags.DEFINE_list('study', [], "Study id(s); default the manifest's fir
 _NUM_STUDIES = flags.DEFINE_integer(
     'num_studies', 8, 'Studies in a sweep (without --study).', lower_bound=1
 )
-_TARGET = flags.DEFINE_string('target', '', 'Phrase whose presence a sweep counts.')
+_TARGET = flags.DEFINE_string(
+    'target',
+    '',
+    "CheXpert finding whose flips a sweep counts, any case (e.g. 'pleural effusion'); "
+    'without it a sweep still reports off-target changes and well-formedness.',
+)
 _GROUNDING = flags.DEFINE_boolean('grounding', False, "MAIRA-2's grounded reporting prompt.")
 _MAX_NEW = flags.DEFINE_integer(
     'max_new_tokens', None, 'Default 300 (450 with --grounding).', lower_bound=1
@@ -63,6 +74,11 @@ flags.mark_flags_as_required(['config', 'weights', 'feature', 'alpha'])
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
+  try:  # before importing torch: a wrong name fails fast
+    target = labels.OBSERVATIONS[labels.observation(_TARGET.value)] if _TARGET.value else ''
+  except ConfigError as e:
+    print(f'error: --target={_TARGET.value!r}: {e}', file=sys.stderr)
+    sys.exit(2)
   from jaxsae.bridge import interventions, steering  # pylint: disable=import-outside-toplevel
 
   c = _CONFIG.value
@@ -81,6 +97,8 @@ def main(argv):
     sys.exit(2)
   sweep = len(alphas) > 1
   try:
+    if target:
+      steering.labeller_check()
     site, processor = interventions.load_site(c, _WEIGHTS.value)
     site.sae.check_features(features)
     studies = steering.studies(
@@ -105,7 +123,7 @@ def main(argv):
       _MODE.value,
       _WHERE.value,
       norm,
-      _TARGET.value,
+      target,
       max_new,
   )
   os.makedirs(_OUT.value, exist_ok=True)
@@ -118,22 +136,54 @@ def main(argv):
           _generation(steering, steered),
       )
       print('\n' + text)
+      if target:
+        print(f'{target}: baseline {_status(steering, base)}, steered {_status(steering, steered)}')
     with open(os.path.join(_OUT.value, 'steer.json'), 'w') as f:
       json.dump({'what': what, 'reports': rows}, f, indent=2)
     print(f'\nreports: {os.path.join(_OUT.value, "steer.json")}')
     return
-  csv_path, png_path = steering.write_sweep(_OUT.value, rows, _TARGET.value, what)
+  paths = steering.write_sweep(_OUT.value, rows, what)
+  summary = steering.summarise(rows)
   print(
-      f'{"alpha":>9} {"studies":>7} {"target":>7} {"negated":>7} {"well-formed":>11} '
-      f'{"finished":>8} {"distinct 3-grams":>16}'
+      f'{"alpha":>9} {"studies":>7} {"positive":>8} {"->pos":>9} {"->neg":>9} '
+      f'{"other/study":>11} {"well-formed":>11} {"complete":>8} {"3-grams":>7}'
   )
-  for s in steering.summarise(rows):
-    t, n = ('-' if s[k] is None else f'{s[k]:.2f}' for k in ('target_rate', 'negated_rate'))
-    print(
-        f'{s["alpha"]!s:>9} {s["studies"]:>7} {t:>7} {n:>7} {s["well_formed_rate"]:>11.2f} '
-        f'{s["finished_rate"]:>8.2f} {s["distinct_3grams"]:>16.2f}'
+  for s in summary:
+    f = s['findings'] or {}
+    positive = '-' if s['target_rate'] is None else f'{s["target_rate"]:.2f}'
+    up, down = (
+        f'{f[k]}/{f[k + "_eligible"]}' if k in f else '-' for k in ('to_positive', 'to_negated')
     )
-  print(f'sweep: {csv_path}, {png_path}')
+    other = '-' if f.get('off_target_mean') is None else f'{f["off_target_mean"]:.2f}'
+    print(
+        f'{s["alpha"]!s:>9} {s["studies"]:>7} {positive:>8} {up:>9} {down:>9} {other:>11} '
+        f'{s["well_formed_rate"]:>11.2f} {s["complete_sentence_rate"]:>8.2f} '
+        f'{s["distinct_3grams"]:>7.2f}'
+    )
+  for s in summary:
+    changed = sorted(
+        ((v, k) for k, v in (s['findings'] or {}).get('off_target', {}).items() if v), reverse=True
+    )
+    if changed:
+      print(f'off-target at alpha {s["alpha"]}: ' + ', '.join(f'{k} {v:.2f}' for v, k in changed))
+  if summary and summary[-1]['findings'] is not None:
+    if target:
+      print(
+          f'positive: share of reports positive for {target}; ->pos / ->neg: studies flipping '
+          'absent -> positive / positive -> negated or not mentioned, of those that could; '
+          'uncertain counts as not positive.'
+      )
+    print(
+        'other/study: other findings whose label changed, mean per study (No Finding left out); '
+        'off-target: share of studies whose label changed.'
+    )
+  else:
+    print('reports not labelled (no --target and spaCy/negspacy not installed).')
+  print('sweep: ' + ', '.join(paths))
+
+
+def _status(steering, r) -> str:
+  return steering.LABEL_VALUES[r['target_label']]
 
 
 def _generation(steering, r):

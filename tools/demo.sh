@@ -27,16 +27,23 @@ $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_dictiona
 $PY -m jaxsae.export_weights --workdir="$OUT/train" --out="$OUT/weights_saelens" --format=saelens
 $PY -m jaxsae.steer "${CFG[@]}" --weights="$OUT/weights_dictionary_learning" --feature=3 --alpha=1 \
   --relative --max_new_tokens=40 --out="$OUT/steer"
+# Clinically scored steering: the same feature at several strengths, every baseline and steered
+# report labelled for the 14 CheXpert findings (target flips, off-target changes, well-formedness).
+$PY -m jaxsae.steer "${CFG[@]}" --weights="$OUT/weights_dictionary_learning" --feature=3 \
+  --alpha=1,2,4 --relative --num_studies=8 --target='pleural effusion' --max_new_tokens=40 \
+  --out="$OUT/steer_sweep"
 $PY -m jaxsae.evaluate "${CFG[@]}" --weights="$OUT/weights_saelens" --num_studies=12 \
   --out="$OUT/evaluate"
 $PY -c "import json, sys; r = json.load(open(sys.argv[1])); r.pop('per_study', None); print(json.dumps(r, indent=1))" \
   "$OUT/evaluate/evaluation.json"
 # Interpretation over all 60 studies, image tokens included (for the X-ray heatmaps): statistics,
-# explanations and detection scores written by the local stand-in model, the HTML browser.
+# their alignment with the studies' CheXpert finding labels (AUROC, sparse probes), explanations and
+# detection scores written by the local stand-in model, the HTML browser.
 ICFG=(--config=experiments/demo.py:$DEMO_MODEL --config.model.name="$OUT/data/model"
       --config.export.manifest="$OUT/data/manifest.jsonl"
       --config.data.store_path="$OUT/activations_interpret"
-      "--config.export.keep_kinds=('image','prompt','report')")
+      "--config.export.keep_kinds=('image','prompt','report')"
+      --config.findings.labels_file="$OUT/data/labels.csv")
 $PY -m jaxsae.export_activations "${ICFG[@]}"
 $PY -m jaxsae.interpret "${ICFG[@]}" --weights="$OUT/weights_saelens" --out="$OUT/interpret" \
   --config.interpret.llm.backend=local --config.interpret.llm.max_new_tokens=32 \
@@ -50,7 +57,10 @@ echo "  summary (FVU, L0, dead fraction):                      $OUT/train/summar
 echo "  loss curve and feature-density histogram:             $OUT/train/training_summary.png"
 echo "  weights (dictionary_learning / SAELens layouts):      $OUT/weights_dictionary_learning, $OUT/weights_saelens"
 echo "  steering example (baseline vs steered report):       $OUT/steer"
+echo "  clinically scored steering sweep (finding flips):     $OUT/steer_sweep"
+echo "  finding labels (CheXpert format):                     $OUT/data/labels.csv"
 echo "  in-model evaluation (FVU, L0, loss recovered, KL):     $OUT/evaluate/evaluation.json"
 echo "  interpretation (statistics, explanations, scores):     $OUT/interpret"
+echo "  feature-finding alignment (AUROC, probes, coverage):  $OUT/interpret/alignment.json"
 echo
 echo "feature browser: $(cd "$OUT/interpret" && pwd)/index.html"

@@ -7,10 +7,13 @@ Writes, deterministically (same bytes every run):
                         lines and tubes), frontal for every study, lateral and prior for some
   OUT/manifest.jsonl    one study per line (study_id, frontal, lateral, prior_frontal, indication,
                         technique, comparison, prior_report, findings)
+  OUT/labels.csv        the 14 CheXpert labels of each study's findings (1, 0, -1, blank), written
+                        from the conditions the text was made from, not by reading the text
   OUT/model/            a tiny random LlavaForConditionalGeneration with its tokenizer and
                         processor (jaxsae.bridge.tiny_model), loadable with from_pretrained
-The findings use real radiology vocabulary; the images match them only roughly: this is data for
-running the pipeline, not for learning radiology.
+The findings use real radiology vocabulary (with negations and hedges: "Possible small left
+pleural effusion.", "... may represent atelectasis or early pneumonia."); the images match them only
+roughly: this is data for running the pipeline, not for learning radiology.
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script: jaxsae from this checkout
+  sys.path.insert(0, REPO)
+
+from jaxsae.findings import labels as labels_lib  # pylint: disable=wrong-import-position
+
 DEMO_CONFIG = os.path.join(REPO, 'experiments', 'demo.py')
 
 SIZE = 128
@@ -71,8 +80,50 @@ def _evolve(prior: dict, rng: np.random.Generator) -> dict:
   return now
 
 
-def findings(cond: dict, prior: dict | None = None) -> str:
-  parts = []
+# Ways of saying "no effusion, no pneumothorax" (the first is the common one).
+NEGATIVES = (
+    'No pleural effusion or pneumothorax.',
+    'There is no pleural effusion or pneumothorax.',
+    'No pleural effusion. No pneumothorax.',
+    'No evidence of pleural effusion or pneumothorax.',
+    'Pleural effusion and pneumothorax are absent.',
+)
+_RANK = {labels_lib.POSITIVE: 3, labels_lib.UNCERTAIN: 2, labels_lib.NEGATIVE: 1}
+
+
+def _wording(rng: np.random.Generator) -> dict:
+  """How one report words its findings, drawn from its own generator (the conditions and images
+  keep the draws they always had): the negation's phrasing and the occasional hedge."""
+  return {
+      'negative': int(rng.choice(len(NEGATIVES), p=(0.6, 0.1, 0.1, 0.1, 0.1))),
+      'no_pneumothorax': bool(rng.random() < 0.5),  # said beside an effusion
+      'possible_effusion': str(rng.choice(SIDES[:2])) if rng.random() < 0.2 else None,
+      'hedge': str(
+          rng.choice(
+              (
+                  'Possible small {} pleural effusion.',
+                  'A small {} pleural effusion cannot be excluded.',
+              )
+          )
+      ),
+      'basal_opacity': str(rng.choice(SIDES[:2])) if rng.random() < 0.15 else None,
+      'heart_size': bool(rng.random() < 0.3),
+      'no_consolidation': bool(rng.random() < 0.3),
+  }
+
+
+def report(cond: dict, prior: dict | None = None, wording: dict | None = None) -> tuple[str, dict]:
+  """The findings text of `cond` and its CheXpert labels ({observation: 1, 0 or -1}; absent =
+  not mentioned), both from the same facts: CheXpert's rule (positive > uncertain > negative)
+  merges what the sentences say, and No Finding is positive when no pathology is positive or
+  uncertain."""
+  w = PLAIN if wording is None else wording
+  parts, said = [], {}
+
+  def say(observation: str, value: int) -> None:
+    if _RANK[value] > _RANK.get(said.get(observation), 0):
+      said[observation] = value
+
   if prior is not None:
     parts.append('Compared to the prior study:')
   if cond['ett'] is not None:
@@ -82,26 +133,44 @@ def findings(cond: dict, prior: dict | None = None) -> str:
         else 'Endotracheal tube tip'
     )
     parts.append(f'{how} terminates {cond["ett"]} cm above the carina.')
+    say('Support Devices', labels_lib.POSITIVE)
   elif prior is not None and prior['ett'] is not None:
     parts.append('Interval removal of the endotracheal tube.')
+    say('Support Devices', labels_lib.NEGATIVE)
   if cond['enteric']:
     parts.append('Enteric tube courses below the diaphragm with the tip in the stomach.')
+    say('Support Devices', labels_lib.POSITIVE)
   elif prior is not None and prior['enteric']:
     parts.append('Interval removal of the enteric tube.')
+    say('Support Devices', labels_lib.NEGATIVE)
   if cond['cvc']:
     parts.append('Right internal jugular central venous catheter tip in the mid SVC.')
+    say('Support Devices', labels_lib.POSITIVE)
   if cond['pacemaker']:
     parts.append(
         'Left chest wall pacemaker with leads terminating in the right atrium and right '
         'ventricle.'
     )
+    say('Support Devices', labels_lib.POSITIVE)
   if cond['cardiomegaly']:
     stable = prior is not None and prior['cardiomegaly']
     parts.append(
         'Stable cardiomegaly.' if stable else f'The heart is {cond["cardiomegaly"]} enlarged.'
     )
+    say('Cardiomegaly', labels_lib.POSITIVE)
   else:
+    if w['heart_size']:
+      parts.append('Heart size is normal.')
+      say('Cardiomegaly', labels_lib.NEGATIVE)
     parts.append('The cardiomediastinal silhouette is within normal limits.')
+    say('Enlarged Cardiomediastinum', labels_lib.NEGATIVE)
+  if w['basal_opacity']:
+    parts.append(
+        f'Opacity at the {w["basal_opacity"]} base may represent atelectasis or early pneumonia.'
+    )
+    say('Lung Opacity', labels_lib.POSITIVE)
+    say('Atelectasis', labels_lib.UNCERTAIN)
+    say('Pneumonia', labels_lib.UNCERTAIN)
   if cond['effusion'] is not None:
     side, size = cond['effusion']
     s = 's' if side == 'bilateral' else ''
@@ -112,13 +181,49 @@ def findings(cond: dict, prior: dict | None = None) -> str:
       verb = ('is' if not s else 'are') if change == 'unchanged' else ('has' if not s else 'have')
       text = f'The {side} pleural effusion{s} {verb} {change}. ' + text
     parts.append(text)
+    say('Pleural Effusion', labels_lib.POSITIVE)
+    say('Atelectasis', labels_lib.POSITIVE)
+    if w['no_pneumothorax']:
+      parts.append('No pneumothorax.')
+      say('Pneumothorax', labels_lib.NEGATIVE)
   else:
     if prior is not None and prior['effusion'] is not None:
       parts.append(f'Interval resolution of the {prior["effusion"][0]} pleural effusion.')
-    parts.append('No pleural effusion or pneumothorax.')
-  if cond['effusion'] is None and not cond['cardiomegaly']:
-    parts.append('The lungs are clear.')
-  return ' '.join(parts)
+      say('Pleural Effusion', labels_lib.NEGATIVE)
+    if w['possible_effusion']:
+      parts.append(w['hedge'].format(w['possible_effusion']) + ' No pneumothorax.')
+      say('Pleural Effusion', labels_lib.UNCERTAIN)
+    else:
+      parts.append(NEGATIVES[w['negative']])
+      say('Pleural Effusion', labels_lib.NEGATIVE)
+    say('Pneumothorax', labels_lib.NEGATIVE)
+  if cond['effusion'] is None and not cond['cardiomegaly'] and not w['basal_opacity']:
+    if w['no_consolidation']:
+      parts.append('The lungs are clear without focal consolidation.')
+      say('Consolidation', labels_lib.NEGATIVE)
+    else:
+      parts.append('The lungs are clear.')
+  pathology = [o for o in labels_lib.OBSERVATIONS[1:] if o != 'Support Devices']
+  hit = any(said.get(o) in (labels_lib.POSITIVE, labels_lib.UNCERTAIN) for o in pathology)
+  said['No Finding'] = labels_lib.NEGATIVE if hit else labels_lib.POSITIVE
+  return ' '.join(parts), said
+
+
+# The plain wording (prior reports, and `findings` without a generator): no hedges.
+PLAIN = {
+    'negative': 0,
+    'no_pneumothorax': False,
+    'possible_effusion': None,
+    'hedge': '',
+    'basal_opacity': None,
+    'heart_size': False,
+    'no_consolidation': False,
+}
+
+
+def findings(cond: dict, prior: dict | None = None, wording: dict | None = None) -> str:
+  """The findings text alone (`report`'s first half)."""
+  return report(cond, prior, wording)[0]
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
@@ -164,9 +269,11 @@ def draw(cond: dict, rng: np.random.Generator, lateral: bool = False) -> Image.I
 
 
 def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
+  """Writes the images, OUT/manifest.jsonl and OUT/labels.csv; returns the manifest's rows."""
   rng = np.random.default_rng(seed)
+  words = np.random.default_rng([seed, 17])  # the wording's own draws
   os.makedirs(os.path.join(out, 'images'), exist_ok=True)
-  rows = []
+  rows, table = [], []
   for i in range(n):
     sid = f'demo-{i:03d}'
     has_prior, has_lateral = rng.random() < 0.5, rng.random() < 0.4
@@ -185,8 +292,9 @@ def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
         if has_prior
         else None,
         'prior_report': findings(prior) if has_prior else None,
-        'findings': findings(cond, prior),
     }
+    row['findings'], said = report(cond, prior, _wording(words))
+    table.append([said.get(o, labels_lib.NOT_MENTIONED) for o in labels_lib.OBSERVATIONS])
     draw(cond, rng).save(os.path.join(out, row['frontal']))
     if has_lateral:
       row['lateral'] = f'images/{sid}_lateral.png'
@@ -198,6 +306,9 @@ def make_studies(out: str, n: int, seed: int = 0) -> list[dict]:
   with open(os.path.join(out, 'manifest.jsonl'), 'w') as f:
     for row in rows:
       f.write(json.dumps(row) + '\n')
+  labels_lib.write_chexpert(
+      os.path.join(out, 'labels.csv'), labels_lib.from_rows([r['study_id'] for r in rows], table)
+  )
   return rows
 
 
@@ -312,8 +423,8 @@ def main() -> None:
         seed=args.seed,
     )
   print(
-      f'wrote {len(rows)} studies to {args.out}/manifest.jsonl and the tiny model to '
-      f'{args.out}/model'
+      f'wrote {len(rows)} studies to {args.out}/manifest.jsonl (their finding labels to '
+      f'{args.out}/labels.csv) and the tiny model to {args.out}/model'
   )
   if args.finetune_steps:
     loss = finetune(

@@ -8,14 +8,13 @@ missing sections). Relative image paths are relative to the manifest's directory
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 
 from PIL import Image
 
 from jaxsae.config import ConfigError
+from jaxsae.formats import manifest_rows
 
 IMAGE_FIELDS = ('frontal', 'lateral', 'prior_frontal')
 TEXT_FIELDS = ('indication', 'technique', 'comparison', 'prior_report', 'findings')
@@ -96,22 +95,6 @@ def _load_image(study: Study, field: str, path: str) -> Image.Image:
     )
 
 
-def _rows(path: str) -> list[tuple[str, dict]]:
-  name = os.path.basename(path)
-  if path.endswith('.csv'):
-    with open(path, newline='') as f:
-      return [(f'{name} row {i + 2}', row) for i, row in enumerate(csv.DictReader(f))]
-  rows = []
-  with open(path) as f:
-    for i, line in enumerate(f):
-      if line.strip():
-        try:
-          rows.append((f'{name} line {i + 1}', json.loads(line)))
-        except json.JSONDecodeError as e:
-          raise ConfigError(f'{path} line {i + 1} is not valid JSON: {e}') from e
-  return rows
-
-
 def read(path: str, teacher_forcing: bool, fix: str = EXPORT_FIX) -> list[Study | BadStudyError]:
   """Every manifest row as a Study, or as the error that makes it unusable (missing field, missing
   image file) — so that with skip_bad a bad row is skipped, and without it the first one stops
@@ -128,7 +111,7 @@ def read(path: str, teacher_forcing: bool, fix: str = EXPORT_FIX) -> list[Study 
   base = os.path.dirname(os.path.abspath(path))
   required = ('study_id', 'frontal') + (('findings',) if teacher_forcing else ())
   out, seen = [], {}
-  for index, (where, row) in enumerate(_rows(path)):
+  for index, (where, row) in enumerate(manifest_rows.rows(path)):
     sid = str(row.get('study_id') or f'<row {index}>')
     if sid in seen:
       raise ConfigError(

@@ -1,15 +1,20 @@
-"""Baseline vs steered report generation, and alpha sweeps.
+"""Baseline vs steered report generation, and alpha sweeps scored clinically.
 
 Generation is greedy, one study at a time (no padding, so positions are the prompt's own). A
 steered report differs from the baseline only by the hook on layer L (jaxsae.bridge.interventions);
 the baseline runs with no hook at all. Reports are parsed into phrases and boxes by
-jaxsae.bridge.maira2.grounding (MAIRA-2's grounded markup).
+jaxsae.bridge.maira2.grounding (MAIRA-2's grounded markup), and labelled with the 14 CheXpert
+observations by the rule labeller (jaxsae.findings.labeller), the same one for baseline and steered
+reports, so a sweep reports what steering does to the findings: the target finding appearing or
+disappearing, and the other findings changing beside it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import json
 import os
 import re
 import textwrap
@@ -22,12 +27,27 @@ from jaxsae.bridge import interventions as iv
 from jaxsae.bridge import manifest, prompt
 from jaxsae.bridge.maira2.grounding import Parsed, parse
 from jaxsae.config import ConfigError
+from jaxsae.findings import labels as labels_lib
+from jaxsae.findings.labels import NEGATIVE, NOT_MENTIONED, OBSERVATIONS, POSITIVE, UNCERTAIN
 
 MODES = ('add', 'clamp')
+NO_FINDING = OBSERVATIONS.index('No Finding')
+LABEL_VALUES = {POSITIVE: 'positive', NEGATIVE: 'negative', UNCERTAIN: 'uncertain'}
+LABEL_VALUES[NOT_MENTIONED] = 'not mentioned'
+NOTES = (
+    'Flips of the target: absent -> positive counts studies whose baseline report is not positive '
+    'for it (negative, uncertain or not mentioned) and whose steered report is positive; '
+    'positive -> negated counts studies whose baseline is positive and whose steered report is '
+    'negative or does not mention it. Uncertain counts as not positive, and is neither a flip to '
+    'positive nor a negation. Shares are of all studies; "eligible" is how many could flip.',
+    'Off-target: per other finding, the share of studies whose label (any of positive, negative, '
+    'uncertain, not mentioned) changed; the mean number of other findings changed per study leaves '
+    'out No Finding (derived from the others).',
+)
 
 
 def contains(text: str, target: str) -> bool:
-  """Case- and whitespace-insensitive substring test (negated mentions count: see `mentions`)."""
+  """Case- and whitespace-insensitive substring test."""
   return _norm(target) in _norm(text)
 
 
@@ -35,116 +55,31 @@ def _norm(s: str) -> str:
   return ' '.join(s.lower().split())
 
 
-# Negation of a target phrase, in the spirit of NegEx (Chapman et al. 2001) with the clause as
-# scope: a mention is negated when a PRE cue comes before it, or a POST cue after it, in the same
-# clause. Clauses end at . ; : ! ? (not a decimal point), a blank line, or a TERMINATION term.
-# PSEUDO phrases contain cue words but negate nothing ("no change in the effusion" keeps it); they
-# are blanked out before cues are looked for. Hedged mentions ("cannot be excluded", "possible")
-# count as mentions: the report raises the finding. Words match whole (`no` is not in `nodule`).
-NEGATION_PRE = (
-    'no',
-    'not',
-    'without',
-    'absent',
-    'absence of',
-    'negative for',
-    'free of',
-    'resolved',
-    'resolution of',
-    'ruled out',
-)
-NEGATION_POST = (
-    'not seen',
-    'not identified',
-    'not present',
-    'not visualized',
-    'not visualised',
-    'not demonstrated',
-    'not appreciated',
-    'not evident',
-    'absent',
-    'no longer',
-    'resolved',
-    'has cleared',
-    'have cleared',
-    'ruled out',
-    'excluded',
-)
-NEGATION_PSEUDO = (
-    'no change',
-    'no interval change',
-    'no significant change',
-    'no increase',
-    'no significant increase',
-    'not only',
-    'not changed',
-    'not resolved',
-    'not fully resolved',
-    'not completely resolved',
-    'partially resolved',
-    'partly resolved',
-    'incompletely resolved',
-    'nearly resolved',
-    'almost resolved',
-    'cannot be excluded',
-    'can not be excluded',
-    'not be excluded',
-    'not excluded',
-    'cannot be ruled out',
-    'not be ruled out',
-    'not ruled out',
-    'not seen on prior',
-    'not present on prior',
-    'not seen previously',
-    'not previously seen',
-)
-NEGATION_TERMINATION = (
-    'but',
-    'however',
-    'although',
-    'though',
-    'whereas',
-    'yet',
-    'nevertheless',
-    'except',
-    'aside from',
-    'apart from',
-    'which',
-    'there is',
-    'there are',
-    'there has been',
-)
+def finding(name: str) -> str:
+  """The CheXpert name of a finding given in any case ('pleural effusion' -> 'Pleural Effusion');
+  a ConfigError listing the 14 names otherwise."""
+  return OBSERVATIONS[labels_lib.observation(name)]
 
 
-def _words(phrases: Sequence[str]) -> re.Pattern:
-  """Any of `phrases` as whole words, longest first."""
-  alts = '|'.join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
-  return re.compile(rf'(?<![\w-])(?:{alts})(?![\w-])')
+def _labeller():
+  from jaxsae.findings import labeller  # pylint: disable=import-outside-toplevel (spaCy: slow)
+
+  return labeller
 
 
-_PRE, _POST, _PSEUDO = _words(NEGATION_PRE), _words(NEGATION_POST), _words(NEGATION_PSEUDO)
-_CLAUSE_END = re.compile(r'[.;:!?](?!\d)|\n\s*\n|' + _words(NEGATION_TERMINATION).pattern)
+def labeller_check() -> None:
+  """A ConfigError saying what to install when the rule labeller's spaCy/negspacy are missing."""
+  _labeller().label('')
 
 
-def mentions(text: str, target: str) -> tuple[int, int]:
-  """(affirmed, negated) mentions of `target` in `text`, case- and whitespace-insensitive; a
-  mention is the target at a word start ("pleural effusion" also finds "pleural effusions")."""
-  want = _norm(target)
-  if not want:
-    return 0, 0
-  found = re.compile(rf'(?<![\w-]){re.escape(want)}')
-  affirmed = negated = 0
-  for clause in _CLAUSE_END.split(text.lower()):
-    clause = _norm(clause)
-    cues = _PSEUDO.sub(lambda m: '_' * len(m.group()), clause)  # same length: offsets hold
-    pre = [m.end() for m in _PRE.finditer(cues)]
-    post = [m.start() for m in _POST.finditer(cues)]
-    for m in found.finditer(clause):
-      if any(p <= m.start() for p in pre) or any(q >= m.end() for q in post):
-        negated += 1
-      else:
-        affirmed += 1
-  return affirmed, negated
+@functools.lru_cache(maxsize=1)
+def labeller_available() -> bool:
+  """Whether the rule labeller's dependencies (spaCy, negspacy) are installed."""
+  try:
+    _labeller().label('')
+  except ConfigError:
+    return False
+  return True
 
 
 def distinct_ngrams(text: str, n: int = 3) -> float:
@@ -152,6 +87,63 @@ def distinct_ngrams(text: str, n: int = 3) -> float:
   w = text.split()
   grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
   return len(set(grams)) / len(grams) if grams else 1.0
+
+
+_SENTENCE_END = re.compile(r'[.!?]["\')\]]*$')
+
+
+def ends_sentence(text: str) -> bool:
+  """Whether a report ends with a complete sentence (., ! or ?, perhaps closed by a quote or a
+  bracket): one cut at max_new_tokens mid-sentence, or looping, usually does not."""
+  return bool(_SENTENCE_END.search(text.strip()))
+
+
+def _share(count: int, total: int) -> float | None:
+  return float(count) / total if total else None
+
+
+def flips(baseline: np.ndarray, steered: np.ndarray, target: int | None = None) -> dict[str, Any]:
+  """What steering did to the findings: baseline and steered labels ([n, 14], row i the same
+  study) -> counts and shares of studies (see NOTES); target flips only with a `target` column."""
+  base, st = np.asarray(baseline), np.asarray(steered)
+  if base.shape != st.shape or base.ndim != 2 or base.shape[1] != len(OBSERVATIONS):
+    raise ValueError(f'labels {base.shape} and {st.shape}: want [studies, {len(OBSERVATIONS)}]')
+  n = len(base)
+  out: dict[str, Any] = {'studies': n}
+  if target is not None:
+    was, now = base[:, target] == POSITIVE, st[:, target] == POSITIVE
+    gone = np.isin(st[:, target], (NEGATIVE, NOT_MENTIONED))
+    up, down = int((~was & now).sum()), int((was & gone).sum())
+    out.update(
+        target=OBSERVATIONS[target],
+        baseline_positive=int(was.sum()),
+        steered_positive=int(now.sum()),
+        to_positive=up,
+        to_positive_eligible=int((~was).sum()),
+        to_positive_share=_share(up, n),
+        to_negated=down,
+        to_negated_eligible=int(was.sum()),
+        to_negated_share=_share(down, n),
+    )
+  others = [i for i in range(len(OBSERVATIONS)) if i != target]
+  changed = base != st
+  became = (base == POSITIVE) != (st == POSITIVE)
+  counted = [i for i in others if i != NO_FINDING]
+  out['off_target'] = {OBSERVATIONS[i]: _share(int(changed[:, i].sum()), n) for i in others}
+  out['off_target_counts'] = {OBSERVATIONS[i]: int(changed[:, i].sum()) for i in others}
+  out['off_target_mean'] = float(changed[:, counted].sum(1).mean()) if n else None
+  out['off_target_positive_mean'] = float(became[:, counted].sum(1).mean()) if n else None
+  return out
+
+
+def label_dict(values: np.ndarray) -> dict[str, int]:
+  """Labels [14] as {finding: value} (1 positive, 0 negative, -1 uncertain, -9 not mentioned)."""
+  return {o: int(v) for o, v in zip(OBSERVATIONS, values)}
+
+
+def label_array(rows: Sequence[dict[str, int]]) -> np.ndarray:
+  """{finding: value} dicts back as labels [n, 14]."""
+  return np.array([[d[o] for o in OBSERVATIONS] for d in rows], np.int8).reshape(-1, 14)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,12 +337,18 @@ CSV_FIELDS = (
     'finished',
     'markup_ok',
     'well_formed',
+    'nonempty',
+    'ends_sentence',
+    'target',
     'has_target',
+    'target_label',
     'target_affirmed',
     'target_negated',
+    'target_uncertain',
     'phrases',
     'boxes',
     'distinct_3grams',
+    *OBSERVATIONS,
     'report',
 )
 
@@ -363,9 +361,17 @@ def row(
     where: iv.Where,
     relative: bool,
     g: Generation,
-    target: str,
+    target: str = '',
+    labelled: bool | None = None,
 ) -> dict[str, Any]:
-  affirmed, negated = mentions(g.parsed.plain, target) if target else ('', '')
+  """One report as a sweep row; `labels` {finding: value} when `labelled` (default: when a target
+  is given or the labeller is installed), and the target finding's label and mention counts."""
+  target = finding(target) if target else ''
+  if labelled is None:
+    labelled = bool(target) or labeller_available()
+  found = _labeller().mentions(g.parsed.plain) if labelled or target else []
+  values = _labeller().combine(found) if labelled or target else None
+  status = [m.status for m in found if m.observation == target]
   return {
       'study_id': study_id,
       'mode': mode,
@@ -377,13 +383,20 @@ def row(
       'finished': g.finished,
       'markup_ok': not g.parsed.problems,
       'well_formed': g.well_formed,
-      'has_target': bool(affirmed) if target else '',  # negated mentions do not count
-      'target_affirmed': affirmed,
-      'target_negated': negated,
+      'nonempty': bool(g.parsed.plain.strip()),
+      'ends_sentence': ends_sentence(g.parsed.plain),
+      'target': target,
+      # Positive only: uncertain and negated mentions do not count.
+      'has_target': bool(values[OBSERVATIONS.index(target)] == POSITIVE) if target else '',
+      'target_label': int(values[OBSERVATIONS.index(target)]) if target else '',
+      'target_affirmed': status.count(POSITIVE) if target else '',
+      'target_negated': status.count(NEGATIVE) if target else '',
+      'target_uncertain': status.count(UNCERTAIN) if target else '',
       'phrases': len(g.parsed.phrases),
       'boxes': g.parsed.boxes,
       'distinct_3grams': round(distinct_ngrams(g.parsed.plain), 4),
       'report': g.text,
+      'labels': label_dict(values) if labelled else None,
   }
 
 
@@ -400,84 +413,174 @@ def sweep(
     max_new_tokens: int = 300,
     progress=None,
 ) -> list[dict[str, Any]]:
-  """One baseline (mode 'baseline', no hook) and one steered report per study and alpha."""
+  """One baseline (mode 'baseline', no hook) and one steered report per study and alpha, each
+  labelled with the CheXpert findings (`target`: a finding, validated before generating)."""
+  target = finding(target) if target else ''
+  labelled = bool(target) or labeller_available()
+  if target:
+    labeller_check()  # spaCy missing: say so before generating
   rows = []
   for s in batch:
     g = generate(site, processor, s, max_new_tokens)
-    rows.append(
-        row(s.study.study_id, 'baseline', features, None, where, norm is not None, g, target)
-    )
+    sid, rel = s.study.study_id, norm is not None
+    rows.append(row(sid, 'baseline', features, None, where, rel, g, target, labelled))
     for alpha in alphas:
       with intervention(site, mode, features, alpha, where, s.prompt_ids, norm):
         g = generate(site, processor, s, max_new_tokens)
-      rows.append(row(s.study.study_id, mode, features, alpha, where, norm is not None, g, target))
+      rows.append(row(sid, mode, features, alpha, where, rel, g, target, labelled))
       if progress:
         progress(len(rows))
   return rows
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Per alpha (baseline first): studies, share affirming the target phrase, share with a
-  negated mention of it, share well-formed."""
-  groups: dict[Any, list] = {}
+def paired(rows: Sequence[dict[str, Any]]) -> dict[Any, list[tuple[dict, dict]]]:
+  """{alpha: [(baseline row, steered row) per study]}: a study's steered rows follow its
+  baseline row (as `sweep` writes them); one with no baseline before it is left out."""
+  out: dict[Any, list[tuple[dict, dict]]] = {}
+  base = None
   for r in rows:
-    groups.setdefault('baseline' if r['mode'] == 'baseline' else r['alpha'], []).append(r)
-  out = []
-  for key, rs in groups.items():
-    out.append(
-        {
-            'alpha': key,
-            'studies': len(rs),
-            'target_rate': (
-                float(np.mean([bool(r['has_target']) for r in rs]))
-                if rs[0]['has_target'] != ''
-                else None
-            ),
-            'negated_rate': (
-                float(np.mean([bool(r['target_negated']) for r in rs]))
-                if rs[0]['has_target'] != ''
-                else None
-            ),
-            'well_formed_rate': float(np.mean([bool(r['well_formed']) for r in rs])),
-            'finished_rate': float(np.mean([bool(r['finished']) for r in rs])),
-            'distinct_3grams': float(np.mean([r['distinct_3grams'] for r in rs])),
-        }
-    )
+    if r['mode'] == 'baseline':
+      base = r
+    elif base is not None:
+      out.setdefault(r['alpha'], []).append((base, r))
   return out
 
 
-def write_sweep(
-    out_dir: str, rows: Sequence[dict[str, Any]], target: str, title: str
-) -> tuple[str, str]:
-  """steer_sweep.csv (one row per report) and steer_sweep.png (rates per alpha)."""
-  import matplotlib
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Per alpha (baseline first): studies; share of reports positive / negative for the target
+  finding; well-formedness (well-formed, finished, non-empty, ending with a complete sentence,
+  distinct 3-grams); and for steered alphas, when the rows are labelled, `findings`: the flips
+  of the target and the off-target changes against the same studies' baselines (`flips`)."""
+  groups: dict[Any, list] = {}
+  for r in rows:
+    groups.setdefault('baseline' if r['mode'] == 'baseline' else r['alpha'], []).append(r)
+  target = rows[0]['target'] if rows else ''
+  t = OBSERVATIONS.index(target) if target else None
+  pairs = paired(rows)
+  out = []
+  for key, rs in groups.items():
+
+    def rate(field, rs=rs):
+      return float(np.mean([bool(r[field]) for r in rs]))
+
+    s = {
+        'alpha': key,
+        'studies': len(rs),
+        'target': target or None,
+        'target_rate': rate('has_target') if target else None,
+        'negated_rate': (
+            float(np.mean([r['target_label'] == NEGATIVE for r in rs])) if target else None
+        ),
+        'well_formed_rate': rate('well_formed'),
+        'finished_rate': rate('finished'),
+        'nonempty_rate': rate('nonempty'),
+        'complete_sentence_rate': rate('ends_sentence'),
+        'distinct_3grams': float(np.mean([r['distinct_3grams'] for r in rs])),
+        'findings': None,
+    }
+    pp = pairs.get(key) if key != 'baseline' else None
+    if pp and all(b['labels'] and r['labels'] for b, r in pp):
+      base = label_array([b['labels'] for b, _ in pp])
+      s['findings'] = flips(base, label_array([r['labels'] for _, r in pp]), t)
+    out.append(s)
+  return out
+
+
+def per_study(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each study's labels: {'study_id', 'baseline': {finding: value}, 'steered': {alpha: {...}}}
+  (alpha as str(float)), in the rows' order."""
+  out = []
+  for r in rows:
+    if r['mode'] == 'baseline':
+      out.append({'study_id': r['study_id'], 'baseline': r['labels'], 'steered': {}})
+    elif out:
+      out[-1]['steered'][str(float(r['alpha']))] = r['labels']
+  return out
+
+
+def write_sweep(out_dir: str, rows: Sequence[dict[str, Any]], title: str) -> tuple[str, str, str]:
+  """steer_sweep.csv (one row per report, its 14 labels as columns), steer_sweep.json (per-alpha
+  figures, notes, per-study labels) and steer_sweep.png (rates, flips and off-target changes per
+  alpha). Returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  csv_path, json_path, png_path = (
+      os.path.join(out_dir, f'steer_sweep.{e}') for e in ('csv', 'json', 'png')
+  )
+  with open(csv_path, 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval='', extrasaction='ignore')
+    w.writeheader()
+    w.writerows({**r, **(r['labels'] or {})} for r in rows)
+  summary = summarise(rows)
+  labelled = bool(rows) and all(r['labels'] for r in rows)
+  result = {
+      'what': title,
+      'target': (rows[0]['target'] or None) if rows else None,
+      'notes': list(NOTES) if labelled else ['reports not labelled: the labeller is not installed'],
+      'findings': list(OBSERVATIONS),
+      'label_values': {str(k): v for k, v in LABEL_VALUES.items()},
+      'summary': summary,
+      'studies': per_study(rows) if labelled else [],
+  }
+  with open(json_path, 'w') as f:
+    json.dump(result, f, indent=1)
+  _plot(png_path, summary, result['target'], labelled, title)
+  return csv_path, json_path, png_path
+
+
+def _plot(path: str, summary: list[dict[str, Any]], target, labelled: bool, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  os.makedirs(out_dir, exist_ok=True)
-  csv_path, png_path = (os.path.join(out_dir, f'steer_sweep.{e}') for e in ('csv', 'png'))
-  with open(csv_path, 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-  summary = summarise(rows)
   base = next(s for s in summary if s['alpha'] == 'baseline')
   steered = [s for s in summary if s['alpha'] != 'baseline']
   alphas = [float(s['alpha']) for s in steered]
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  series = [('well_formed_rate', 'well-formed', 'tab:blue')]
+  panels = 2 if labelled and steered else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+  ax = axes[0, 0]
+  series = [
+      ('well_formed_rate', 'well-formed', 'tab:blue'),
+      ('complete_sentence_rate', 'ends with a complete sentence', 'tab:green'),
+  ]
   if target:
-    series.insert(0, ('target_rate', f'mentions "{target}" (not negated)', 'tab:red'))
+    series.insert(0, ('target_rate', f'{target} positive', 'tab:red'))
   for key, label, colour in series:
     ax.plot(alphas, [s[key] for s in steered], 'o-', color=colour, label=label)
     ax.axhline(base[key], color=colour, ls='--', lw=0.8, label=f'{label} (baseline)')
   ax.set_xlabel('alpha')
-  ax.set_ylabel(f'share of {base["studies"]} studies')
+  ax.set_ylabel(f'share of {base["studies"]} reports')
   ax.set_ylim(-0.05, 1.05)
-  ax.set_title(textwrap.fill(title, 70), fontsize=8)
+  ax.set_title('reports', fontsize=9)
   ax.legend(fontsize=7)
+  if panels == 2:
+    ax = axes[0, 1]
+    found = [s['findings'] for s in steered]
+    if target:
+      for key, label, colour in (
+          ('to_positive_share', f'{target}: absent -> positive', 'tab:red'),
+          ('to_negated_share', f'{target}: positive -> negated', 'tab:purple'),
+      ):
+        ax.plot(alphas, [f[key] for f in found], 'o-', color=colour, label=label)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel('alpha')
+    ax.set_ylabel('share of studies (uncertain = not positive)')
+    twin = ax.twinx()
+    twin.plot(
+        alphas,
+        [f['off_target_mean'] for f in found],
+        's--',
+        color='tab:grey',
+        label='other findings changed per study (mean)',
+    )
+    twin.set_ylabel('other findings changed per study')
+    means = [f['off_target_mean'] or 0 for f in found]
+    twin.set_ylim(0, max(1.0, 1.1 * max(means)))
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc='upper left')
+    ax.set_title("findings vs the same studies' baselines", fontsize=9)
+  fig.suptitle(textwrap.fill(title, 110), fontsize=8)
   fig.tight_layout()
-  fig.savefig(png_path, dpi=110)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
-  return csv_path, png_path

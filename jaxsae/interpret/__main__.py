@@ -33,7 +33,10 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('jaxsae').setLevel(logging.INFO)
   summary = pipeline.run(_CONFIG.value, _WEIGHTS.value, _OUT.value)
-  print(json.dumps({k: v for k, v in summary.items() if k != 'sae_config'}, indent=1))
+  shown = ('sae_config', 'findings_summary')
+  print(json.dumps({k: v for k, v in summary.items() if k not in shown}, indent=1))
+  if summary.get('findings_summary'):
+    print(summary['findings_summary'])
   print(f'feature browser: {summary["index"]}')
   return _failures(summary)
 

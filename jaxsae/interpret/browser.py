@@ -14,6 +14,8 @@ Layout under `out_dir`:
   static/index.js       the index's search / sort / paging
   static/feature.js     prev / next links and arrow-key navigation on feature pages
   static/nav.js         the sorted ids of live features (written last, for prev / next)
+  findings/index.html   (with `alignment`) every clinical finding: counts, coverage, best feature
+  findings/<slug>.html  (with `alignment`) one finding: its features by AUROC, its sparse probes
 
 Dead features (count 0) get no page: the index lists them (behind "include dead features"),
 marked dead and without a link, and prev / next on feature pages skip them. Because records may
@@ -26,6 +28,11 @@ records.Heatmap; the pipeline names them by jaxsae.formats.names.encode(study id
 here). A name outside `out_dir` or a missing file is dropped at write time (the grid is drawn
 alone) so pages never produce "failed to load resource" errors. The patch grid is stretched over
 the whole image, so the image should be the one the model saw (after its resize / crop).
+
+With `alignment` (the interpretation's alignment.json, jaxsae/interpret/alignment.py) feature
+pages list their best-aligned findings, the findings pages above are written, and the index
+gains a "best finding" column and a finding filter (features aligned with the chosen finding,
+by its AUROC). Without it the site has no trace of findings.
 """
 
 from __future__ import annotations
@@ -51,6 +58,13 @@ MAX_PREVIEW_TOKENS = 8
 HIST_WIDTH, HIST_HEIGHT, HIST_AXIS = 600, 160, 18
 HEATMAP_WIDTH = 320  # CSS px; the height follows the image (or the grid's aspect ratio)
 _PAGE_RE = re.compile(r'^\d+\.html$')
+FINDINGS_DIR = 'findings'
+_FINDING_PAGE_RE = re.compile(r'^[a-z0-9-]+\.html$')  # slugs (and index.html): ours to replace
+# The index's finding filter keeps a feature when its AUROC for the finding reaches this, or when
+# it is among the finding's top features (by_finding[...]['features']).
+ALIGNED_AUROC = 0.75
+PROBE_WIDTH, PROBE_HEIGHT = 600, 220
+PROBE_LEFT, PROBE_RIGHT, PROBE_TOP, PROBE_BOTTOM = 44, 16, 30, 26  # plot margins in the SVG
 
 
 def write_site(
@@ -61,6 +75,7 @@ def write_site(
     title: str,
     meta: dict,
     page_size: int = 200,
+    alignment: dict | None = None,
 ) -> str:
   """Write the browser under `out_dir` and return the path of its `index.html`.
 
@@ -71,9 +86,11 @@ def write_site(
     title: the site's title.
     meta: run facts shown in the index's header (SAE name, tokens processed, ...), key: value.
     page_size: table rows per page in the index.
+    alignment: the alignment.json dict (features vs clinical findings), or None for no findings.
   """
   if page_size < 1:
     raise ValueError(f'page_size must be >= 1; got {page_size}')
+  findings = _Findings(alignment) if alignment is not None else None
   features_dir = os.path.join(out_dir, FEATURES_DIR)
   static_dir = os.path.join(out_dir, STATIC_DIR)
   os.makedirs(features_dir, exist_ok=True)
@@ -90,12 +107,15 @@ def write_site(
       raise ValueError(f'feature {f} appears twice in the records')
     seen.add(f)
     explanation = explanations.get(f)
-    rows.append(_index_row(record, explanation))
+    row = _index_row(record, explanation)
+    if findings is not None:
+      row += findings.row_fields(f)
+    rows.append(row)
     if record['count'] > 0:
       live.append(f)
       _write(
           os.path.join(features_dir, f'{f}.html'),
-          _feature_page(record, explanation, title, out_dir),
+          _feature_page(record, explanation, title, out_dir, findings),
       )
 
   live.sort()
@@ -107,9 +127,10 @@ def write_site(
       os.path.join(static_dir, 'nav.js'),
       'window.LIVE_FEATURES = ' + json.dumps(live, separators=(',', ':')) + ';\n',
   )
+  _write_findings(os.path.join(out_dir, FINDINGS_DIR), findings, set(live), title)
   rows.sort(key=lambda r: r[0])
   path = os.path.join(out_dir, INDEX)
-  _write(path, _index_html(rows, title, meta, page_size))
+  _write(path, _index_html(rows, title, meta, page_size, findings))
   return path
 
 
@@ -119,6 +140,8 @@ def write_site(
 
 # Columns of an index row, in order (static/index.js reads them by position to keep the JSON small).
 ROW_FIELDS = ('id', 'density', 'count', 'mean', 'max', 'explanation', 'score', 'tokens', 'kind')
+# Appended to every row when the site has findings: the feature's best finding and its AUROC.
+FINDING_FIELDS = ('finding', 'auroc')
 
 
 def _index_row(record: FeatureRecord, explanation: Explanation | None) -> list:
@@ -153,8 +176,10 @@ def _preview_tokens(top: Sequence[Example]) -> list[str]:
   return out
 
 
-def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str:
-  """The index page; `rows` are ROW_FIELDS lists, sorted by id."""
+def _index_html(
+    rows: list[list], title: str, meta: dict, page_size: int, findings: _Findings | None
+) -> str:
+  """The index page; `rows` are ROW_FIELDS (+ FINDING_FIELDS) lists, sorted by id."""
   n = len(rows)
   dead = sum(1 for r in rows if r[2] == 0)
   explained = sum(1 for r in rows if r[5] is not None)
@@ -168,20 +193,39 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
   if scores:
     counts.append(('mean detection score', f'{sum(scores) / len(scores):.3f}'))
   data = {'fields': ROW_FIELDS, 'pageSize': page_size, 'rows': rows}
+  columns = [
+      ('id', 'id', True),
+      ('density', 'density', True),
+      ('mean', 'mean act', True),
+      ('max', 'max act', True),
+      ('explanation', 'explanation', True),
+      ('score', 'score', True),
+      ('tokens', 'top tokens', False),
+      ('kind', 'kind', False),
+  ]
+  findings_html = filter_html = ''
+  if findings is not None:
+    data['fields'] = ROW_FIELDS + FINDING_FIELDS
+    data['findings'] = findings.index_data()
+    columns.append(('auroc', 'best finding', True))
+    findings_html = (
+        f'<p class="findings-line" id="coverage">{findings.coverage_html(f"{FINDINGS_DIR}/")} · '
+        f'<a href="{FINDINGS_DIR}/index.html" id="to-findings">all findings</a></p>'
+    )
+    options = ''.join(
+        f'<option value="{_esc(name)}">{_esc(name)} ({n})</option>'
+        for name, n in findings.filter_options()
+    )
+    filter_html = (
+        f'<label title="features with AUROC &ge; {ALIGNED_AUROC} for the finding, or among its '
+        f'top features; sorted by that AUROC">finding <select id="finding">'
+        f'<option value="">all features</option>{options}</select></label>\n'
+    )
   meta_html = ''.join(f'<dt>{_esc(k)}</dt><dd>{_esc(_fmt_meta(v))}</dd>' for k, v in meta.items())
   counts_html = ''.join(f'<span class="count"><b>{_esc(v)}</b> {_esc(k)}</span>' for k, v in counts)
   headers = ''.join(
       f'<th data-key="{key}" class="{"sortable" if sortable else ""} {key}">{_esc(label)}</th>'
-      for key, label, sortable in (
-          ('id', 'id', True),
-          ('density', 'density', True),
-          ('mean', 'mean act', True),
-          ('max', 'max act', True),
-          ('explanation', 'explanation', True),
-          ('score', 'score', True),
-          ('tokens', 'top tokens', False),
-          ('kind', 'kind', False),
-      )
+      for key, label, sortable in columns
   )
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -192,10 +236,10 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
 </head><body class="index">
 <header><h1>{_esc(title)}</h1>
 <dl class="meta" id="meta">{meta_html}</dl>
-<p class="counts" id="counts">{counts_html}</p></header>
+<p class="counts" id="counts">{counts_html}</p>{findings_html}</header>
 <div class="controls">
 <input type="search" id="search" placeholder="search explanation, top tokens, or #id" autofocus>
-<label><input type="checkbox" id="show-dead"> include features that never fired</label>
+{filter_html}<label><input type="checkbox" id="show-dead"> include features that never fired</label>
 <span id="status"></span>
 <button type="button" id="prev-page">&larr; prev</button>
 <button type="button" id="next-page">next &rarr;</button>
@@ -214,16 +258,23 @@ def _index_html(rows: list[list], title: str, meta: dict, page_size: int) -> str
 
 
 def _feature_page(
-    record: FeatureRecord, explanation: Explanation | None, title: str, out_dir: str
+    record: FeatureRecord,
+    explanation: Explanation | None,
+    title: str,
+    out_dir: str,
+    findings: _Findings | None = None,
 ) -> str:
   """The pre-rendered page of one live feature."""
   f = int(record['feature'])
   scale = record['max'] if record['max'] > 0 else 1.0
-  sections = [
-      _explanation_html(explanation),
-      _stats_html(record),
-      _section('histogram', 'Activation histogram', _histogram_svg(record.get('histogram'))),
-  ]
+  sections = [_explanation_html(explanation), _stats_html(record)]
+  if findings is not None:
+    sections.append(
+        _section('findings', 'Clinical findings (best-aligned)', findings.feature_table(f))
+    )
+  sections.append(
+      _section('histogram', 'Activation histogram', _histogram_svg(record.get('histogram')))
+  )
   if record.get('heatmaps'):
     sections.append(
         _section(
@@ -267,6 +318,9 @@ def _feature_page(
             f'<ol class="promoted">{items}</ol>',
         )
     )
+  to_findings = ''
+  if findings is not None:
+    to_findings = f' <a href="../{FINDINGS_DIR}/index.html" id="to-findings">findings</a>'
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -275,7 +329,7 @@ def _feature_page(
 <link rel="stylesheet" href="../{STATIC_DIR}/style.css">
 </head><body class="feature" data-feature="{f}">
 <nav class="top"><a href="../{INDEX}" id="to-index">&uarr; all features</a>
-<a id="prev" hidden>&larr; prev</a> <a id="next" hidden>next &rarr;</a></nav>
+<a id="prev" hidden>&larr; prev</a> <a id="next" hidden>next &rarr;</a>{to_findings}</nav>
 <h1>Feature {f}</h1>
 {''.join(sections)}
 <script src="../{STATIC_DIR}/nav.js"></script>
@@ -434,6 +488,419 @@ def _examples_html(examples: Sequence[Example] | None, scale: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Clinical findings (alignment.json)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Findings:
+  """The alignment.json dict, checked and indexed for the pages: findings in their order with a
+  file name each, every feature's listed findings, every finding's figures."""
+
+  def __init__(self, alignment: dict):
+    if not isinstance(alignment, dict):
+      raise ValueError(
+          f'alignment must be the alignment.json object; got {type(alignment).__name__}'
+      )
+    features = _field(alignment, 'features', dict)
+    by_finding = _field(alignment, 'by_finding', dict)
+    names = list(_field(alignment, 'findings', list, []))
+    self.by_feature: dict[int, list[dict]] = {}
+    for key, entries in features.items():
+      try:
+        f = int(key)
+      except (TypeError, ValueError):
+        raise ValueError(f'alignment: "features" keys must be feature ids; got {key!r}') from None
+      if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(
+            f'alignment: "features"["{key}"] must be a list of objects; got '
+            f'{type(entries).__name__}'
+        )
+      self.by_feature[f] = sorted(entries, key=lambda e: -_auroc_key(e.get('auroc')))
+    self.by_finding: dict[str, dict] = {}
+    for name, info in by_finding.items():
+      if not isinstance(info, dict):
+        raise ValueError(
+            f'alignment: "by_finding"["{name}"] must be an object; got {type(info).__name__}'
+        )
+      self.by_finding[str(name)] = info
+    names += list(self.by_finding)
+    names += [str(e.get('finding')) for es in self.by_feature.values() for e in es]
+    self.names = list(dict.fromkeys(str(n) for n in names))
+    self.slugs = _slugs(self.names)
+    self.coverage = alignment.get('coverage') or {}
+    self.studies = alignment.get('studies') or {}
+    self.uncertain = alignment.get('uncertain')
+    self.kinds = alignment.get('kinds') or []
+    self._aligned: dict[str, dict[int, tuple[float, str]]] | None = None
+
+  def info(self, name: str) -> dict:
+    return self.by_finding.get(name) or {}
+
+  def top(self, name: str) -> list[dict]:
+    """The finding's listed features, best AUROC first."""
+    top = [e for e in self.info(name).get('features') or [] if isinstance(e, dict)]
+    return sorted(top, key=lambda e: -_auroc_key(e.get('auroc')))
+
+  def link(self, name: str, prefix: str) -> str:
+    return f'<a href="{prefix}{self.slugs[name]}.html" class="finding">{_esc(name)}</a>'
+
+  # ---- index ------------------------------------------------------------------------------------
+
+  def row_fields(self, f: int) -> list:
+    """FINDING_FIELDS of feature f: its best finding and that AUROC (None, None without one)."""
+    best = next((e for e in self.by_feature.get(f, []) if _finite(e.get('auroc'))), None)
+    return [str(best['finding']), _num(best['auroc'])] if best else [None, None]
+
+  def aligned(self, name: str) -> dict[int, tuple[float, str]]:
+    """The features the index's filter keeps for a finding: {feature: (AUROC, kind)}, from its
+    top list and from every feature's list at AUROC >= ALIGNED_AUROC (the best pair wins)."""
+    if self._aligned is None:  # all findings in one pass over the features
+      self._aligned = {n: {} for n in self.names}
+
+      def add(n: str, f: Any, auroc: Any, kind: Any) -> None:
+        try:
+          f = int(f)
+        except (TypeError, ValueError):
+          return
+        out = self._aligned[n]
+        if _finite(auroc) and (f not in out or auroc > out[f][0]):
+          out[f] = (float(auroc), str(kind or ''))
+
+      for n in self.names:
+        for e in self.top(n):
+          add(n, e.get('feature'), e.get('auroc'), e.get('kind'))
+      for f, entries in self.by_feature.items():
+        for e in entries:
+          auroc = e.get('auroc')
+          if _finite(auroc) and auroc >= ALIGNED_AUROC:
+            add(str(e.get('finding')), f, auroc, e.get('kind'))
+    return self._aligned.get(name, {})
+
+  def index_data(self) -> dict:
+    """What static/index.js needs for the finding column and filter."""
+    aligned = {}
+    for name in self.names:
+      items = sorted(self.aligned(name).items(), key=lambda it: (-it[1][0], it[0]))
+      aligned[name] = [[f, _num(a), k] for f, (a, k) in items]
+    return {
+        'names': self.names,
+        'slugs': [self.slugs[n] for n in self.names],
+        'threshold': ALIGNED_AUROC,
+        'aligned': aligned,
+    }
+
+  def filter_options(self) -> list[tuple[str, int]]:
+    return [(name, len(self.aligned(name))) for name in self.names]
+
+  def coverage_html(self, prefix: str) -> str:
+    """The coverage line; finding links are relative to `prefix` (the findings folder)."""
+    cov = self.coverage
+    covered = [str(n) for n in cov.get('covered') or []]
+    threshold = cov.get('threshold')
+    text = (
+        f'Clinical findings: <b>{_esc(cov.get("count", len(covered)))}</b> of '
+        f'{_esc(cov.get("of", "?"))} covered'
+    )
+    if _finite(threshold):
+      text += f' (a feature reaches AUROC &ge; {_esc(_fmt(threshold))})'
+    if covered:
+      text += ': ' + ', '.join(
+          self.link(n, prefix) if n in self.slugs else _esc(n) for n in covered
+      )
+    return text
+
+  # ---- feature pages ----------------------------------------------------------------------------
+
+  def feature_table(self, f: int) -> str:
+    entries = self.by_feature.get(f) or []
+    if not entries:
+      return '<p class="none">No finding aligned with this feature.</p>'
+    rows = ''.join(
+        f'<tr data-finding="{_esc(e.get("finding"))}">'
+        f'<td>{self.link(str(e.get("finding")), f"../{FINDINGS_DIR}/")}</td>'
+        f'<td class="kind">{_esc(e.get("kind") or "")}</td>'
+        f'<td class="num auroc">{_f3(e.get("auroc"))}</td>'
+        f'<td class="num precision">{_f3(e.get("precision"))}</td>'
+        f'<td class="num recall">{_f3(e.get("recall"))}</td>'
+        f'<td class="num fired">{_count(e.get("fired"))}</td></tr>'
+        for e in entries
+    )
+    return (
+        '<table class="findings"><thead><tr><th>finding</th><th>kind</th><th>AUROC</th>'
+        '<th>precision</th><th>recall</th><th>studies fired</th></tr></thead>'
+        f'<tbody>{rows}</tbody></table>'
+        '<p class="note">Per study: the feature\'s maximum activation over its tokens of the kind; '
+        'precision and recall predict the finding wherever the feature fires.</p>'
+    )
+
+
+def _field(alignment: dict, key: str, kind: type, default: Any = None) -> Any:
+  value = alignment.get(key, default)
+  if not isinstance(value, kind):
+    expected = {dict: 'an object', list: 'a list'}[kind]
+    raise ValueError(
+        f'alignment: field "{key}" must be {expected}; got '
+        f'{"nothing" if value is None else type(value).__name__} (pass the alignment.json '
+        'that jaxsae/interpret/alignment.py writes, or alignment=None)'
+    )
+  return value
+
+
+def _slugs(names: Sequence[str]) -> dict[str, str]:
+  """A distinct file name stem per finding: lowercase letters, digits and '-'."""
+  out, used = {}, {'index'}
+  for name in names:
+    base = re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'finding'
+    slug, i = base, 2
+    while slug in used:
+      slug, i = f'{base}-{i}', i + 1
+    used.add(slug)
+    out[name] = slug
+  return out
+
+
+def _write_findings(
+    findings_dir: str, findings: _Findings | None, live: set[int], title: str
+) -> None:
+  """The findings pages; without findings, an earlier run's pages go (the folder too if empty)."""
+  written = set()
+  if findings is not None:
+    os.makedirs(findings_dir, exist_ok=True)
+    _write(os.path.join(findings_dir, INDEX), _findings_index(findings, live, title))
+    written.add(INDEX)
+    for name in findings.names:
+      page = f'{findings.slugs[name]}.html'
+      _write(os.path.join(findings_dir, page), _finding_page(findings, name, live, title))
+      written.add(page)
+  if not os.path.isdir(findings_dir):
+    return
+  for page in os.listdir(findings_dir):
+    if _FINDING_PAGE_RE.match(page) and page not in written:
+      os.remove(os.path.join(findings_dir, page))
+  if findings is None and not os.listdir(findings_dir):
+    os.rmdir(findings_dir)
+
+
+def _feature_link(f: Any, live: set[int], prefix: str = f'../{FEATURES_DIR}/') -> str:
+  """Feature f's id, linked to its page when it has one (live features only)."""
+  try:
+    f = int(f)
+  except (TypeError, ValueError):
+    return _esc(f)
+  if f in live:
+    return f'<a href="{prefix}{f}.html" class="feature">#{f}</a>'
+  return f'<span class="feature">#{f}</span>'
+
+
+def _page(title: str, body_class: str, nav: str, body: str) -> str:
+  return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(title)}</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="../{STATIC_DIR}/style.css">
+</head><body class="{body_class}">
+<nav class="top">{nav}</nav>
+{body}
+</body></html>
+"""
+
+
+def _studies_html(findings: _Findings) -> str:
+  st = findings.studies
+  parts = []
+  if 'total' in st:
+    parts.append(f'<b>{_count(st["total"])}</b> studies')
+  if 'labelled' in st:
+    parts.append(f'{_count(st["labelled"])} labelled')
+  if findings.uncertain:
+    parts.append(f'uncertain labels: {_esc(findings.uncertain)}')
+  if findings.kinds:
+    parts.append('token kinds: ' + ', '.join(_esc(k) for k in findings.kinds))
+  return f'<p class="counts" id="studies">{" · ".join(parts)}</p>' if parts else ''
+
+
+def _findings_index(findings: _Findings, live: set[int], title: str) -> str:
+  covered = {str(n) for n in findings.coverage.get('covered') or []}
+  rows = []
+  for name in findings.names:
+    info = findings.info(name)
+    top = findings.top(name)
+    best = next((e for e in top if _finite(e.get('auroc'))), None)
+    if info.get('reason'):
+      what = f'<td colspan="3" class="reason">{_esc(info["reason"])}</td>'
+    elif best:
+      what = (
+          f'<td class="best">{_feature_link(best.get("feature"), live)}</td>'
+          f'<td class="num auroc">{_f3(best.get("auroc"))}</td>'
+          f'<td class="kind">{_esc(best.get("kind") or "")}</td>'
+      )
+    else:
+      what = '<td colspan="3" class="reason">no figures</td>'
+    probe = info.get('probe') if isinstance(info.get('probe'), dict) else None
+    bacc = [b for b in (probe or {}).get('balanced_accuracy') or [] if _finite(b)]
+    rows.append(
+        f'<tr data-finding="{_esc(name)}"><td>{findings.link(name, "")}</td>'
+        f'<td class="num positives">{_count(info.get("positives"))}</td>'
+        f'<td class="num negatives">{_count(info.get("negatives"))}</td>'
+        f'<td class="covered">{"&#10003;" if name in covered else ""}</td>{what}'
+        f'<td class="num probe">{_f3(max(bacc)) if bacc else "&mdash;"}</td></tr>'
+    )
+  body = (
+      f'<h1>Clinical findings</h1>{_studies_html(findings)}'
+      f'<p class="findings-line" id="coverage">{findings.coverage_html("")}</p>'
+      '<table class="findings" id="findings-table"><thead><tr><th>finding</th><th>positives</th>'
+      '<th>negatives</th><th>covered</th><th>best feature</th><th>AUROC</th><th>kind</th>'
+      '<th>best probe bal. acc.</th></tr></thead>'
+      f'<tbody>{"".join(rows)}</tbody></table>'
+  )
+  nav = f'<a href="../{INDEX}" id="to-index">&uarr; all features</a>'
+  return _page(f'Clinical findings · {title}', 'findings-index', nav, body)
+
+
+def _finding_page(findings: _Findings, name: str, live: set[int], title: str) -> str:
+  info = findings.info(name)
+  counts = [f'<b>{_count(info.get(k))}</b> {k}' for k in ('positives', 'negatives') if k in info]
+  uncertain = (findings.studies.get('uncertain') or {}).get(name)
+  if uncertain is not None:
+    counts.append(f'{_count(uncertain)} uncertain ({_esc(findings.uncertain or "")})')
+  covered = name in {str(n) for n in findings.coverage.get('covered') or []}
+  parts = [f'<h1>{_esc(name)}</h1>', f'<p class="counts" id="counts">{" · ".join(counts)}</p>']
+  if covered:
+    parts.append('<p class="covered">&#10003; covered</p>')
+  if info.get('reason'):
+    parts.append(f'<p class="reason" id="reason">{_esc(info["reason"])}</p>')
+  top = findings.top(name)
+  if top:
+    filt = urllib.parse.urlencode({'finding': name, 'sort': 'auroc', 'dir': '-1'})
+    rows = ''.join(
+        f'<tr data-feature="{_esc(e.get("feature"))}"><td>{_feature_link(e.get("feature"), live)}'
+        f'</td><td class="kind">{_esc(e.get("kind") or "")}</td>'
+        f'<td class="num auroc">{_f3(e.get("auroc"))}</td>'
+        f'<td class="num precision">{_f3(e.get("precision"))}</td>'
+        f'<td class="num recall">{_f3(e.get("recall"))}</td></tr>'
+        for e in top
+    )
+    parts.append(
+        _section(
+            'aligned',
+            'Features by AUROC',
+            '<table class="findings"><thead><tr><th>feature</th><th>kind</th><th>AUROC</th>'
+            f'<th>precision</th><th>recall</th></tr></thead><tbody>{rows}</tbody></table>'
+            f'<p><a href="../{INDEX}#{_esc(filt)}" id="in-index">these features in the index'
+            '</a></p>',
+        )
+    )
+  elif not info.get('reason'):
+    parts.append('<p class="none">No features listed.</p>')
+  probe = info.get('probe')
+  if isinstance(probe, dict):
+    parts.append(_section('probe', 'Sparse probes', _probe_html(probe, live)))
+  nav = (
+      f'<a href="index.html" id="to-findings">&uarr; all findings</a>'
+      f'<a href="../{INDEX}" id="to-index">all features</a>'
+  )
+  return _page(f'{name} · {title}', 'finding', nav, ''.join(parts))
+
+
+def _probe_html(probe: dict, live: set[int]) -> str:
+  """The probe curve (accuracy, balanced accuracy vs k, the majority class as a reference) and
+  its table, with each k's features."""
+  ks = list(probe.get('k') or [])
+  n = len(ks)
+
+  def series(key: str) -> list:
+    values = list(probe.get(key) or [])
+    return (values + [None] * n)[:n]
+
+  acc, bacc, auroc, feats = (
+      series('accuracy'),
+      series('balanced_accuracy'),
+      series('auroc'),
+      series('features'),
+  )
+  majority = probe.get('majority_accuracy')
+  facts = [
+      f'{_count(probe.get(k))} {k.split("_")[0].replace("test", "held-out test")} studies'
+      for k in ('train_studies', 'test_studies')
+      if k in probe
+  ]
+  if _finite(majority):
+    facts.append(f'majority class accuracy {_f3(majority)}')
+  rows = ''.join(
+      f'<tr data-k="{_esc(k)}"><td class="num">{_esc(k)}</td>'
+      f'<td class="num accuracy">{_f3(acc[i])}</td>'
+      f'<td class="num balanced">{_f3(bacc[i])}</td><td class="num auroc">{_f3(auroc[i])}</td>'
+      f'<td class="features">{" ".join(_feature_link(f, live) for f in (feats[i] or []))}</td></tr>'
+      for i, k in enumerate(ks)
+  )
+  return (
+      (f'<p class="counts">{" · ".join(facts)}</p>' if facts else '')
+      + _probe_svg(ks, acc, bacc, majority)
+      + '<table class="findings probe"><thead><tr><th>k</th><th>accuracy</th>'
+      '<th>balanced accuracy</th><th>AUROC</th><th>features</th></tr></thead>'
+      f'<tbody>{rows}</tbody></table>'
+  )
+
+
+def _probe_svg(ks: list, acc: list, bacc: list, majority: Any) -> str:
+  """Accuracy and balanced accuracy (held-out studies) against k, k evenly spaced."""
+  values = [v for v in acc + bacc + [majority] if _finite(v)]
+  if not ks or not values:
+    return '<p class="none">No probe figures.</p>'
+  w, h = PROBE_WIDTH, PROBE_HEIGHT
+  x0, x1, y0, y1 = PROBE_LEFT, w - PROBE_RIGHT, PROBE_TOP, h - PROBE_BOTTOM
+  lo = min(0.5, math.floor(min(values) * 10) / 10)
+
+  def x(i: int) -> float:  # the points keep clear of the axis labels and the right edge
+    inner0, inner1 = x0 + 20, x1 - 20
+    return (inner0 + inner1) / 2 if len(ks) == 1 else inner0 + (inner1 - inner0) * i / (len(ks) - 1)
+
+  def y(v: float) -> float:
+    return y1 - (y1 - y0) * (min(max(v, lo), 1.0) - lo) / (1.0 - lo)
+
+  out = []
+  tick = lo
+  while tick <= 1.0 + 1e-9:
+    out.append(
+        f'<line class="grid" x1="{x0}" x2="{x1}" y1="{y(tick):.2f}" y2="{y(tick):.2f}"/>'
+        f'<text x="{x0 - 4}" y="{y(tick) + 4:.2f}" text-anchor="end">{tick:.1f}</text>'
+    )
+    tick = round(tick + 0.1, 10)
+  out += [
+      f'<text x="{x(i):.2f}" y="{h - 8}" text-anchor="middle">k={_esc(k)}</text>'
+      for i, k in enumerate(ks)
+  ]
+  if _finite(majority):
+    out.append(
+        f'<line class="majority" x1="{x0}" x2="{x1}" y1="{y(majority):.2f}" '
+        f'y2="{y(majority):.2f}"><title>majority class {_f3(majority)}</title></line>'
+    )
+  for cls, label, vals in (('acc', 'accuracy', acc), ('bacc', 'balanced accuracy', bacc)):
+    pts = [(x(i), y(v), k, v) for i, (k, v) in enumerate(zip(ks, vals)) if _finite(v)]
+    if len(pts) > 1:
+      line = ' '.join(f'{px:.2f},{py:.2f}' for px, py, _, _ in pts)
+      out.append(f'<polyline class="{cls}" points="{line}"/>')
+    out += [
+        f'<circle class="{cls}" cx="{px:.2f}" cy="{py:.2f}" r="4" data-k="{_esc(k)}" '
+        f'data-value="{v}"><title>k={_esc(k)}: {label} {_f3(v)}</title></circle>'
+        for px, py, k, v in pts
+    ]
+  legend = (  # above the plot
+      f'<g class="legend"><circle class="acc" cx="{x0 + 4}" cy="10" r="4"/>'
+      f'<text x="{x0 + 12}" y="14">accuracy</text>'
+      f'<circle class="bacc" cx="{x0 + 92}" cy="10" r="4"/>'
+      f'<text x="{x0 + 100}" y="14">balanced accuracy</text>'
+      f'<line class="majority" x1="{x0 + 320}" x2="{x0 + 344}" y1="10" y2="10"/>'
+      f'<text x="{x0 + 350}" y="14">majority class</text></g>'
+  )
+  return (
+      f'<svg class="probe" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+      f'aria-label="probe accuracy against k">{"".join(out)}{legend}</svg>'
+  )
+
+
+# --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
 
@@ -451,6 +918,24 @@ def _num(x: float) -> float | None:
   """4 significant digits (the index JSON stays small); NaN / inf become null (valid JSON)."""
   x = float(x)
   return float(f'{x:.4g}') if math.isfinite(x) else None
+
+
+def _finite(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _auroc_key(x: Any) -> float:
+  """Sort key: AUROCs high first, missing ones last."""
+  return float(x) if _finite(x) else -math.inf
+
+
+def _f3(x: Any) -> str:
+  """A fraction to 3 decimals; missing (null) as a dash."""
+  return f'{float(x):.3f}' if _finite(x) else '\u2014'
+
+
+def _count(x: Any) -> str:
+  return f'{x:,}' if isinstance(x, int) and not isinstance(x, bool) else '\u2014'
 
 
 def _fmt(x: float) -> str:

@@ -6,6 +6,9 @@ when the statistics changed, and explained features are read from the JSONL cach
 Layout of `out`:
   stats_checkpoints/   the statistics pass (Orbax; resumable)
   stats.npz            per-feature count, density, mean, max, kind counts, histogram
+  alignment.json       features vs the studies' clinical findings (AUROC, precision/recall,
+                       sparse probes, coverage; jaxsae/interpret/alignment.py), when
+                       findings.enabled
   features.jsonl       one FeatureRecord per feature (jaxsae/interpret/records.py)
   explanations.jsonl   one Explanation per explained feature (the cache)
   explain_errors.jsonl {"feature", "error"} per feature the last run could not explain (retried
@@ -32,11 +35,13 @@ from jaxsae import config as config_lib
 from jaxsae import weights
 from jaxsae.formats import hub, names, store
 from jaxsae.config import ConfigError
+from jaxsae.interpret import alignment as alignment_lib
 from jaxsae.interpret import browser, examples, explain, llm, records, stats
 
 log = logging.getLogger(__name__)
 
 IMAGES = 'images'
+ALIGNMENT = 'alignment.json'
 ERRORS = 'explain_errors.jsonl'  # why each feature of the last run failed (absent: none did)
 
 
@@ -177,11 +182,15 @@ def run(
   source = store.open_store(c.data.store_path)
   F = params['b_enc'].shape[0]
 
-  # ---- statistics ----------------------------------------------------------------------------
-  result = stats.compute(c, source, params, os.path.join(out, 'stats_checkpoints'), progress)
+  # ---- statistics (and, in the same pass, their alignment with the finding labels) ------------
+  labels = _finding_labels(c, source)
+  result = stats.compute(
+      c, source, params, os.path.join(out, 'stats_checkpoints'), progress, labels=labels
+  )
   _stats_npz(out, result)
   rate = result.tokens / max(result.seconds, 1e-9)
   log.info('statistics: %d tokens in %.1f s (%.0f tokens/s)', result.tokens, result.seconds, rate)
+  alignment = _alignment(c, out, result, params)
 
   # ---- feature records (rebuilt only when the statistics changed) ------------------------------
   features = os.path.join(out, records.FEATURES)
@@ -273,13 +282,58 @@ def run(
       explained,
       title=f'SAE features: {_weights_name(weights_dir)}',
       meta={k: v for k, v in summary.items() if k not in ('failed', 'errors')},
+      alignment=alignment,
   )
+  if alignment is not None:
+    summary['alignment'] = os.path.abspath(os.path.join(out, ALIGNMENT))
+    summary['coverage'] = alignment['coverage']
+    summary['findings_summary'] = alignment_lib.summary_line(alignment)
   summary['index'] = os.path.abspath(index)
   summary['sae_config'] = {
       k: sae_cfg.get(k) for k in ('k', 'dict_size', 'activation_dim') if k in sae_cfg
   }
   _write_json(os.path.join(out, 'summary.json'), summary)
   return summary
+
+
+def _finding_labels(c: ml_collections.ConfigDict, source: Any) -> Any:
+  """The store's studies' finding labels (jaxsae.findings.source), or None when
+  findings.enabled is False."""
+  if not c.findings.enabled:
+    return None
+  from jaxsae.findings import source as findings_source  # pylint: disable=import-outside-toplevel
+
+  ids = [r['study_id'] for r in source.studies() if not r.get('skipped')]
+  return findings_source.study_labels(c, ids)
+
+
+def _alignment(
+    c: ml_collections.ConfigDict, out: str, result: stats.Result, params: dict[str, np.ndarray]
+) -> dict | None:
+  """out/alignment.json from the pass's alignment statistics; reused while the statistics, the
+  SAE and the findings settings are those it was made from."""
+  if result.alignment is None:
+    return None
+  path = os.path.join(out, ALIGNMENT)
+  stamp = {
+      'tokens': result.tokens,
+      'sae': stats.fingerprint(params),
+      'findings': c.findings.to_dict(),
+      'labels': alignment_lib.labels_digest(
+          result.alignment.labels, np.arange(len(result.alignment.labels))
+      ),
+  }
+  stamp = json.loads(json.dumps(stamp))
+  cached = _read_json(path)
+  if cached is not None and _read_json(path + '.stamp.json') == stamp:
+    return cached
+  t0 = time.perf_counter()
+  report = alignment_lib.report(result.alignment, c.findings)
+  _write_json(path, report)
+  _write_json(path + '.stamp.json', stamp)
+  log.info('alignment with findings: %.1f s; %s', time.perf_counter() - t0,
+           alignment_lib.summary_line(report))  # fmt: skip
+  return report
 
 
 def _write_errors(path: str, errors: dict[int, str]) -> None:

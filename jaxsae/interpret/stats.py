@@ -41,12 +41,14 @@ from jaxsae.config import ConfigError
 from jaxsae.formats import split as split_lib
 from jaxsae.formats.store import ActivationStore
 from jaxsae.formats.tokens import TOKEN_COLUMNS, TOKEN_KINDS
+from jaxsae.interpret import alignment as alignment_lib
 
 log = logging.getLogger(__name__)
 
 LOG2_MIN, LOG2_MAX = -20, 20  # histogram range of activations: 2^-20 .. 2^20
 IMAGE = TOKEN_KINDS.index('image')
 KIND = TOKEN_COLUMNS.index('kind')
+STUDY = TOKEN_COLUMNS.index('study')
 
 # Per-feature tables: (key, payloads). Each keeps the n entries with the largest key.
 TABLES = {
@@ -175,9 +177,12 @@ def update(
     capacity: int,
     sizes: Sizes,
     feature_offset: jax.Array | int = 0,
-) -> tuple[dict[str, jax.Array], jax.Array]:
+    codes: bool = False,
+) -> tuple[jax.Array, ...]:
   """One batch into one shard's tables (leading shard axis of size 1); also returns whether some
-  token fired on more than `capacity` features (then the caller redoes the batch with more).
+  token fired on more than `capacity` features (then the caller redoes the batch with more), and
+  with `codes` each token's candidates: activations and (global) feature indices [b, capacity]
+  (fired where the activation is > 0), which the alignment statistics read on the host.
 
   x [b, d] rows of the store, kinds/rows [b] (row -1: padding). `params` holds this shard's
   features: W_enc [d, f], b_enc [f], threshold [f], and b_dec [d].
@@ -218,7 +223,10 @@ def update(
     new = _segment_top(f, n, entries[0], entries[1], entries[2])
     for name, value in zip(names, _merge(tuple(t[nm] for nm in names), new, n)):
       t[name] = value
-  return {k: v[None] for k, v in t.items()}, full
+  out = {k: v[None] for k, v in t.items()}
+  if codes:
+    return out, full, vals, fidx + feature_offset
+  return out, full
 
 
 def table_specs(t: dict[str, Any]) -> dict[str, P]:
@@ -241,23 +249,38 @@ PARAM_SPECS = {
 }
 
 
-def sharded_update(mesh: jax.sharding.Mesh, tables: dict[str, Any], sizes: Sizes, capacity: int):
-  """`update` over the mesh: each device its tokens and features, no communication."""
+def sharded_update(
+    mesh: jax.sharding.Mesh,
+    tables: dict[str, Any],
+    sizes: Sizes,
+    capacity: int,
+    codes: bool = False,
+):
+  """`update` over the mesh: each device its tokens and features, no communication. With
+  `codes`, also each token's candidates [B, model shards * capacity] (see `update`)."""
 
   def local(t, x, kinds, rows, params):
     f = params['W_enc'].shape[1]
     offset = jax.lax.axis_index('model') * f
-    new, full = update(
-        t, x, kinds, rows, params, capacity=capacity, sizes=sizes, feature_offset=offset
+    new, full, *cand = update(
+        t,
+        x,
+        kinds,
+        rows,
+        params,
+        capacity=capacity,
+        sizes=sizes,
+        feature_offset=offset,
+        codes=codes,
     )
-    return new, full[None, None]
+    return new, full[None, None], *cand
 
   specs = table_specs(tables)
   fn = jax.shard_map(
       local,
       mesh=mesh,
       in_specs=(specs, P('data', None), P('data'), P('data'), PARAM_SPECS),
-      out_specs=(specs, P('data', 'model')),
+      out_specs=(specs, P('data', 'model'), *([P('data', 'model')] * (2 if codes else 0))),
   )
   return jax.jit(fn)
 
@@ -276,6 +299,7 @@ class Result:
   sizes: Sizes
   seconds: float
   redone_batches: int
+  alignment: alignment_lib.Accumulator | None = None  # with labels: the finding histograms
 
   def get(self, name: str) -> np.ndarray:
     return self.tables[name][0]
@@ -298,10 +322,13 @@ def _read_batch(
   x = np.zeros((B, source.d), np.float32)
   kinds = np.zeros(B, np.int32)
   rows = np.full(B, -1, np.int32)
+  study = np.full(B, -1, np.int64)
   x[: stop - start] = source.read_range(start, stop)
-  kinds[: stop - start] = source.tokens(start, stop)[:, KIND]
+  meta = source.tokens(start, stop)
+  kinds[: stop - start] = meta[:, KIND]
+  study[: stop - start] = meta[:, STUDY]
   rows[: stop - start] = np.arange(start, stop, dtype=np.int32)
-  return x, kinds, rows
+  return x, kinds, rows, study
 
 
 def compute(
@@ -310,9 +337,15 @@ def compute(
     params: dict[str, np.ndarray],
     checkpoint_dir: str,
     progress: bool = True,
+    labels: Any = None,
 ) -> Result:
   """The statistics of every committed row of `source` under the SAE `params` (raw-activation
-  weights: W_enc, b_enc, W_dec, b_dec, threshold [F]); resumes from `checkpoint_dir`."""
+  weights: W_enc, b_enc, W_dec, b_dec, threshold [F]); resumes from `checkpoint_dir`.
+
+  With `labels` (the studies' finding labels: int8 [study records, 14] aligned with
+  `source.studies()`, a FindingLabels, or {manifest index: labels}) and `findings.enabled`, the
+  same pass also streams the alignment statistics (`Result.alignment`,
+  jaxsae/interpret/alignment.py)."""
   sizes = Sizes.from_config(c)
   d, F = params['W_enc'].shape
   if source.d != d:
@@ -340,13 +373,39 @@ def compute(
       'sizes': dataclasses.asdict(sizes),
       'store': os.path.abspath(source.path),
   }
+  acc = None
+  if labels is not None and c.findings.enabled:
+    records = source.studies()
+    label_table = alignment_lib.label_table(labels, records)
+    acc = alignment_lib.Accumulator(
+        F,
+        params['threshold'],
+        label_table,
+        records,
+        c.findings.probe_studies,
+        c.findings.probe_held_out,
+    )
+    meta_want['findings'] = {
+        'probe_studies': c.findings.probe_studies,
+        'probe_held_out': c.findings.probe_held_out,
+        'bins': [alignment_lib.OCTAVES, alignment_lib.PER_OCTAVE],
+    }
+
+  def seen_labels(next_row: int) -> str:
+    """The labels of the studies whose rows come before `next_row` (what a checkpoint saw)."""
+    seen = [
+        int(r['manifest_index'])
+        for r in records
+        if not r.get('skipped') and r['rows'] and int(r['row_start']) < next_row
+    ]
+    return alignment_lib.labels_digest(label_table, np.array(seen, np.int64))
 
   manager = ocp.CheckpointManager(
       os.path.abspath(checkpoint_dir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False
       ),
-      item_names=('tables', 'meta'),
+      item_names=('tables', 'meta', 'alignment'),
   )
   first_row, tokens, seconds, redone, tables, meta = 0, 0, 0.0, 0, None, None
   if manager.latest_step() is not None:
@@ -367,6 +426,19 @@ def compute(
         ),
     )['tables']
     tables = {k: np.asarray(v) for k, v in restored.items()}
+    if acc is not None:
+      if meta['alignment_labels'] != seen_labels(meta['next_row']):
+        raise ConfigError(
+            f'{checkpoint_dir} holds alignment statistics made with other finding labels '
+            '(findings.*); use another --out, or delete that folder to start over.'
+        )
+      arrays = manager.restore(
+          step,
+          args=ocp.args.Composite(
+              alignment=ocp.args.StandardRestore(acc.template(meta['alignment']))
+          ),
+      )['alignment']
+      acc.restore(arrays, meta['alignment'])
     first_row, tokens, seconds, redone = (
         meta['next_row'],
         meta['tokens'],
@@ -397,8 +469,17 @@ def compute(
 
   def step_fn(cap):
     if cap not in steps:
-      steps[cap] = sharded_update(mesh, host, sizes, cap)
+      steps[cap] = sharded_update(mesh, host, sizes, cap, codes=acc is not None)
     return steps[cap]
+
+  pending = []  # the last batch's candidates, added to `acc` while the device runs the next
+
+  def flush():
+    while pending:
+      study, kinds, rows, vals, fidx = pending.pop(0)
+      valid = rows >= 0
+      vals, fidx = jax.device_get((vals, fidx))
+      acc.add(study[valid], kinds[valid], np.asarray(vals)[valid], np.asarray(fidx)[valid])
 
   def save(next_row):
     merged = merge_shards(jax.device_get(t), sizes)
@@ -409,13 +490,15 @@ def compute(
         'seconds': seconds + time.perf_counter() - t0,
         'redone_batches': redone,
     }
-    manager.save(
-        next_row,
-        args=ocp.args.Composite(
-            tables=ocp.args.StandardSave(merged), meta=ocp.args.JsonSave(saved)
-        ),
-        force=True,
-    )
+    items = {'tables': ocp.args.StandardSave(merged), 'meta': ocp.args.JsonSave(saved)}
+    if acc is not None:
+      flush()
+      if next_row == rows_end:
+        acc.finish()
+      arrays, saved['alignment'] = acc.state()
+      saved['alignment_labels'] = seen_labels(next_row)
+      items['alignment'] = ocp.args.StandardSave(arrays)
+    manager.save(next_row, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
     return merged, saved
 
@@ -432,19 +515,23 @@ def compute(
   )
   t0 = time.perf_counter()
   cap = capacity  # grows for good once a token needs more: the next batches are likely alike
-  for i, (x, kinds, rows) in enumerate(reader):
+  for i, (x, kinds, rows, study) in enumerate(reader):
     args = (
         jax.device_put(x, batch_sharding),
         jax.device_put(kinds, row_sharding),
         jax.device_put(rows, row_sharding),
         dev_params,
     )
-    new, full = step_fn(cap)(t, *args)
+    new, full, *cand = step_fn(cap)(t, *args)
+    if acc is not None:
+      flush()  # the previous batch's, on the host while this one runs
     while bool(np.asarray(full).any()):  # a token fired on more features than fit: redo wider
       cap = min(2 * cap, F // M)
       redone += 1
-      new, full = step_fn(cap)(t, *args)
+      new, full, *cand = step_fn(cap)(t, *args)
     t = new
+    if acc is not None:
+      pending.append((study, kinds, rows, *cand))
     tokens += int((rows >= 0).sum())
     if (i + 1) % c.interpret.checkpoint_every == 0 and i + 1 < n_batches:
       save(first_row + (i + 1) * B)
@@ -455,7 +542,7 @@ def compute(
     print()
   if n_batches or tables is None:
     tables, meta = save(rows_end)
-  return Result(tables, meta['tokens'], sizes, meta['seconds'], meta['redone_batches'])
+  return Result(tables, meta['tokens'], sizes, meta['seconds'], meta['redone_batches'], acc)
 
 
 def held_out_dead(

@@ -77,7 +77,16 @@ def test_sweep_baseline_and_steered(tiny):
   norm = steering.mean_residual_norm(site, batch)
   assert norm > 0
   rows = steering.sweep(
-      site, processor, batch, [7], [0.0, 40.0], 'add', 'all', norm, target='the', max_new_tokens=8
+      site,
+      processor,
+      batch,
+      [7],
+      [0.0, 40.0],
+      'add',
+      'all',
+      norm,
+      target='pleural effusion',
+      max_new_tokens=8,
   )
   assert [r['mode'] for r in rows] == ['baseline', 'add', 'add'] * 2
   assert rows[1]['report'] == rows[0]['report']  # alpha 0 adds exactly nothing
@@ -89,9 +98,11 @@ def test_sweep_baseline_and_steered(tiny):
   summary = steering.summarise(rows)
   assert [s['alpha'] for s in summary] == ['baseline', 0.0, 40.0]
   assert all(s['studies'] == 2 and 0 <= s['target_rate'] <= 1 for s in summary)
-  csv_path, png_path = steering.write_sweep(str(root / 'sweep'), rows, 'the', 'test')
+  csv_path, json_path, png_path = steering.write_sweep(str(root / 'sweep'), rows, 'test')
   with open(csv_path) as f:
     assert len(list(csv.DictReader(f))) == 6
+  with open(json_path) as f:
+    assert [s['study_id'] for s in json.load(f)['studies']] == [b.study.study_id for b in batch]
   assert os.path.getsize(png_path) > 0
 
 
@@ -283,50 +294,9 @@ def test_steer_and_evaluate_commands(tiny, tmp_path):
   assert r.returncode == 2 and 'trained on layer 1' in r.stderr and 'model.layer=1' in r.stderr
 
 
-# (report, affirmed, negated) mentions of 'pleural effusion'
-NEGATION_TABLE = [
-    ('Small left pleural effusion.', 1, 0),
-    ('Bilateral pleural effusions are noted.', 1, 0),
-    ('No pleural effusion.', 0, 1),
-    ('There is no evidence of pleural effusion or pneumothorax.', 0, 1),
-    ('No focal consolidation, pneumothorax, or pleural effusion.', 0, 1),
-    ('Lungs are clear without pleural effusion.', 0, 1),
-    ('Pleural effusion is not seen.', 0, 1),
-    ('Negative for pleural effusion.', 0, 1),
-    ('Free of pleural effusion.', 0, 1),
-    ('Resolved pleural effusion.', 0, 1),
-    ('The right pleural effusion has resolved.', 0, 1),
-    ('Interval resolution of the pleural effusion.', 0, 1),
-    ('The pleural effusion is no longer visible.', 0, 1),
-    ('Pleural effusion absent.', 0, 1),
-    ('No pneumothorax. Small pleural effusion.', 1, 0),
-    ('No pneumothorax; small pleural effusion.', 1, 0),
-    ('No pneumothorax but a small pleural effusion.', 1, 0),
-    ('No pneumothorax, there is a small pleural effusion.', 1, 0),
-    ('Small pleural effusion, no pneumothorax.', 1, 0),
-    ('No change in the small left pleural effusion.', 1, 0),
-    ('No significant increase in the pleural effusion.', 1, 0),
-    ('Partially resolved pleural effusion.', 1, 0),
-    ('Pleural effusion cannot be excluded.', 1, 0),
-    ('Pleural effusion 1.5 cm, not seen on prior.', 1, 0),
-    ('Nodular pleural effusion.', 1, 0),
-    ('No pleural effusion. Now a large PLEURAL\n effusion on the right.', 1, 1),
-    ('Findings: no pneumothorax\n\nPleural effusion on the right', 1, 0),
-    ('Heart size normal. No pneumothorax.', 0, 0),
-    ('Nonpleural effusion.', 0, 0),
-]
-
-
-@pytest.mark.parametrize('text, affirmed, negated', NEGATION_TABLE)
-def test_target_mentions_tell_negated_from_affirmed(text, affirmed, negated):
-  from jaxsae.bridge import steering
-
-  assert steering.mentions(text, 'pleural effusion') == (affirmed, negated)
-  assert steering.mentions(text, '') == (0, 0)
-
-
-def test_sweep_csv_counts_affirmed_and_negated_mentions(tmp_path):
-  """--target counts only affirmed mentions; the CSV has both counts per report."""
+def test_sweep_csv_counts_the_target_findings_mentions(tmp_path):
+  """--target is a CheXpert finding: a report has it when the labeller calls it positive; the CSV
+  has its label, its positive / negated / uncertain mention counts and all 14 labels."""
   from jaxsae.bridge import steering
 
   def gen(text):
@@ -336,33 +306,38 @@ def test_sweep_csv_counts_affirmed_and_negated_mentions(tmp_path):
       ('baseline', None, 'No pleural effusion.'),
       ('add', 1.0, 'Small pleural effusion. No pleural effusion on the left.'),
       ('add', 2.0, 'Large <obj>pleural effusion<box><x1><y1><x9><y9></box></obj>.'),
+      ('add', 3.0, 'Possible effusion.'),
   ]
   rows = [
-      steering.row('s1', mode, [7], alpha, 'all', False, gen(t), 'pleural effusion')
+      steering.row('s1', mode, [7], alpha, 'all', False, gen(t), 'PLEURAL effusion')
       for mode, alpha, t in reports
   ]
-  assert [(r['has_target'], r['target_affirmed'], r['target_negated']) for r in rows] == [
-      (False, 0, 1),
-      (True, 1, 1),
-      (True, 1, 0),
-  ]
+  assert [r['target'] for r in rows] == ['Pleural Effusion'] * 4
+  assert [
+      (r['has_target'], r['target_label'], r['target_affirmed'], r['target_negated']) for r in rows
+  ] == [(False, 0, 0, 1), (True, 1, 1, 1), (True, 1, 1, 0), (False, -1, 0, 0)]
+  assert rows[3]['target_uncertain'] == 1
   summary = steering.summarise(rows)
   assert [(s['target_rate'], s['negated_rate']) for s in summary] == [
       (0.0, 1.0),
-      (1.0, 1.0),
       (1.0, 0.0),
+      (1.0, 0.0),
+      (0.0, 0.0),
   ]
-  csv_path, _ = steering.write_sweep(str(tmp_path), rows, 'pleural effusion', 'test')
+  csv_path, _, _ = steering.write_sweep(str(tmp_path), rows, 'test')
   with open(csv_path) as f:
     back = list(csv.DictReader(f))
-  assert [(r['has_target'], r['target_affirmed'], r['target_negated']) for r in back] == [
-      ('False', '0', '1'),
+  assert [(r['has_target'], r['target_affirmed'], r['Pleural Effusion']) for r in back] == [
+      ('False', '0', '0'),
       ('True', '1', '1'),
-      ('True', '1', '0'),
+      ('True', '1', '1'),
+      ('False', '0', '-1'),
   ]
   untargeted = steering.row('s1', 'add', [7], 1.0, 'all', False, gen('x'), '')
   assert (untargeted['has_target'], untargeted['target_affirmed']) == ('', '')
   assert steering.summarise([untargeted])[0]['negated_rate'] is None
+  with pytest.raises(steering.ConfigError, match='not a CheXpert observation.*Pleural Effusion'):
+    steering.row('s1', 'add', [7], 1.0, 'all', False, gen('x'), 'effusion')
 
 
 def test_bad_study_errors_suggest_what_steer_and_evaluate_offer(tmp_path):

@@ -183,6 +183,108 @@ def make_explanations():
   return out
 
 
+# A small alignment.json (jaxsae/interpret/alignment.py's contract): three findings, one with a
+# probe curve, one whose name needs escaping, one without figures.
+CARDIO, ODD_FINDING, PNEUMO = 'Cardiomegaly', 'Lung <i>Opacity</i> & "x"', 'Pneumothorax'
+TOO_FEW = 'too few positives (2 positive studies, 5 needed)'
+
+
+def _entry(finding, kind, auroc, precision, recall, fired=30):
+  return {
+      'finding': finding,
+      'kind': kind,
+      'auroc': auroc,
+      'precision': precision,
+      'recall': recall,
+      'fired': fired,
+  }
+
+
+def _top(feature, kind, auroc, precision, recall):
+  return {
+      'feature': feature,
+      'kind': kind,
+      'auroc': auroc,
+      'precision': precision,
+      'recall': recall,
+  }
+
+
+def make_alignment():
+  return {
+      'findings': [CARDIO, ODD_FINDING, PNEUMO],
+      'kinds': ['report', 'image', 'any'],
+      'uncertain': 'exclude',
+      'coverage_auroc': 0.9,
+      'studies': {
+          'total': 200,
+          'labelled': 190,
+          'positives': {CARDIO: 40, ODD_FINDING: 12, PNEUMO: 2},
+          'negatives': {CARDIO: 150, ODD_FINDING: 178, PNEUMO: 188},
+          'uncertain': {CARDIO: 3, ODD_FINDING: 0, PNEUMO: 0},
+      },
+      'features': {
+          '2': [
+              _entry(CARDIO, 'report', 0.95, 0.8, 0.9, 45),
+              _entry(ODD_FINDING, 'any', 0.62, None, 0.5),  # below the filter's AUROC
+          ],
+          '5': [_entry(CARDIO, 'image', 0.91, 0.7, 0.85)],
+          '9': [
+              _entry(ODD_FINDING, 'report', 0.88, 0.6, 0.75),
+              _entry(CARDIO, 'report', 0.81, 0.5, 0.4),
+          ],
+          '12': [_entry(ODD_FINDING, 'report', 0.76, 0.3, 0.2)],
+          '15': [_entry(CARDIO, 'report', 0.78, 0.45, 0.3)],  # aligned by AUROC alone
+          '16': [_entry(CARDIO, 'report', 0.6, 0.2, 0.1)],  # not aligned
+          '20': [_entry(CARDIO, 'any', 0.7, 0.25, 0.2)],  # aligned as one of the top features
+      },
+      'by_finding': {
+          CARDIO: {
+              'positives': 40,
+              'negatives': 150,
+              'reason': None,
+              'features': [
+                  _top(2, 'report', 0.95, 0.8, 0.9),
+                  _top(5, 'image', 0.91, 0.7, 0.85),
+                  _top(9, 'report', 0.81, 0.5, 0.4),
+                  _top(20, 'any', 0.7, 0.25, 0.2),
+                  _top(DEAD, 'any', 0.6, None, None),
+              ],
+              'probe': {
+                  'k': [1, 2, 5],
+                  'accuracy': [0.85, 0.9, 0.92],
+                  'balanced_accuracy': [0.7, 0.8, None],
+                  'auroc': [0.9, 0.94, 0.97],
+                  'features': [[2], [2, 5], [2, 5, 9, 20, DEAD]],
+                  'train_studies': 150,
+                  'test_studies': 40,
+                  'majority_accuracy': 0.85,
+              },
+          },
+          ODD_FINDING: {
+              'positives': 12,
+              'negatives': 178,
+              'reason': None,
+              'features': [_top(9, 'report', 0.88, 0.6, 0.75), _top(12, 'report', 0.76, 0.3, 0.2)],
+              'probe': None,
+          },
+          PNEUMO: {
+              'positives': 2,
+              'negatives': 188,
+              'reason': TOO_FEW,
+              'features': [],
+              'probe': None,
+          },
+      },
+      'coverage': {'covered': [CARDIO], 'count': 1, 'of': 2, 'threshold': 0.9},
+  }
+
+
+# The index's finding filter: live features aligned with each finding, by AUROC.
+ALIGNED = {CARDIO: [2, 5, 9, 15, 20], ODD_FINDING: [9, 12], PNEUMO: []}
+SLUGS = {CARDIO: 'cardiomegaly', ODD_FINDING: 'lung-i-opacity-i-x', PNEUMO: 'pneumothorax'}
+
+
 def write_png(path):
   """A grey vertical gradient (no red in it), so the overlay's red cells are detectable."""
   y = np.linspace(40, 200, HEAT_ROWS * CELL).astype(np.uint8)
@@ -191,7 +293,7 @@ def write_png(path):
   Image.fromarray(img).save(path)
 
 
-def build_site(out_dir, records=None, explanations=None, page_size=PAGE_SIZE):
+def build_site(out_dir, records=None, explanations=None, page_size=PAGE_SIZE, alignment=None):
   write_png(os.path.join(out_dir, 'images', 's3 frontal.png'))
   records = [make_record(f) for f in range(N)] if records is None else records
   explanations = make_explanations() if explanations is None else explanations
@@ -204,6 +306,7 @@ def build_site(out_dir, records=None, explanations=None, page_size=PAGE_SIZE):
       title='Test <SAE> browser',
       meta=META,
       page_size=page_size,
+      alignment=alignment,
   )
 
 
@@ -217,6 +320,12 @@ def site(tmp_path_factory):
       'records': {f: make_record(f) for f in range(N)},
       'explanations': make_explanations(),
   }
+
+
+@pytest.fixture(scope='module')
+def aligned_site(tmp_path_factory):
+  out = tmp_path_factory.mktemp('aligned')
+  return {'dir': str(out), 'index': build_site(out, alignment=make_alignment())}
 
 
 def index_rows(index_path):
@@ -858,3 +967,222 @@ def test_heatmap_images_named_from_odd_study_ids_load(driver, tmp_path):
       for f in figures
   ]
   assert widths == [HEAT_COLS * CELL] * len(ODD_IDS) + [None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Clinical findings (alignment.json)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_without_alignment_nothing_about_findings(site):
+  d = site['dir']
+  assert not os.path.exists(os.path.join(d, browser.FINDINGS_DIR))
+  data = index_rows(site['index'])
+  assert list(data['fields']) == list(browser.ROW_FIELDS) and 'findings' not in data
+  for path in (site['index'], os.path.join(d, 'features', '2.html')):
+    assert 'finding' not in open(path, encoding='utf-8').read().lower(), path
+
+
+def test_alignment_pages_rows_and_escaping(aligned_site):
+  d = aligned_site['dir']
+  assert sorted(os.listdir(os.path.join(d, 'findings'))) == sorted(
+      ['index.html'] + [f'{s}.html' for s in SLUGS.values()]
+  )
+  data = index_rows(aligned_site['index'])
+  assert list(data['fields']) == list(browser.ROW_FIELDS + browser.FINDING_FIELDS)
+  rows = {r[0]: dict(zip(data['fields'], r)) for r in data['rows']}
+  assert (rows[2]['finding'], rows[2]['auroc']) == (CARDIO, 0.95)
+  assert (rows[9]['finding'], rows[9]['auroc']) == (ODD_FINDING, 0.88)
+  assert (rows[0]['finding'], rows[0]['auroc']) == (None, None)
+  fd = data['findings']
+  assert fd['names'] == [CARDIO, ODD_FINDING, PNEUMO]
+  assert fd['slugs'] == [SLUGS[n] for n in fd['names']]
+  assert {n: [e[0] for e in a] for n, a in fd['aligned'].items()} == {
+      CARDIO: [2, 5, 9, 15, 20, DEAD],
+      ODD_FINDING: [9, 12],
+      PNEUMO: [],
+  }
+  pages = [aligned_site['index']] + [
+      os.path.join(d, sub, name)
+      for sub in ('features', 'findings')
+      for name in os.listdir(os.path.join(d, sub))
+  ]
+  escaped = 'Lung &lt;i&gt;Opacity&lt;/i&gt; &amp; &quot;x&quot;'
+  for path in pages:
+    text = open(path, encoding='utf-8').read()
+    assert '<i>' not in text and ODD_FINDING not in text, path
+    assert not re.search(r'(src|href)="(https?:)?//', text), path
+  for name in ('index.html', f'{SLUGS[ODD_FINDING]}.html'):
+    assert escaped in open(os.path.join(d, 'findings', name), encoding='utf-8').read()
+  assert escaped in open(os.path.join(d, 'features', '9.html'), encoding='utf-8').read()
+  assert [a.get('id') for a in tags(aligned_site['index'], 'script')] == ['feature-data', None]
+  for name in os.listdir(os.path.join(d, 'findings')):
+    assert tags(os.path.join(d, 'findings', name), 'script') == []
+
+
+def test_rerun_without_alignment_removes_findings_pages(tmp_path):
+  records = [make_record(f) for f in range(4)]
+  build_site(tmp_path, records, {}, alignment=make_alignment())
+  assert os.path.isfile(tmp_path / 'findings' / 'cardiomegaly.html')
+  build_site(tmp_path, records, {})
+  assert not os.path.exists(tmp_path / 'findings')
+  assert 'best finding' not in (tmp_path / 'index.html').read_text()
+
+
+def test_bad_alignment_is_refused(tmp_path):
+  for bad, match in [
+      ({'by_finding': {}}, 'field "features" must be an object; got nothing'),
+      ({'features': [], 'by_finding': {}}, 'field "features" must be an object; got list'),
+      ({'features': {'x': []}, 'by_finding': {}}, '"features" keys must be feature ids'),
+      ({'features': {'1': {}}, 'by_finding': {}}, r'"features"\["1"\] must be a list'),
+      ({'features': {}, 'by_finding': {'A': 3}}, r'"by_finding"\["A"\] must be an object'),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      browser.write_site(str(tmp_path), [], {}, title='t', meta={}, alignment=bad)
+  # The smallest valid dict: no findings, still a findings index.
+  browser.write_site(
+      str(tmp_path), [], {}, title='t', meta={}, alignment={'features': {}, 'by_finding': {}}
+  )
+  assert os.listdir(tmp_path / 'findings') == ['index.html']
+
+
+def table_rows(driver, css):
+  return driver.execute_script(
+      'return Array.from(document.querySelectorAll(arguments[0]), tr => '
+      'Array.from(tr.cells, td => td.textContent.trim()));',
+      css,
+  )
+
+
+def test_feature_page_lists_its_findings(driver, aligned_site):
+  d = aligned_site['dir']
+  load(driver, os.path.join(d, 'features', '9.html'))
+  assert table_rows(driver, '#findings table.findings tbody tr') == [
+      [ODD_FINDING, 'report', '0.880', '0.600', '0.750', '30'],
+      [CARDIO, 'report', '0.810', '0.500', '0.400', '30'],
+  ]
+  assert driver.find_elements('css selector', '#findings i') == []
+  load(driver, os.path.join(d, 'features', '2.html'))
+  assert table_rows(driver, '#findings tbody tr')[1] == [
+      ODD_FINDING,
+      'any',
+      '0.620',
+      '—',
+      '0.500',
+      '30',
+  ]
+  link = driver.find_element('css selector', '#findings tbody tr a.finding')
+  assert link.get_attribute('href').endswith(f'/findings/{SLUGS[CARDIO]}.html')
+  link.click()
+  wait_for_heading(driver, CARDIO)
+  assert not severe(driver)
+  load(driver, os.path.join(d, 'features', '0.html'))
+  assert 'No finding aligned' in driver.find_element('id', 'findings').text
+  driver.find_element('id', 'to-findings').click()
+  wait_for_heading(driver, 'Clinical findings')
+  assert not severe(driver)
+
+
+def test_findings_index_and_finding_pages(driver, aligned_site):
+  d = aligned_site['dir']
+  load(driver, os.path.join(d, 'findings', 'index.html'))
+  rows = table_rows(driver, '#findings-table tbody tr')
+  assert rows == [
+      [CARDIO, '40', '150', '✓', '#2', '0.950', 'report', '0.800'],
+      [ODD_FINDING, '12', '178', '', '#9', '0.880', 'report', '—'],
+      [PNEUMO, '2', '188', '', TOO_FEW, '—'],
+  ]
+  assert '1 of 2 covered' in driver.find_element('id', 'coverage').text
+  assert '200 studies · 190 labelled' in driver.find_element('id', 'studies').text
+  assert driver.find_elements('css selector', 'i') == []
+  # The probe curve: a point per k (a null is left out), the majority class as a reference line.
+  load(driver, os.path.join(d, 'findings', f'{SLUGS[CARDIO]}.html'))
+  assert driver.find_element('tag name', 'h1').text == CARDIO
+  assert table_rows(driver, '#aligned tbody tr') == [
+      ['#2', 'report', '0.950', '0.800', '0.900'],
+      ['#5', 'image', '0.910', '0.700', '0.850'],
+      ['#9', 'report', '0.810', '0.500', '0.400'],
+      ['#20', 'any', '0.700', '0.250', '0.200'],
+      [f'#{DEAD}', 'any', '0.600', '—', '—'],
+  ]
+  assert driver.find_elements('css selector', f'#aligned a[href$="/{DEAD}.html"]') == []
+  centers = driver.execute_script(
+      'const c = e => { const r = e.getBoundingClientRect(); return r.top + r.height / 2; };'
+      'return ["acc", "bacc"].map(k => Array.from('
+      "  document.querySelectorAll('svg.probe > circle.' + k), c)).concat("
+      "  [[c(document.querySelector('svg.probe > line.majority'))]]);"
+  )
+  acc, bacc, (majority,) = centers
+  assert len(acc) == 3 and len(bacc) == 2
+  assert acc[0] == pytest.approx(majority, abs=0.5)  # accuracy at k=1 equals the majority's
+  assert acc[0] > acc[1] > acc[2] and bacc[0] > bacc[1] > acc[0]  # higher is better, drawn higher
+  # A value's height is linear in it: 0.9 - 0.85 = (0.8 - 0.7) / 2.
+  assert acc[0] - acc[1] == pytest.approx((bacc[0] - bacc[1]) / 2, abs=0.5)
+  assert table_rows(driver, '#probe tbody tr')[2] == [
+      '5',
+      '0.920',
+      '—',
+      '0.970',
+      f'#2 #5 #9 #20 #{DEAD}',
+  ]
+  check_screenshot(driver.get_screenshot_as_png(), 'browser_finding.png')
+  load(driver, os.path.join(d, 'findings', f'{SLUGS[ODD_FINDING]}.html'))
+  assert driver.find_element('tag name', 'h1').text == ODD_FINDING
+  assert driver.find_elements('css selector', 'svg.probe, #probe, i') == []
+  load(driver, os.path.join(d, 'findings', f'{SLUGS[PNEUMO]}.html'))
+  assert driver.find_element('id', 'reason').text == TOO_FEW
+  assert driver.find_elements('css selector', 'svg.probe, #aligned') == []
+
+
+def test_index_filters_and_sorts_by_finding(driver, aligned_site):
+  from selenium.webdriver.support.select import Select  # pylint: disable=import-outside-toplevel
+
+  load(driver, aligned_site['index'])
+  assert 'Clinical findings: 1 of 2 covered' in driver.find_element('id', 'coverage').text
+  header = driver.find_element('css selector', '#features th[data-key="auroc"]')
+  assert header.text == 'best finding'
+  assert shown_ids(driver) == live({'records': {f: make_record(f) for f in range(N)}})[:PAGE_SIZE]
+  cells = {
+      int(tr.get_attribute('data-id')): tr.find_element('css selector', 'td.finding').text
+      for tr in driver.find_elements('css selector', '#features tbody tr')
+  }
+  assert cells[2] == f'{CARDIO} 0.950' and cells[9] == f'{ODD_FINDING} 0.880' and cells[0] == '—'
+  box = Select(driver.find_element('id', 'finding'))
+  assert [o.text for o in box.options] == [
+      'all features',
+      f'{CARDIO} (6)',
+      f'{ODD_FINDING} (2)',
+      f'{PNEUMO} (0)',
+  ]
+  box.select_by_value(CARDIO)
+  assert shown_ids(driver) == ALIGNED[CARDIO]
+  assert [e.text for e in driver.find_elements('css selector', 'td.finding')] == [
+      '0.950 · report',
+      '0.910 · image',
+      '0.810 · report',
+      '0.780 · report',
+      '0.700 · any',
+  ]
+  assert header.text == f'{CARDIO} AUROC' and header.get_attribute('aria-sort') == 'descending'
+  assert status(driver).endswith(f'aligned with {CARDIO}')
+  driver.find_element('id', 'show-dead').click()
+  assert shown_ids(driver) == ALIGNED[CARDIO] + [DEAD]
+  header.click()  # ascending
+  assert shown_ids(driver) == [DEAD] + ALIGNED[CARDIO][::-1]
+  driver.find_element('id', 'show-dead').click()
+  box.select_by_value(ODD_FINDING)
+  assert shown_ids(driver) == ALIGNED[ODD_FINDING]
+  assert driver.find_elements('css selector', '#features i') == []
+  box.select_by_value(PNEUMO)
+  assert shown_ids(driver) == [] and status(driver).startswith('no matching features')
+  box.select_by_value('')
+  assert len(shown_ids(driver)) == PAGE_SIZE and header.text == 'best finding'
+  # A finding page's link opens the index filtered to it, sorted by its AUROC.
+  load(driver, os.path.join(aligned_site['dir'], 'findings', f'{SLUGS[CARDIO]}.html'))
+  driver.find_element('id', 'in-index').click()
+  wait_for_heading(driver, 'Test <SAE> browser')
+  assert shown_ids(driver) == ALIGNED[CARDIO] and not severe(driver)
+  assert (
+      Select(driver.find_element('id', 'finding')).first_selected_option.get_attribute('value')
+      == CARDIO
+  )

@@ -1,5 +1,7 @@
 // The index table: rows come from the inline JSON (#feature-data); only one page is in the DOM.
-// State (query, sort, dead toggle, page) lives in the URL fragment so "back" restores the view.
+// State (query, sort, dead toggle, page, finding) lives in the URL fragment so "back" restores
+// the view. With clinical findings (data.findings) a column shows each feature's best finding and
+// a select box keeps the features aligned with one finding, its AUROC then shown and sortable.
 (function () {
   'use strict';
   var data = JSON.parse(document.getElementById('feature-data').textContent);
@@ -11,7 +13,19 @@
     return ((r[F.explanation] || '') + ' \n ' + r[F.tokens]).toLowerCase();
   });
   var DEFAULT_DIR = {id: 1, explanation: 1, density: -1, mean: -1, max: -1, score: -1};
-  var state = {q: '', sort: 'id', dir: 1, dead: false, page: 0};
+  var FD = data.findings || null;
+  var aligned = new Map();  // finding -> Map(feature id -> [AUROC, kind])
+  var slugs = new Map();  // finding -> its page's name stem
+  if (FD) {
+    DEFAULT_DIR.auroc = -1;
+    FD.names.forEach(function (name, i) {
+      slugs.set(name, FD.slugs[i]);
+      aligned.set(name, new Map(FD.aligned[name].map(function (e) {
+        return [e[0], [e[1], e[2]]];
+      })));
+    });
+  }
+  var state = {q: '', sort: 'id', dir: 1, dead: false, page: 0, finding: ''};
   var view = [];
   var written = null;  // the fragment this script last wrote (its own hashchange is ignored)
 
@@ -22,6 +36,8 @@
   var next = document.getElementById('next-page');
   var tbody = document.querySelector('#features tbody');
   var headers = document.querySelectorAll('#features th.sortable');
+  var findingBox = document.getElementById('finding');
+  var findingHeader = document.querySelector('#features th[data-key="auroc"]');
 
   function readHash() {
     var p = new URLSearchParams(location.hash.slice(1));
@@ -31,8 +47,11 @@
     state.dir = p.get('dir') === '-1' ? -1 : 1;
     state.dead = p.get('dead') === '1';
     state.page = Math.max(0, parseInt(p.get('page') || '0', 10) || 0);
+    var finding = p.get('finding') || '';
+    state.finding = aligned.has(finding) ? finding : '';
     search.value = state.q;
     showDead.checked = state.dead;
+    if (findingBox) findingBox.value = state.finding;
   }
 
   function writeHash() {
@@ -43,6 +62,7 @@
       p.set('dir', state.dir);
     }
     if (state.dead) p.set('dead', '1');
+    if (state.finding) p.set('finding', state.finding);
     if (state.page) p.set('page', state.page);
     var h = p.toString();
     if (h !== location.hash.slice(1)) location.replace('#' + h);
@@ -62,11 +82,23 @@
     };
   }
 
+  // The AUROC column: the chosen finding's AUROC, or (none chosen) the best finding's.
+  function chosen(i) {
+    return state.finding ? aligned.get(state.finding).get(rows[i][F.id]) || null : null;
+  }
+
+  function value(i, key) {
+    if (key === 'auroc' && state.finding) {
+      var e = chosen(i);
+      return e ? e[0] : null;
+    }
+    return rows[i][F[key]];
+  }
+
   function compare(key, dir) {
-    var c = F[key];
     var textual = key === 'explanation';
     return function (a, b) {
-      var x = rows[a][c], y = rows[b][c];
+      var x = value(a, key), y = value(b, key);
       if (x === null || y === null) {  // missing values last, whatever the direction
         if (x !== y) return x === null ? 1 : -1;
         return rows[a][F.id] - rows[b][F.id];
@@ -80,8 +112,10 @@
 
   function refilter() {
     var match = matcher(state.q);
+    var only = state.finding ? aligned.get(state.finding) : null;
     view = [];
     for (var i = 0; i < rows.length; i++) {
+      if (only && !only.has(rows[i][F.id])) continue;
       if ((state.dead || rows[i][F.count] > 0) && match(i)) view.push(i);
     }
     view.sort(compare(state.sort, state.dir));
@@ -100,6 +134,25 @@
     td.textContent = text;
     tr.appendChild(td);
     return td;
+  }
+
+  function findingCell(tr, i) {
+    var td = cell(tr, '', 'finding');
+    var name = state.finding || rows[i][F.finding];
+    var e = state.finding ? chosen(i) : [rows[i][F.auroc], ''];
+    if (name === null || !e || e[0] === null) { td.textContent = '\u2014'; return; }
+    if (!state.finding) {
+      var a = document.createElement('a');
+      a.href = 'findings/' + slugs.get(name) + '.html';
+      a.textContent = name;
+      td.appendChild(a);
+      td.appendChild(document.createTextNode(' '));
+    }
+    var num = document.createElement('span');
+    num.className = 'num auroc';
+    num.textContent = e[0].toFixed(3);
+    td.appendChild(num);
+    if (e[1]) td.appendChild(document.createTextNode(' \u00b7 ' + e[1]));
   }
 
   function render() {
@@ -136,13 +189,18 @@
       cell(tr, r[F.score] === null ? '\u2014' : r[F.score].toFixed(3), 'num score');
       cell(tr, r[F.tokens], 'tokens');
       cell(tr, r[F.kind], 'kind');
+      if (FD) findingCell(tr, view[k]);
       frag.appendChild(tr);
     }
     tbody.replaceChildren(frag);
-    status.textContent = view.length
+    status.textContent = (view.length
         ? 'showing ' + (start + 1) + '\u2013' + end + ' of ' + view.length + ' matching (' +
           rows.length + ' features)'
-        : 'no matching features (' + rows.length + ' features)';
+        : 'no matching features (' + rows.length + ' features)') +
+        (state.finding ? ' aligned with ' + state.finding : '');
+    if (findingHeader) {
+      findingHeader.textContent = state.finding ? state.finding + ' AUROC' : 'best finding';
+    }
     prev.disabled = state.page === 0;
     next.disabled = state.page >= pages - 1;
     headers.forEach(function (th) {
@@ -170,6 +228,13 @@
       state.sort = key; state.page = 0; update();
     });
   });
+  if (findingBox) {
+    findingBox.addEventListener('change', function () {
+      state.finding = findingBox.value;
+      if (state.finding) { state.sort = 'auroc'; state.dir = -1; }
+      state.page = 0; update();
+    });
+  }
   prev.addEventListener('click', function () { state.page--; render(); });
   next.addEventListener('click', function () { state.page++; render(); });
 
