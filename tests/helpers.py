@@ -513,3 +513,17 @@ def processes_naming(text):
       if text in cmd:
         out.append(int(pid))
   return out
+
+
+def run_on_devices(code, devices, timeout=300):
+  """Run Python `code` in a fresh process with `devices` simulated CPU devices; it must print
+  'ok' (the rest of the suite keeps one device)."""
+  env = {
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': REPO,
+  }
+  r = subprocess.run(
+      [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=timeout
+  )
+  assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]

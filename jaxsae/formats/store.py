@@ -389,7 +389,23 @@ def shard_problem(e: Exception) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class ActivationStore:
+class _Rows:
+  """grain's RandomAccessDataSource over `read`: row i as a float32 vector, and a batched read
+  (`_getitems`: one read for many rows)."""
+
+  rows: int
+
+  def __len__(self) -> int:
+    return self.rows
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.read(np.array([index]))[0]
+
+  def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
+    return list(self.read(np.asarray(indices)))
+
+
+class ActivationStore(_Rows):
   """The committed rows of a store, read-only. Also a grain RandomAccessDataSource (row i as a
   float32 vector) with a batched read (`_getitems`: one TensorStore read for many rows).
 
@@ -451,15 +467,6 @@ class ActivationStore:
   def __setstate__(self, state):
     self.path, self.fill_missing = state['path'], state.get('fill_missing', False)
     self._set(state['meta'])
-
-  def __len__(self) -> int:
-    return self.rows
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    return self.read(np.array([index]))[0]
-
-  def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
-    return list(self.read(np.asarray(indices)))
 
   def _open(self, name: str) -> ts.TensorStore:
     return open_array(self.path, name, self.rows, strict=not self.fill_missing)
@@ -571,7 +578,7 @@ def part_path(path: str, index: int, count: int) -> str:
   return url(path) + key if '://' in path else os.path.join(path, key)
 
 
-class PartedStore:
+class PartedStore(_Rows):
   """The committed rows of every part, one part after another, read like an ActivationStore
   (`rows`, `d`, `dtype`, `scale`, `meta`, `read`, `read_range`, `tokens`, `tokens_at`, `studies`,
   and grain's random access). A part whose process has not committed yet holds no rows: the store
@@ -673,15 +680,6 @@ class PartedStore:
 
   def __setstate__(self, state):
     self.__init__(state['path'], state['root'], state['fill_missing'], state['part_metas'])
-
-  def __len__(self) -> int:
-    return self.rows
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    return self.read(np.array([index]))[0]
-
-  def _getitems(self, indices: Sequence[int]) -> list[np.ndarray]:
-    return list(self.read(np.asarray(indices)))
 
   def _gather(self, method: str, indices: np.ndarray, width: int, out_dtype, **kw) -> np.ndarray:
     """Rows `indices` (any order) through each part's own `method`, back in the asked order."""

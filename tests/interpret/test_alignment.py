@@ -2,14 +2,11 @@
 [studies x kinds x features] maxima, with a feature planted on the positive studies of one
 finding."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from scipy import optimize
 
-from helpers import REPO
+from helpers import REPO, run_on_devices
 from jaxsae.findings.labels import NEGATIVE, NOT_MENTIONED, OBSERVATIONS, POSITIVE, UNCERTAIN
 from jaxsae.formats import store
 from jaxsae.interpret import alignment, stats
@@ -282,12 +279,4 @@ for data, model in [(1, 1), (2, 1), (1, 2)]:
 assert out[(2, 1)] == out[(1, 1)] and out[(1, 2)] == out[(1, 1)]
 print('ok')
 """
-  env = {
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-      'JAX_PLATFORMS': 'cpu',
-      'PYTHONPATH': REPO,
-  }
-  r = subprocess.run(
-      [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
+  run_on_devices(code, 2)

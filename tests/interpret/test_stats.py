@@ -1,13 +1,11 @@
 """Streaming feature statistics against brute force over the dense [tokens, features] codes."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from helpers import REPO, tiny_config
+from helpers import REPO, run_on_devices, tiny_config
 from jaxsae.formats import parts, store
 from jaxsae.config import ConfigError
 from jaxsae.interpret import stats
@@ -214,12 +212,4 @@ for mesh, t in out.items():
     assert np.allclose(v, ref, rtol=1e-5) if v.dtype.kind == 'f' else (v == ref).all(), (mesh, k)
 print('ok')
 """
-  env = {
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
-      'JAX_PLATFORMS': 'cpu',
-      'PYTHONPATH': REPO,
-  }
-  r = subprocess.run(
-      [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300
-  )
-  assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
+  run_on_devices(code, 8)
