@@ -194,6 +194,8 @@ class Accumulator:
       groups.append((TOKEN_KINDS[k], s[m], f[m], v[m]))
     for name, gs, gf, gv in groups:
       h = self.kind_hist(name)
+      if not len(gs):  # no feature fired in these studies: only the class totals count them
+        continue
       flat = gf * BINS + bin_of(gv, self.scale[gf])
       cuts = np.flatnonzero(gs[1:] != gs[:-1]) + 1
       for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(gs)]):

@@ -280,3 +280,18 @@ assert out[(2, 1)] == out[(1, 1)] and out[(1, 2)] == out[(1, 1)]
 print('ok')
 """
   run_on_devices(code, 2)
+
+
+def test_studies_where_nothing_fires_count_in_the_totals_only():
+  """Closing studies without one firing feature (a quiet SAE) adds nothing to the histograms."""
+  labels = np.full((3, len(OBSERVATIONS)), NOT_MENTIONED, np.int8)
+  labels[1, 10] = POSITIVE
+  records = [
+      {'study_id': f's{i}', 'manifest_index': i, 'row_start': 2 * i, 'rows': 2} for i in range(3)
+  ]
+  acc = alignment.Accumulator(4, np.ones(4, np.float32), labels, records, 10, 0.5)
+  quiet = np.zeros((6, 2), np.float32)
+  acc.add(np.repeat(np.arange(3), 2), np.full(6, 3), quiet, np.zeros((6, 2), np.int64))
+  acc.finish()
+  assert acc.n_all == 3 and acc.n_pos[10] == 1
+  assert all(int(h['all'].sum()) == 0 for h in acc.hist.values())
