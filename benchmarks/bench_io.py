@@ -236,7 +236,9 @@ def bench_export(
     def run(i, inputs):
       hidden_states = capture.run(model, inputs)
       group = prepared[i * batch : (i + 1) * batch]
-      xs, ts = zip(*(export.rows_of(p, hidden_states[j], keep) for j, p in enumerate(group)))
+      got = export.Rows(group, hidden_states, keep).per_study()  # what the export does
+      xs = [got[p.study.index][0] for p in group]
+      ts = [export.token_rows(p, got[p.study.index][1]) for p in group]
       writer.append(
           np.concatenate(xs),
           np.concatenate(ts),

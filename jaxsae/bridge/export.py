@@ -132,14 +132,6 @@ def token_rows(p: prompt.Prepared, pos: np.ndarray) -> np.ndarray:
   ).astype(np.int32)
 
 
-def rows_of(
-    p: prompt.Prepared, hidden: torch.Tensor, keep: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-  """The kept tokens' activations (float32 [n, d]) and metadata (int32 [n, 6]) of one study."""
-  pos = np.nonzero(np.isin(p.kinds, keep))[0]
-  return hidden[torch.from_numpy(pos)].float().cpu().numpy(), token_rows(p, pos)
-
-
 def _hidden_size(model: torch.nn.Module) -> int:
   config = getattr(model.config, 'text_config', None) or model.config
   return int(config.hidden_size)

@@ -46,15 +46,6 @@ NOTES = (
 )
 
 
-def contains(text: str, target: str) -> bool:
-  """Case- and whitespace-insensitive substring test."""
-  return _norm(target) in _norm(text)
-
-
-def _norm(s: str) -> str:
-  return ' '.join(s.lower().split())
-
-
 def finding(name: str) -> str:
   """The CheXpert name of a finding given in any case ('pleural effusion' -> 'Pleural Effusion');
   a ConfigError listing the 14 names otherwise."""
